@@ -1,0 +1,335 @@
+"""The experiment schema: one YAML file -> typed, validated config objects.
+
+Both sides read the YAML through :func:`load_config`: the torchx component
+(to plan the roles) and every trainer process (to train), so the launch plan
+and the training can never disagree. Every field carries its one-line doc in
+``metadata["doc"]``; the README's config reference is generated from them
+(``python -m localsgd_ft.config --reference``).
+
+Bad input raises :class:`ConfigError` whose message names the file, the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says why and how to fix it."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its one-line documentation."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ReplicaGroupsConfig:
+    count: int = doc(2, "Number of replica groups (torchx roles replica_0..N-1), each a separate torchrun.")
+    workers: int = doc(1, "Processes per replica group (torchrun --nproc_per_node). Only 1 is supported yet.")
+    gpus: List[Union[int, List[int]]] = doc(
+        [],
+        "GPUs per group: one entry per group, a GPU index or a list of indices "
+        "(e.g. [0, 1] or [[0], [1]]). Empty: CPU training with gloo.",
+    )
+    max_restarts: int = doc(3, "How often torchrun restarts a group's crashed workers before the group gives up.")
+    cpus: int = doc(1, "CPUs requested per group from the scheduler (torchx resource).")
+    memory_mb: int = doc(2048, "Memory requested per group from the scheduler, in MiB.")
+
+
+@dataclass
+class LocalSGDConfig:
+    sync_every: int = doc(10, "Local optimizer steps between two fault-tolerant parameter averages.")
+    recovery: str = doc(
+        "sync",
+        "How a joining group recovers: 'sync' restores the live weights before its first step; "
+        "'async' recovers in the background and its first sync_every steps are discarded.",
+    )
+    timeout_s: float = doc(30.0, "Timeout of collectives, commits and checkpoint transfers, in seconds.")
+    quorum_timeout_s: float = doc(
+        120.0,
+        "How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus one sync interval.",
+    )
+    quorum_retries: int = doc(0, "Quorum retries before a group gives up (lets groups ride through a lighthouse restart).")
+
+
+@dataclass
+class LighthouseConfig:
+    port: int = doc(29510, "Port of the torchft lighthouse; the completion service listens on port + 1.")
+    min_replicas: int = doc(1, "Fewest replica groups that may form a quorum and commit a sync.")
+    join_timeout_ms: int = doc(10000, "How long a quorum waits for heartbeating stragglers, in ms.")
+    quorum_tick_ms: int = doc(100, "How often the lighthouse re-evaluates a pending quorum, in ms.")
+    heartbeat_timeout_ms: int = doc(
+        5000, "Silence after which a group counts as dead; survivors stall about this long after a failure."
+    )
+
+
+@dataclass
+class DataConfig:
+    root: str = doc("data", "Directory holding (or receiving) CIFAR-10's 'cifar-10-batches-py' folder.")
+    download: bool = doc(False, "Download CIFAR-10 into root when it is missing.")
+    verify: bool = doc(
+        True, "Enforce the official CIFAR-10 checksums. Set false to use a CIFAR-format subset or fixture on purpose."
+    )
+    batch_size: int = doc(128, "Training batch size per worker.")
+    augment: bool = doc(True, "Random crop (4 px padding) and horizontal flip, done in batches; never on eval.")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = doc("cnn", "'cnn': small fast CNN for CPU runs; 'resnet': a residual network for GPU runs.")
+    width: int = doc(32, "Channels of the first stage; later stages double it.")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = doc("sgd", "'sgd' (with momentum) or 'adamw'.")
+    lr: float = doc(0.05, "Learning rate.")
+    momentum: float = doc(0.9, "SGD momentum (ignored by adamw).")
+    weight_decay: float = doc(5e-4, "Weight decay.")
+    nesterov: bool = doc(True, "Nesterov momentum for sgd.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(
+        1000, "Local optimizer steps per replica group; a multiple of localsgd.sync_every so groups stop on a sync."
+    )
+    eval_every: int = doc(500, "Evaluate on the test split every this many local steps (0: only at the end).")
+    seed: int = doc(0, "Seed of model initialisation (same in every group), data order and augmentation.")
+    threads: int = doc(1, "Intra-op CPU threads per worker process.")
+    log_every: int = doc(100, "Print 'LocalSGD: Number of local optimizer steps completed: N' every N steps.")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = doc("localsgd", "Experiment name: the torchx app name and the default output directory.")
+    output_dir: str = doc("", "Where summary.json and per-group results go. Empty: outputs/<name>.")
+    replica_groups: ReplicaGroupsConfig = doc(None, "Replica groups and their resources.")
+    localsgd: LocalSGDConfig = doc(None, "LocalSGD synchronisation and fault-tolerance timings.")
+    lighthouse: LighthouseConfig = doc(None, "The torchft lighthouse (quorum service).")
+    data: DataConfig = doc(None, "CIFAR-10 location, checks and batching.")
+    model: ModelConfig = doc(None, "The network.")
+    optimizer: OptimizerConfig = doc(None, "The local optimizer.")
+    train: TrainConfig = doc(None, "Steps, evaluation, seeding.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, _type_of(ExperimentConfig, f.name)())
+
+    @property
+    def run_dir(self) -> Path:
+        """The output directory this run writes to."""
+        return Path(self.output_dir or f"outputs/{self.name}")
+
+    @property
+    def group_gpus(self) -> List[List[int]]:
+        """GPU indices per replica group (empty lists on CPU)."""
+        if not self.replica_groups.gpus:
+            return [[] for _ in range(self.replica_groups.count)]
+        return [[g] if isinstance(g, int) else list(g) for g in self.replica_groups.gpus]
+
+    @property
+    def total_syncs(self) -> int:
+        """Committed syncs after which every group stops (sync mode adds the initial alignment sync)."""
+        syncs = self.train.max_steps // self.localsgd.sync_every
+        return syncs + (1 if self.localsgd.recovery == "sync" else 0)
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, tp.__name__)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Union:
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    # bool is an int subclass: keep true/false out of integer fields and vice versa.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key; allowed keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, _type_of(cls, k), prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _check(cfg: ExperimentConfig) -> None:
+    """Reject impossible values; each message names the key, the value and what is allowed."""
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: got {value!r}, {allowed}")
+
+    rg, ls, lh, tr = cfg.replica_groups, cfg.localsgd, cfg.lighthouse, cfg.train
+    need(bool(cfg.name) and all(c.isalnum() or c in "-_" for c in cfg.name), "name", cfg.name,
+         "expected letters, digits, '-' or '_' (it names the torchx app)")
+    need(rg.count >= 1, "replica_groups.count", rg.count, "expected an integer >= 1")
+    need(rg.workers == 1, "replica_groups.workers", rg.workers,
+         "only 1 worker per replica group is supported yet; use more replica groups instead")
+    need(rg.max_restarts >= 0, "replica_groups.max_restarts", rg.max_restarts, "expected an integer >= 0")
+    need(rg.cpus >= 1, "replica_groups.cpus", rg.cpus, "expected an integer >= 1")
+    need(rg.memory_mb >= 256, "replica_groups.memory_mb", rg.memory_mb, "expected at least 256")
+    if rg.gpus:
+        need(len(rg.gpus) == rg.count, "replica_groups.gpus", rg.gpus,
+             f"expected one entry per replica group ({rg.count}), or [] for CPU")
+        for i, g in enumerate(cfg.group_gpus):
+            need(len(g) == rg.workers and all(x >= 0 for x in g), f"replica_groups.gpus[{i}]", rg.gpus[i],
+                 f"expected {rg.workers} non-negative GPU index(es) per group (one per worker)")
+    need(ls.sync_every >= 1, "localsgd.sync_every", ls.sync_every, "expected an integer >= 1")
+    need(ls.recovery in ("sync", "async"), "localsgd.recovery", ls.recovery, "expected 'sync' or 'async'")
+    need(ls.timeout_s > 0, "localsgd.timeout_s", ls.timeout_s, "expected a number > 0")
+    need(ls.quorum_timeout_s * 1000 > lh.heartbeat_timeout_ms, "localsgd.quorum_timeout_s", ls.quorum_timeout_s,
+         f"expected more than lighthouse.heartbeat_timeout_ms ({lh.heartbeat_timeout_ms} ms) plus one sync interval")
+    need(ls.quorum_retries >= 0, "localsgd.quorum_retries", ls.quorum_retries, "expected an integer >= 0")
+    need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
+    need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
+         f"expected 1..replica_groups.count ({rg.count})")
+    for k in ("join_timeout_ms", "quorum_tick_ms", "heartbeat_timeout_ms"):
+        need(getattr(lh, k) >= 1, f"lighthouse.{k}", getattr(lh, k), "expected an integer >= 1")
+    need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "expected an integer >= 1")
+    need(cfg.model.arch in ("cnn", "resnet"), "model.arch", cfg.model.arch, "expected 'cnn' or 'resnet'")
+    need(cfg.model.width >= 1, "model.width", cfg.model.width, "expected an integer >= 1")
+    opt = cfg.optimizer
+    need(opt.name in ("sgd", "adamw"), "optimizer.name", opt.name, "expected 'sgd' or 'adamw'")
+    need(opt.lr > 0, "optimizer.lr", opt.lr, "expected a number > 0")
+    need(0 <= opt.momentum < 1, "optimizer.momentum", opt.momentum, "expected 0 <= momentum < 1")
+    need(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "expected a number >= 0")
+    need(tr.max_steps >= 1, "train.max_steps", tr.max_steps, "expected an integer >= 1")
+    if tr.max_steps % ls.sync_every:
+        lo = max(ls.sync_every, tr.max_steps - tr.max_steps % ls.sync_every)
+        hi = lo + ls.sync_every if lo < tr.max_steps else lo
+        raise ConfigError(
+            f"train.max_steps: got {tr.max_steps}, which is not a multiple of localsgd.sync_every "
+            f"({ls.sync_every}); groups must stop on a sync boundary: use {lo} or {hi}"
+        )
+    need(tr.eval_every >= 0, "train.eval_every", tr.eval_every, "expected an integer >= 0 (0: only at the end)")
+    need(tr.threads >= 1, "train.threads", tr.threads, "expected an integer >= 1")
+    need(tr.log_every >= 1, "train.log_every", tr.log_every, "expected an integer >= 1")
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
+    """Validate an already-parsed YAML document; errors are prefixed with ``source``."""
+    try:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping of keys at the top level, got {type(raw).__name__}")
+        cfg = _build(ExperimentConfig, raw, "")
+        _check(cfg)
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: Union[str, Path]) -> ExperimentConfig:
+    """Read and validate the experiment YAML at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (looked in {Path.cwd()}); pass --config PATH") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: malformed YAML: {e}") from None
+    return parse_config(raw, str(p))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def reference_markdown() -> str:
+    """The config reference table (every key, its default and its doc) for the README."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = _type_of(cls, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['doc']} |")
+
+    walk(ExperimentConfig, "")
+    return "\n".join(rows)
+
+
+def main(argv: List[str]) -> int:
+    """``python -m localsgd_ft.config FILE`` checks a config; ``--reference`` prints the key table."""
+    if argv == ["--reference"]:
+        print(reference_markdown())
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m localsgd_ft.config CONFIG.yaml | --reference", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[0])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""CIFAR-10 as tensors: load, shard, batch and augment (files are found and checked by cifar_files).
+
+Images stay uint8 tensors on the training device; a batch is gathered,
+augmented (random crop with padding, horizontal flip) and normalised in one go,
+with no per-sample Python and no DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import torch
+
+from .cifar_files import DataError, TEST_FILES, TRAIN_FILES, locate, read_batch
+from .config import DataConfig
+
+# Channel statistics of the CIFAR-10 training set, for normalisation.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+PAD = 4  # pixels of padding for the random crop
+
+
+def load_split(folder: Path, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one split."""
+    images, labels = [], []
+    for name, _ in TRAIN_FILES if train else TEST_FILES:
+        batch = read_batch(folder / name)
+        try:
+            images.append(torch.from_numpy(batch["data"]).reshape(-1, 3, 32, 32))
+            labels.append(torch.tensor(batch["labels"], dtype=torch.int64))
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise DataError(f"{folder / name}: not in CIFAR-10's format ({e})") from None
+    return torch.cat(images), torch.cat(labels)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32) on the device
+    labels: torch.Tensor  # int64 (N,) on the device
+
+
+def load_cifar10(cfg: DataConfig, device: torch.device) -> Tuple[Split, Split]:
+    """(train, test) splits on ``device``, after the checks ``cfg`` asks for."""
+    folder = locate(cfg)
+    train = Split(*(t.to(device) for t in load_split(folder, train=True)))
+    test = Split(*(t.to(device) for t in load_split(folder, train=False)))
+    return train, test
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> normalised float32."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip of a uint8 batch, all at once."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=gen.device).to(images.device)
+    dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=gen.device).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (n, 1, w)
+    flip = torch.rand(n, generator=gen, device=gen.device).to(images.device) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indexing puts the indexed dims first: (n, h, w, c) -> (n, c, h, w).
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+class ShardedBatches:
+    """Endless training batches of one replica group's shard, reshuffled every epoch.
+
+    Same semantics as torchft's DistributedSampler with one worker per group:
+    each epoch a permutation seeded by (seed, epoch) is shared by all groups and
+    group g takes every ``num_groups``-th index starting at g, so shards are
+    disjoint and every group sees the same number of samples per epoch.
+    """
+
+    def __init__(self, split: Split, group: int, num_groups: int, batch_size: int, seed: int, augment: bool) -> None:
+        self.split = split
+        self.group, self.num_groups = group, num_groups
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.shard_size = len(split.labels) // num_groups
+        if self.shard_size < batch_size:
+            raise DataError(
+                f"each replica group's shard has {self.shard_size} training images, fewer than "
+                f"data.batch_size ({batch_size}); lower data.batch_size or use fewer replica groups"
+            )
+        device = split.images.device
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed * 1_000_003 + group)
+
+    def _shard(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.split.labels), generator=g)
+        return order[self.group :: self.num_groups][: self.shard_size].to(self.split.images.device)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch = 0
+        while True:
+            shard = self._shard(epoch)
+            for start in range(0, self.shard_size - self.batch_size + 1, self.batch_size):
+                idx = shard[start : start + self.batch_size]
+                images = self.split.images[idx]
+                if self.augment:
+                    images = augment(images, self.gen)
+                yield normalize(images), self.split.labels[idx]
+            epoch += 1
+
+
+def eval_batches(split: Split, batch_size: int = 1000) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(split.labels), batch_size):
+        yield normalize(split.images[start : start + batch_size]), split.labels[start : start + batch_size]

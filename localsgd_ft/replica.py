@@ -1,0 +1,99 @@
+"""A replica-group role: runs the group's torchrun and reports its end to the lighthouse role.
+
+Run by the component as
+``python -m localsgd_ft.replica --config C --group G --host-env VAR``. It
+finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro), starts
+``torchrun --standalone --nproc_per_node=W --max_restarts=R train_localsgd.py``
+in its own process group, and when torchrun exits (training done, or restarts
+exhausted) posts the exit code and the trainer's result to the completion
+service. It exits with torchrun's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import roles
+from .config import ExperimentConfig
+from .control import CompletionClient
+
+
+def result_path(cfg: ExperimentConfig, group: int) -> Path:
+    """Where group ``group``'s trainer (worker 0) leaves its final result."""
+    return cfg.run_dir / "groups" / f"{group}.json"
+
+
+def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str) -> List[str]:
+    rg = cfg.replica_groups
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone",  # a free rendezvous port per group, so groups can share a host
+        "--nnodes=1",
+        f"--nproc_per_node={rg.workers}",
+        f"--max_restarts={rg.max_restarts}",
+        script, "--config", config_path,
+    ]
+
+
+def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str) -> int:
+    env = dict(os.environ)
+    env[roles.GROUP_ENV] = str(group)
+    env[roles.NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
+    env["TORCHFT_LIGHTHOUSE"] = roles.lighthouse_url(cfg, host)
+    env[roles.COMPLETION_ENV] = roles.completion_url(cfg, host)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    client = CompletionClient(env[roles.COMPLETION_ENV])
+
+    result_file = result_path(cfg, group)
+    result_file.unlink(missing_ok=True)  # never report a previous run's result
+
+    proc = subprocess.Popen(torchrun_command(cfg, config_path, script), env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = proc.wait()
+    try:  # torchrun's workers are in its session; leave nothing behind
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+    result = None
+    if result_file.is_file():
+        try:
+            result = json.loads(result_file.read_text())
+        except (OSError, ValueError) as e:
+            print(f"replica {group}: cannot read {result_file}: {e}", file=sys.stderr)
+    if code != 0:
+        print(f"replica {group}: torchrun exited with {code} "
+              f"(max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed)", file=sys.stderr)
+    try:
+        client.finished(group, code, result)
+    except Exception as e:  # the lighthouse may be gone; our own exit code still tells
+        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr)
+        return code or 1
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
+    parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
+    args, cfg, host = roles.parse_role_args(parser, argv, "replica")
+    return run(cfg, args.config, args.group, host, args.script)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

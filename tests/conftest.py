@@ -1,0 +1,184 @@
+"""Shared test fixtures: a CIFAR-format data set, free ports, experiment configs, and real torchx runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+import yaml
+
+from localsgd_ft.fixture import write_fixture
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHX = str(Path(sys.executable).with_name("torchx"))
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small learnable data set in CIFAR-10's file format (not the official one)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_fixture(root)
+    return root
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free on loopback right now."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            if p >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+                return p
+    raise RuntimeError("no free port pair")
+
+
+def deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def small_config(tmp: Path, cifar_root: Path, **over: Any) -> Dict[str, Any]:
+    """A fast 2-group CPU experiment on the fixture, with short timeouts; ``over`` patches it."""
+    cfg: Dict[str, Any] = {
+        "name": "t",
+        "output_dir": str(tmp / "out"),
+        "replica_groups": {"count": 2, "max_restarts": 2, "memory_mb": 1024},
+        "localsgd": {"sync_every": 10, "recovery": "sync", "timeout_s": 10, "quorum_timeout_s": 30},
+        "lighthouse": {"port": free_port_pair(), "join_timeout_ms": 5000, "heartbeat_timeout_ms": 1000},
+        "data": {"root": str(cifar_root), "verify": False, "batch_size": 32},
+        "model": {"arch": "cnn", "width": 16},
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "train": {"max_steps": 200, "eval_every": 100, "log_every": 10},
+    }
+    return deep_update(cfg, over)
+
+
+def write_config(tmp: Path, cfg: Dict[str, Any], name: str = "exp.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class TorchxRun:
+    """A real ``torchx run`` in its own process group, its output collected line by line."""
+
+    def __init__(self, config: Path, cwd: Path = REPO) -> None:
+        self.config = config
+        self.lines: List[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [TORCHX, "run", "--", "--config", str(config)],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for_line(self, pred: Callable[[str], bool], timeout: float) -> str:
+        """Block until an output line satisfies ``pred``; fail after ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if pred(line):
+                        return line
+                seen = len(self.lines)
+                left = end - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError("expected line not seen; output tail:\n" + "\n".join(self.lines[-40:]))
+                self._cond.wait(min(left, 1.0))
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"torchx run did not finish in {timeout}s; tail:\n" + self.tail())
+        self._reader.join(10)
+        return code
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def kill(self) -> None:
+        kill_tree(self.proc.pid, self.config)
+
+
+def processes_using(config: Path) -> List[int]:
+    """PIDs whose command line names ``config`` (every role and worker of a run does)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(config).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_tree(pgid: int, config: Path) -> None:
+    """Kill the run's process group and anything else still running with its config."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in processes_using(config):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_no_processes(config: Path, timeout: float = 20.0) -> List[int]:
+    """Poll until no process names ``config``; returns the stragglers if the deadline passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        left = processes_using(config)
+        if not left:
+            return []
+        time.sleep(0.2)
+    return processes_using(config)
+
+
+@pytest.fixture
+def torchx_run(tmp_path: Path):
+    """Start real ``torchx run``s; every one is killed (by process group) when the test ends."""
+    runs: List[TorchxRun] = []
+
+    def start(config: Path) -> TorchxRun:
+        run = TorchxRun(config)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.kill()

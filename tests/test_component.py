@@ -1,0 +1,117 @@
+"""The torchx component: YAML -> AppDef, and the real torchx CLI's handling of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchx.specs as specs
+import yaml
+from torchx.specs.finder import ComponentValidationException, get_component
+
+from conftest import REPO, TORCHX, small_config, write_config
+
+COMPONENT = "components/localsgd.py:localsgd"
+
+
+def appdef(config: Path, **kw) -> specs.AppDef:
+    return get_component(str(REPO / "components/localsgd.py") + ":localsgd").fn(config=str(config), **kw)
+
+
+def test_roles_args_env_and_ports(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 3}, lighthouse={"min_replicas": 2})
+    path = write_config(tmp_path, cfg)
+    app = appdef(path)
+    assert app.name == "t"
+    assert [r.name for r in app.roles] == ["lighthouse", "replica_0", "replica_1", "replica_2"]
+    lh = app.roles[0]
+    assert lh.args[:2] == ["-m", "localsgd_ft.lighthouse"] and str(path) in lh.args
+    assert lh.args[-2:] == ["--host-env", specs.macros.rank0_env]
+    port = cfg["lighthouse"]["port"]
+    assert lh.port_map == {"lighthouse": port, "completion": port + 1}
+    for i, role in enumerate(app.roles[1:]):
+        assert role.args[:2] == ["-m", "localsgd_ft.replica"]
+        assert role.args[role.args.index("--group") + 1] == str(i)
+        assert role.env["REPLICA_GROUP_ID"] == str(i) and role.env["NUM_REPLICA_GROUPS"] == "3"
+        assert role.env["CUDA_VISIBLE_DEVICES"] == ""
+        assert role.resource.gpu == 0 and role.resource.memMB == 1024
+        assert role.max_retries == 0
+    assert app.roles[1].entrypoint == sys.executable  # local: the current environment's python
+
+
+def test_gpu_assignment_per_group(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2, "gpus": [2, [5]]})
+    app = appdef(write_config(tmp_path, cfg))
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["2", "5"]
+    assert [r.resource.gpu for r in app.roles[1:]] == [1, 1]
+
+
+def test_image_uses_the_image_python(tmp_path, cifar_root):
+    app = appdef(write_config(tmp_path, small_config(tmp_path, cifar_root)), image="ghcr.io/x/y:1")
+    assert {r.entrypoint for r in app.roles} == {"python"} and {r.image for r in app.roles} == {"ghcr.io/x/y:1"}
+
+
+def test_shipped_default_config(tmp_path):
+    app = appdef(REPO / "configs/gpu.yaml", image="img")  # with an image, data is not checked here
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["0", "1"]
+
+
+def test_bad_config_is_a_validation_error(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, localsgd={"sync_every": 0}))
+    with pytest.raises(ComponentValidationException, match="localsgd.sync_every: got 0"):
+        appdef(path)
+
+
+def test_missing_data_is_caught_before_launch(tmp_path):
+    path = write_config(tmp_path, {"data": {"root": str(tmp_path / "none")}})
+    with pytest.raises(ComponentValidationException, match="CIFAR-10 not found.*data.download: true"):
+        appdef(path)
+
+
+def test_unofficial_data_needs_verify_false(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, data={"verify": True}))
+    with pytest.raises(ComponentValidationException, match="data.verify: false"):
+        appdef(path)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("localsgd:\n  sync_every: 0\n", "localsgd.sync_every: got 0"),
+        ("train: {max_steps: 15}\n", "train.max_steps: got 15"),
+        ("replica_groups: {count: 2, gpus: [0]}\n", "replica_groups.gpus"),
+        ("foo: 1\n", "foo: unknown key"),
+        ("a: [\n", "malformed YAML"),
+    ],
+)
+def test_cli_refuses_bad_input_cleanly(tmp_path, content, words):
+    out_dir = tmp_path / "out"
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"output_dir: {out_dir}\n" + content)
+    res = subprocess.run([TORCHX, "run", "--", "--config", str(path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0
+    assert words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not out_dir.exists()  # nothing written
+
+
+def test_cli_missing_config_file(tmp_path):
+    res = subprocess.run([TORCHX, "run", "--", "--config", str(tmp_path / "x.yaml")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "config file not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_dryrun_substitutes_rank0_host(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    res = subprocess.run([TORCHX, "run", "--dryrun", "--", "--config", str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "TORCHX_RANK0_HOST" in res.stdout and "${rank0_env}" not in res.stdout.split("SCHEDULER REQUEST")[1]
+
+
+def test_torchxconfig_defaults_to_the_default_experiment():
+    text = (REPO / ".torchxconfig").read_text()
+    assert COMPONENT in text and "configs/default.yaml" in text and "local_cwd" in text

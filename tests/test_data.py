@@ -1,0 +1,127 @@
+"""CIFAR-10 files and tensors: verification, safe loading, sharding and batched augmentation."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localsgd_ft import cifar_files
+from localsgd_ft.cifar_files import DataError, locate, read_batch
+from localsgd_ft.config import DataConfig
+from localsgd_ft.data import PAD, ShardedBatches, Split, augment, load_cifar10, normalize
+
+
+def test_checksums_match_torchvision():
+    from torchvision.datasets import CIFAR10
+
+    assert cifar_files.TRAIN_FILES == [tuple(x) for x in CIFAR10.train_list]
+    assert cifar_files.TEST_FILES == [tuple(x) for x in CIFAR10.test_list]
+    assert cifar_files.META_FILE == (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
+    assert cifar_files.FOLDER == CIFAR10.base_folder
+    assert (cifar_files.URL, *cifar_files.ARCHIVE) == (CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)
+
+
+def test_fixture_is_cifar_format_refused_only_by_checksum(cifar_root):
+    from torchvision.datasets import CIFAR10
+
+    # torchvision's own reader accepts the format (its md5 check is what refuses it).
+    with pytest.raises(RuntimeError, match="corrupted"):
+        CIFAR10(str(cifar_root), train=True, download=False)
+    batch = read_batch(Path(cifar_root) / cifar_files.FOLDER / "test_batch")
+    with open(Path(cifar_root) / cifar_files.FOLDER / "test_batch", "rb") as f:
+        assert pickle.load(f, encoding="latin1")["labels"] == batch["labels"]
+
+
+def test_verify_refuses_unofficial_data(cifar_root):
+    with pytest.raises(DataError, match="not the official CIFAR-10.*data.verify: false"):
+        locate(DataConfig(root=str(cifar_root)))
+    assert locate(DataConfig(root=str(cifar_root), verify=False)).name == cifar_files.FOLDER
+
+
+def test_missing_data_says_where_and_how(tmp_path):
+    with pytest.raises(DataError) as e:
+        locate(DataConfig(root=str(tmp_path)))
+    assert str(tmp_path) in str(e.value) and "data.download: true" in str(e.value)
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        read_batch(p)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_file_is_reported(tmp_path, cifar_root):
+    src = (Path(cifar_root) / cifar_files.FOLDER / "test_batch").read_bytes()
+    p = tmp_path / "test_batch"
+    p.write_bytes(src[: len(src) // 2])
+    with pytest.raises(DataError, match="not a readable CIFAR-10 batch file"):
+        read_batch(p)
+
+
+def test_load_split_shapes(cifar_root):
+    train, test = load_cifar10(DataConfig(root=str(cifar_root), verify=False), torch.device("cpu"))
+    assert train.images.shape == (1000, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (500, 3, 32, 32) and set(train.labels.tolist()) == set(range(10))
+
+
+def _split(n: int = 64) -> Split:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    return Split(images, torch.arange(n))
+
+
+def test_shards_are_disjoint_and_cover_the_epoch():
+    split = _split(64)
+    seen = []
+    for g in range(2):
+        it = iter(ShardedBatches(split, g, 2, 8, seed=0, augment=False))
+        labels = torch.cat([next(it)[1] for _ in range(4)])  # one epoch of a 32-image shard
+        seen.append(set(labels.tolist()))
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(64))
+
+
+def test_order_is_reproducible_and_changes_per_epoch():
+    split = _split(64)
+    a = iter(ShardedBatches(split, 0, 2, 32, seed=1, augment=False))
+    b = iter(ShardedBatches(split, 0, 2, 32, seed=1, augment=False))
+    first = [next(a)[1] for _ in range(3)]
+    assert all(torch.equal(x, next(b)[1]) for x in first)
+    assert not torch.equal(first[0], first[1]) and len(set(first[1].tolist())) == 32
+
+
+def test_batch_larger_than_shard_is_refused():
+    with pytest.raises(DataError, match="lower data.batch_size"):
+        ShardedBatches(_split(16), 0, 2, 32, seed=0, augment=False)
+
+
+def test_augment_is_a_shifted_possibly_flipped_crop():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
+    out = augment(img, gen)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(img, (PAD,) * 4)
+    for i in range(16):
+        found = False
+        for dy in range(2 * PAD + 1):
+            for dx in range(2 * PAD + 1):
+                crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+                if torch.equal(out[i], crop) or torch.equal(out[i], crop.flip(-1)):
+                    found = True
+        assert found, f"sample {i} is not a crop of its padded input"
+
+
+def test_normalize_is_per_channel():
+    x = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert np.allclose(y[0, :, 0, 0].numpy(), [(128 / 255 - m) / s for m, s in
+                                               zip((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))], atol=1e-5)
