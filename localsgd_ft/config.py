@@ -13,6 +13,7 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,43 @@ class TrainConfig:
     log_every: int = doc(100, "Print 'LocalSGD: Number of local optimizer steps completed: N' every N steps.")
 
 
+FAULT_KINDS = ("kill", "hang", "kill_during_sync", "lighthouse")
+
+
+@dataclass
+class FaultConfig:
+    kind: str = doc(
+        "kill",
+        "'kill': SIGKILL the group's worker (a machine loss); 'hang': SIGSTOP it for duration_s; "
+        "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
+        "lighthouse and restart it after duration_s.",
+    )
+    group: int = doc(-1, "Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for 'lighthouse'.")
+    at_step: int = doc(1, "Training step (committed syncs x sync_every + local steps since) at which it happens.")
+    duration_s: float = doc(3.0, "How long a 'hang' lasts, or how long the lighthouse stays down.")
+
+
+@dataclass
+class FaultsConfig:
+    enabled: bool = doc(False, "Inject the failures below. Nothing is ever injected unless this is true.")
+    schedule: List[FaultConfig] = doc([], "Failures at given steps: a list of {kind, group, at_step, duration_s}.")
+    mtbf_steps: int = doc(0, "Random failures: mean training steps between them (exponential); 0: none.")
+    max_random: int = doc(0, "Random failures: at most this many.")
+    random_kinds: List[str] = doc(["kill"], "Random failures: the kinds to draw from.")
+    seed: int = doc(0, "Seed for random failures and random target groups.")
+
+
+@dataclass
+class Fault:
+    """One planned failure, resolved from the config: who, what, when."""
+
+    id: int
+    kind: str
+    group: int  # -1 for the lighthouse
+    at_step: int
+    duration_s: float
+
+
 @dataclass
 class ExperimentConfig:
     name: str = doc("localsgd", "Experiment name: the torchx app name and the default output directory.")
@@ -122,6 +160,7 @@ class ExperimentConfig:
     model: ModelConfig = doc(None, "The network.")
     optimizer: OptimizerConfig = doc(None, "The local optimizer.")
     train: TrainConfig = doc(None, "Steps, evaluation, seeding.")
+    faults: FaultsConfig = doc(None, "Failures to inject (off by default).")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -143,8 +182,36 @@ class ExperimentConfig:
     @property
     def total_syncs(self) -> int:
         """Committed syncs after which every group stops (sync mode adds the initial alignment sync)."""
-        syncs = self.train.max_steps // self.localsgd.sync_every
-        return syncs + (1 if self.localsgd.recovery == "sync" else 0)
+        return self.train.max_steps // self.localsgd.sync_every + self.initial_syncs
+
+    @property
+    def initial_syncs(self) -> int:
+        """Syncs before the first step: sync mode begins with one that aligns every group."""
+        return 1 if self.localsgd.recovery == "sync" else 0
+
+    @property
+    def fault_plan(self) -> List[Fault]:
+        """Every failure this run injects, in step order (empty unless faults.enabled)."""
+        f = self.faults
+        if not f.enabled:
+            return []
+        rng = random.Random(f.seed)
+        count = self.replica_groups.count
+        planned = [(x.kind, x.group, x.at_step, x.duration_s) for x in f.schedule]
+        step = 0
+        for _ in range(f.max_random if f.mtbf_steps else 0):
+            step += max(1, round(rng.expovariate(1 / f.mtbf_steps)))
+            if step >= self.train.max_steps:
+                break
+            planned.append((rng.choice(f.random_kinds), -1, step, 3.0))
+        plan = []
+        for i, (kind, group, at_step, duration) in enumerate(sorted(planned, key=lambda p: p[2])):
+            if kind == "lighthouse":
+                group = -1
+            elif group < 0:
+                group = rng.randrange(count)
+            plan.append(Fault(i, kind, group, at_step, duration))
+        return plan
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +328,26 @@ def _check(cfg: ExperimentConfig) -> None:
     need(tr.eval_every >= 0, "train.eval_every", tr.eval_every, "expected an integer >= 0 (0: only at the end)")
     need(tr.threads >= 1, "train.threads", tr.threads, "expected an integer >= 1")
     need(tr.log_every >= 1, "train.log_every", tr.log_every, "expected an integer >= 1")
+    fl = cfg.faults
+    for i, x in enumerate(fl.schedule):
+        key = f"faults.schedule[{i}]"
+        need(x.kind in FAULT_KINDS, f"{key}.kind", x.kind, f"expected one of {', '.join(FAULT_KINDS)}")
+        need(-1 <= x.group < rg.count, f"{key}.group", x.group, f"expected -1 (random) or 0..{rg.count - 1}")
+        need(1 <= x.at_step < tr.max_steps, f"{key}.at_step", x.at_step,
+             f"expected 1..{tr.max_steps - 1} (inside train.max_steps)")
+        need(x.duration_s > 0, f"{key}.duration_s", x.duration_s, "expected a number > 0")
+    need(fl.mtbf_steps >= 0, "faults.mtbf_steps", fl.mtbf_steps, "expected an integer >= 0 (0: no random failures)")
+    need(fl.max_random >= 0, "faults.max_random", fl.max_random, "expected an integer >= 0")
+    for i, k in enumerate(fl.random_kinds):
+        need(k in FAULT_KINDS, f"faults.random_kinds[{i}]", k, f"expected one of {', '.join(FAULT_KINDS)}")
+    need(bool(fl.random_kinds) or not fl.mtbf_steps, "faults.random_kinds", fl.random_kinds,
+         "expected at least one kind when faults.mtbf_steps > 0")
+    if fl.enabled and any(x.kind != "lighthouse" for x in cfg.fault_plan):
+        need(rg.max_restarts >= 1, "replica_groups.max_restarts", rg.max_restarts,
+             "expected >= 1 when faults kill workers (a killed group is restarted by torchrun)")
+    if fl.enabled and any(x.kind == "lighthouse" for x in cfg.fault_plan):
+        need(ls.quorum_retries >= 1, "localsgd.quorum_retries", ls.quorum_retries,
+             "expected >= 1 when faults kill the lighthouse (groups retry the quorum while it restarts)")
 
 
 def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
@@ -308,6 +395,11 @@ def reference_markdown() -> str:
                 walk(tp, f"{prefix}{f.name}.")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if item is not None and dataclasses.is_dataclass(item):
+                rows.append(f"| `{prefix}{f.name}` | `[]` | {f.metadata['doc']} |")
+                walk(item, f"{prefix}{f.name}[].")
+                continue
             rows.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['doc']} |")
 
     walk(ExperimentConfig, "")

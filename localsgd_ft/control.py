@@ -4,10 +4,15 @@ The torchft lighthouse has no notion of a finished job, so the lighthouse role
 also serves this small JSON-over-HTTP API on ``lighthouse.port + 1``:
 
 - ``POST /started {"group": g}``: group g's Manager is up (heartbeating).
-- ``GET /started``: ``{"started": [...], "expected": N}``; trainers wait on it
-  so the first quorum holds every group.
+- ``POST /event {"group": g, "kind": ..., ...}``: something happened (an
+  injected failure, a recovery); stamped with the lighthouse's clock.
+  Answers ``{"first": true}`` the first time a ``fault_id`` is reported, so
+  each planned failure fires once, across restarts.
 - ``POST /finished {"group": g, "exit_code": c, "result": {...} | null}``:
   group g's torchrun has exited; ``result`` is what its trainer reported.
+- ``GET /status``: ``{"started", "expected", "fired", "finished", "abort"}``.
+  Trainers wait on ``started`` so the first quorum holds every group; replica
+  wrappers stop their torchrun when ``abort`` names a reason.
 
 The lighthouse role ends when every group has posted ``/finished``, so the app
 ends on its own, and it writes ``summary.json`` from those reports: this also
@@ -22,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 class CompletionState:
@@ -32,6 +37,10 @@ class CompletionState:
         self.expected = expected
         self.started: set[int] = set()
         self.finished: Dict[int, dict] = {}
+        self.events: List[dict] = []
+        self.fired: set[int] = set()
+        self.abort: Optional[str] = None
+        self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
 
     def mark_started(self, group: int) -> None:
@@ -39,14 +48,43 @@ class CompletionState:
             self.started.add(group)
             self._cond.notify_all()
 
+    def add_event(self, event: dict) -> bool:
+        """Record ``event``; False if it repeats an already fired ``fault_id``."""
+        with self._cond:
+            fid = event.get("fault_id")
+            if fid is not None:
+                if fid in self.fired:
+                    return False
+                self.fired.add(fid)
+            event.setdefault("time", time.time())
+            self.events.append(event)
+            self._cond.notify_all()
+        if self.on_event is not None:
+            self.on_event(event)
+        return True
+
     def mark_finished(self, group: int, report: dict) -> None:
         with self._cond:
             self.finished[group] = report
             self._cond.notify_all()
 
-    def wait_all_finished(self, timeout: Optional[float] = None) -> bool:
+    def set_abort(self, reason: str) -> None:
         with self._cond:
-            return self._cond.wait_for(lambda: len(self.finished) >= self.expected, timeout)
+            self.abort = reason
+            self._cond.notify_all()
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"started": sorted(self.started), "expected": self.expected, "fired": sorted(self.fired),
+                    "finished": sorted(self.finished), "abort": self.abort}
+
+    def wait(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        """Wait until ``predicate()`` (evaluated under the lock) holds, or ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def all_finished(self) -> bool:
+        return len(self.finished) >= self.expected
 
 
 def _valid_group(body: Any, expected: int) -> int:
@@ -68,10 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802
-        if self.path == "/started":
-            self._reply(200, {"started": sorted(self.state.started), "expected": self.state.expected})
-        elif self.path == "/finished":
-            self._reply(200, {"finished": {str(k): v for k, v in self.state.finished.items()}})
+        if self.path == "/status":
+            self._reply(200, self.state.status())
         else:
             self._reply(404, {"error": "unknown path"})
 
@@ -84,12 +120,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/started":
             self.state.mark_started(group)
+            self._reply(200, {"ok": True})
+        elif self.path == "/event":
+            self._reply(200, {"first": self.state.add_event(body)})
         elif self.path == "/finished":
             self.state.mark_finished(group, body)
+            self._reply(200, {"ok": True})
         else:
             self._reply(404, {"error": "unknown path"})
-            return
-        self._reply(200, {"ok": True})
 
     def log_message(self, format: str, *args: Any) -> None:  # keep the role's log for training
         pass
@@ -131,14 +169,21 @@ class CompletionClient:
     def started(self, group: int, deadline_s: float = 60.0) -> None:
         self._call_retrying("/started", {"group": group}, deadline_s)
 
+    def status(self, deadline_s: float = 10.0) -> dict:
+        return self._call_retrying("/status", None, deadline_s)
+
     def wait_all_started(self, deadline_s: float) -> list:
         """Poll until every group reported /started or the deadline passes; return who started."""
         end = time.monotonic() + deadline_s
         while True:
-            state = self._call_retrying("/started", None, max(1.0, end - time.monotonic()))
+            state = self.status(max(1.0, end - time.monotonic()))
             if len(state["started"]) >= state["expected"] or time.monotonic() >= end:
                 return state["started"]
             time.sleep(0.1)
+
+    def event(self, group: int, kind: str, deadline_s: float = 10.0, **fields: Any) -> bool:
+        """Report an event; returns False if its ``fault_id`` had already fired."""
+        return self._call_retrying("/event", {"group": group, "kind": kind, **fields}, deadline_s)["first"]
 
     def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0) -> None:
         self._call_retrying("/finished", {"group": group, "exit_code": exit_code, "result": result}, deadline_s)

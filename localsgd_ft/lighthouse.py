@@ -1,101 +1,150 @@
-"""The lighthouse role: torchft's lighthouse plus the completion service; ends when training does.
+"""The lighthouse role: supervises torchft's lighthouse, serves the completion service, ends when training does.
 
 Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env VAR``.
-It binds loopback when role 0's host (``$VAR``) is this machine (local
-schedulers) and all interfaces otherwise. When every replica group has
-reported its end it writes ``summary.json``, stops the lighthouse and exits 0
-if every group succeeded, 1 otherwise.
+
+- torchft's lighthouse runs as a child process (``lighthouse_server``); if it
+  dies it is restarted on the same port (replica groups ride through with
+  ``localsgd.quorum_retries``). An injected ``lighthouse`` fault kills it and
+  restarts it after the fault's ``duration_s``.
+- Both servers bind loopback when role 0's host (``$VAR``) is this machine
+  (local schedulers) and all interfaces otherwise.
+- A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
+  ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
+  the remaining groups are told to stop, and the run fails with that reason.
+- When every group has reported its end it writes ``summary.json`` and exits
+  0 if enough groups trained to the end with identical parameters, else 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
-import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
-from types import ModuleType
 from typing import List, Optional
 
 from . import control, roles
-from .config import ExperimentConfig, to_dict
+from .config import ExperimentConfig
 from .files import peak_rss_mb, write_json_atomic
+from .lighthouse_server import command as lighthouse_command
+from .summary import build_summary
 
 
+class SupervisedLighthouse:
+    """torchft's lighthouse in a child process that is restarted whenever it dies."""
 
-def _torchft_native() -> ModuleType:
-    """torchft's native extension, loaded without ``torchft/__init__`` (which imports torch: ~600 MB)."""
-    spec = importlib.util.find_spec("torchft")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("torchft is not installed: pip install torchft")
-    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_torchft*.so"))
-    if libs:
-        ext = importlib.util.spec_from_file_location("torchft._torchft", libs[0])
-        if ext is not None and ext.loader is not None:
-            module = importlib.util.module_from_spec(ext)
-            ext.loader.exec_module(module)
-            return module
-    from torchft import _torchft  # fall back to the ordinary import
+    def __init__(self, cfg: ExperimentConfig, bind_host: str) -> None:
+        self.cmd = lighthouse_command(cfg.lighthouse, bind_host)
+        self.port = cfg.lighthouse.port
+        self.connect_host = "127.0.0.1" if bind_host != "::" else "localhost"
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self._down_until = 0.0  # an injected outage: do not restart before this time
+        self._lock = threading.Lock()
+        self._stopped = False
 
-    return _torchft
+    def start(self, deadline_s: float = 30.0) -> None:
+        """Start the child and wait until it accepts connections."""
+        self.proc = subprocess.Popen(self.cmd)
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lighthouse exited with {self.proc.returncode} at start (port {self.port} in use?)")
+            try:
+                socket.create_connection((self.connect_host, self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"lighthouse did not listen on port {self.port} within {deadline_s}s")
+
+    def kill_for(self, duration_s: float) -> None:
+        """Injected failure: SIGKILL the lighthouse; it comes back after ``duration_s``."""
+        with self._lock:
+            self._down_until = time.monotonic() + duration_s
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+        print(f"lighthouse: FAULT: lighthouse killed; restarting in {duration_s:g}s", flush=True)
+
+    def watch(self) -> None:
+        """Restart the child if it is gone (called periodically by the role's main loop)."""
+        with self._lock:
+            if self._stopped or self.proc is None or self.proc.poll() is None:
+                return
+            if time.monotonic() < self._down_until:
+                return
+            code = self.proc.returncode
+            self.restarts += 1
+            print(f"lighthouse: torchft lighthouse exited ({code}); restart #{self.restarts}", flush=True)
+            self.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
 
 
-def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, config_path: str) -> dict:
-    """summary.json's content from the groups' /finished reports."""
-    groups = {}
-    for g in range(cfg.replica_groups.count):
-        report = reports.get(g) or {}
-        result = report.get("result") or {}
-        groups[str(g)] = {
-            "exit_code": report.get("exit_code"),
-            "succeeded": report.get("exit_code") == 0 and bool(result),
-            **result,
-        }
-    ok = [g for g in groups.values() if g["succeeded"]]
-    hashes = {g.get("params_sha256") for g in ok}
-    return {
-        "name": cfg.name,
-        "config_path": config_path,
-        "succeeded": len(ok) == cfg.replica_groups.count,
-        "final_test_accuracy": ok[0]["final_test_accuracy"] if ok else None,
-        "params_identical": len(ok) > 0 and len(hashes) == 1,
-        "wall_time_s": round(time.time() - started_at, 3),
-        "lighthouse_peak_rss_mb": peak_rss_mb(),
-        "replica_groups": groups,
-        "config": to_dict(cfg),
-    }
+def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None:
+    """Abort when too few groups are left to form a quorum (lighthouse.min_replicas)."""
+    lost = [g for g, rep in state.finished.items() if rep.get("exit_code") != 0]
+    if not lost or state.abort:
+        return
+    alive = cfg.replica_groups.count - len(lost)
+    if alive < cfg.lighthouse.min_replicas:
+        reason = (f"replica group(s) {sorted(lost)} exhausted replica_groups.max_restarts "
+                  f"({cfg.replica_groups.max_restarts}); {alive} group(s) left, fewer than "
+                  f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
+        print(f"lighthouse: ABORT: {reason}", flush=True)
+        state.set_abort(reason)
 
 
 def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
     started_at = time.time()
     bind_host = "127.0.0.1" if roles.is_loopback(host) else "::"
-    native = _torchft_native()
-    lh = cfg.lighthouse
-    server = native.LighthouseServer(
-        bind=f"{'[::]' if bind_host == '::' else bind_host}:{lh.port}",
-        min_replicas=lh.min_replicas,
-        join_timeout_ms=lh.join_timeout_ms,
-        quorum_tick_ms=lh.quorum_tick_ms,
-        heartbeat_timeout_ms=lh.heartbeat_timeout_ms,
-    )
+    lighthouse = SupervisedLighthouse(cfg, bind_host)
+    lighthouse.start()
     state = control.CompletionState(cfg.replica_groups.count)
-    completion = control.serve("" if bind_host == "::" else bind_host, lh.port + 1, state)
-    print(f"lighthouse: serving {roles.lighthouse_url(cfg, host)} (dashboard at /), "
-          f"bound to {bind_host}; waiting for {cfg.replica_groups.count} replica groups", flush=True)
+
+    def on_event(event: dict) -> None:
+        if event.get("kind") != "fault":
+            return
+        print(f"lighthouse: FAULT #{event.get('fault_id')}: {event.get('fault')} of "
+              f"{'the lighthouse' if event.get('fault') == 'lighthouse' else 'group %s' % event.get('target')} "
+              f"at step {event.get('step')}", flush=True)
+        if event.get("fault") == "lighthouse":
+            # Off the HTTP thread: the reporting group must get its answer before the kill.
+            threading.Thread(target=lighthouse.kill_for, args=(float(event.get("duration_s", 3.0)),),
+                             daemon=True).start()
+
+    state.on_event = on_event
+    completion = control.serve("" if bind_host == "::" else bind_host, cfg.lighthouse.port + 1, state)
+    print(f"lighthouse: serving {roles.lighthouse_url(cfg, host)} (dashboard at /), bound to {bind_host}; "
+          f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
+    if cfg.fault_plan:
+        print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
+              + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan), flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        while not stop.is_set() and not state.wait_all_finished(timeout=0.5):
-            pass
+        while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
+            lighthouse.watch()
+            _check_losses(cfg, state)
     finally:
         completion.shutdown()
-        server.shutdown()
-    summary = build_summary(cfg, state.finished, started_at, config_path)
+        lighthouse.stop()
+
+    summary = build_summary(cfg, state, started_at, config_path, lighthouse.restarts, peak_rss_mb())
     write_json_atomic(cfg.run_dir / "summary.json", summary)
     for g, rep in summary["replica_groups"].items():
         print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
@@ -103,15 +152,22 @@ def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
               f"params_sha256={str(rep.get('params_sha256'))[:12]}", flush=True)
     if stop.is_set():
         print("lighthouse: stopped by a signal before every group finished", flush=True)
+    if summary["lost_groups"]:
+        print(f"lighthouse: lost replica groups (out of restarts): {summary['lost_groups']}", flush=True)
     verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
-    print(f"lighthouse: training {verdict}; final_test_accuracy={summary['final_test_accuracy']}; "
+    why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
+    print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
           f"summary: {cfg.run_dir / 'summary.json'}", flush=True)
     return 0 if summary["succeeded"] else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, cfg, host = roles.parse_role_args(argparse.ArgumentParser(description=__doc__), argv, "lighthouse")
-    return run(cfg, host, args.config)
+    try:
+        return run(cfg, host, args.config)
+    except RuntimeError as e:
+        print(f"lighthouse: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

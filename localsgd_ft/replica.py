@@ -6,7 +6,10 @@ finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro), starts
 ``torchrun --standalone --nproc_per_node=W --max_restarts=R train_localsgd.py``
 in its own process group, and when torchrun exits (training done, or restarts
 exhausted) posts the exit code and the trainer's result to the completion
-service. It exits with torchrun's exit code.
+service. Once the lighthouse role has that report it exits 0 (the lighthouse
+role's exit code is the run's verdict); if it cannot report, it exits with
+torchrun's code. If the lighthouse role aborts the run (too few groups left),
+it stops its torchrun.
 """
 
 from __future__ import annotations
@@ -42,6 +45,30 @@ def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str) -> Li
     ]
 
 
+ABORT_POLL_S = 1.0
+
+
+def _wait_or_abort(proc: subprocess.Popen, client: CompletionClient, group: int) -> int:
+    """Wait for torchrun; stop it early if the lighthouse role aborts the run."""
+    while True:
+        try:
+            return proc.wait(ABORT_POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            reason = client.status(deadline_s=ABORT_POLL_S).get("abort")
+        except Exception:  # lighthouse role busy or restarting: keep training
+            continue
+        if reason:
+            print(f"replica {group}: stopping: the run was aborted: {reason}", file=sys.stderr, flush=True)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                return proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait()
+
+
 def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str) -> int:
     env = dict(os.environ)
     env[roles.GROUP_ENV] = str(group)
@@ -64,7 +91,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = proc.wait()
+    code = _wait_or_abort(proc, client, group)
     try:  # torchrun's workers are in its session; leave nothing behind
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -81,10 +108,12 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
               f"(max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed)", file=sys.stderr)
     try:
         client.finished(group, code, result)
-    except Exception as e:  # the lighthouse may be gone; our own exit code still tells
+    except Exception as e:  # the lighthouse role is gone: our own exit code must tell
         print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr)
         return code or 1
-    return code
+    # Reported: the lighthouse role now owns the verdict (its exit code is the run's). Exiting 0
+    # keeps a lost group from failing the whole app (Slurm kills every role on a non-zero exit).
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

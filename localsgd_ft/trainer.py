@@ -19,7 +19,8 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,59 @@ from . import roles
 from .config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
 from .control import CompletionClient
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
+from .faults import FaultInjector
 from .files import peak_rss_mb, write_json_atomic
 from .model import build_model
 
 log = logging.getLogger("localsgd_ft.trainer")
+
+
+class SyncMonitor:
+    """Watches every sync: counts commits, reports stalls and the first full commit after a disruption.
+
+    A sync *stalls* when it takes more than ``STALL_FACTOR`` times the median of
+    recent syncs (and at least ``STALL_MIN_S``): the survivors' wait for a dead
+    peer to time out, or for a lighthouse to come back. A group is *disrupted*
+    after a stall, a failed or partial sync, a restart or a hang; its next
+    committed sync with every group in it is reported as ``recovered``.
+    """
+
+    STALL_FACTOR = 5.0
+    STALL_MIN_S = 0.25
+
+    def __init__(self, group: int, num_groups: int, completion: CompletionClient, disrupted: bool,
+                 fingerprint: Callable[[], str]) -> None:
+        self.group, self.num_groups, self.completion = group, num_groups, completion
+        self.fingerprint = fingerprint  # parameters' hash, sent with "recovered" so rejoins can be checked
+        self.disrupted = disrupted
+        self.recent: Deque[float] = deque(maxlen=50)
+        self.attempted = self.committed = 0
+        self.total_s = self.max_s = 0.0
+
+    def after_sync(self, manager: Any, step: int, duration: float, committed: bool) -> None:
+        self.attempted += 1
+        self.committed += committed
+        self.total_s += duration
+        self.max_s = max(self.max_s, duration)
+        typical = sorted(self.recent)[len(self.recent) // 2] if self.recent else None
+        self.recent.append(duration)
+        participants = manager.num_participants()
+        if typical is not None and duration > max(self.STALL_MIN_S, self.STALL_FACTOR * typical):
+            self.disrupted = True
+            self._report("sync_stall", step=step, duration_s=round(duration, 3), committed=committed,
+                         participants=participants)
+        if not committed or participants < self.num_groups:
+            self.disrupted = True
+        elif self.disrupted:
+            self.disrupted = False
+            self._report("recovered", step=step, participants=participants,
+                         global_sync=manager.current_step(), params_sha256=self.fingerprint())
+
+    def _report(self, kind: str, **fields: Any) -> None:
+        try:
+            self.completion.event(self.group, kind, **fields)
+        except Exception as e:  # reporting must never stop training
+            log.warning("could not report %s: %s", kind, e)
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -132,32 +182,38 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
     print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
           f"training until {cfg.total_syncs} committed syncs", flush=True)
+    faults = FaultInjector(cfg, group, manager, completion, completion.status()["fired"]) if cfg.fault_plan else None
+    # A restarted group is disrupted until its first committed sync with every group in it.
+    monitor = SyncMonitor(group, cfg.replica_groups.count, completion, disrupted=restarts > 0,
+                          fingerprint=lambda: params_sha256(model))
 
     sync_every, total = cfg.localsgd.sync_every, cfg.total_syncs
-    steps = syncs_attempted = syncs_committed = 0
+    steps = 0
     loss_sum = torch.zeros((), device=device)
     evals: List[Dict[str, float]] = []
     t0 = time.monotonic()
     with LocalSGD(manager, model, optimizer, sync_every=sync_every) as local_sgd:
-        if cfg.localsgd.recovery == "sync":
+        if cfg.initial_syncs:
             # A joining group takes the live weights before its first step; at a fresh
             # start this first quorum simply lines every group up on identical weights.
-            before = manager.current_step()
+            before, t_sync = manager.current_step(), time.monotonic()
             local_sgd.sync()
-            syncs_attempted += 1
-            syncs_committed += manager.current_step() > before
+            monitor.after_sync(manager, 0, time.monotonic() - t_sync, manager.current_step() > before)
         while manager.current_step() < total:
             images, labels = next(batches)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(images), labels)
             loss.backward()
-            before = manager.current_step()
+            before, t_step = manager.current_step(), time.monotonic()
             optimizer.step()  # LocalSGD's hook averages parameters every sync_every steps
             steps += 1
             loss_sum += loss.detach()
             if steps % sync_every == 0:
-                syncs_attempted += 1
-                syncs_committed += manager.current_step() > before
+                monitor.after_sync(manager, steps, time.monotonic() - t_step, manager.current_step() > before)
+            if faults is not None:
+                faults.maybe_inject((manager.current_step() - cfg.initial_syncs) * sync_every + steps % sync_every)
+                if faults.hung:  # we were frozen: count as disrupted until a full commit
+                    faults.hung, monitor.disrupted = False, True
             if steps % cfg.train.log_every == 0:
                 print(f"LocalSGD: Number of local optimizer steps completed: {steps}", flush=True)
                 print(f"LocalSGD: group {group} step {steps} committed_syncs {manager.current_step()}/{total} "
@@ -177,8 +233,10 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
           f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
     return {
         "steps": steps,
-        "syncs_attempted": syncs_attempted,
-        "syncs_committed": syncs_committed,
+        "syncs_attempted": monitor.attempted,
+        "syncs_committed": monitor.committed,
+        "sync_time_s": round(monitor.total_s, 3),
+        "max_sync_s": round(monitor.max_s, 3),
         "global_syncs": committed_total,
         "restarts": restarts,
         "params_sha256": digest,

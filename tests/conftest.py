@@ -65,7 +65,7 @@ def small_config(tmp: Path, cifar_root: Path, **over: Any) -> Dict[str, Any]:
         "lighthouse": {"port": free_port_pair(), "join_timeout_ms": 5000, "heartbeat_timeout_ms": 1000},
         "data": {"root": str(cifar_root), "verify": False, "batch_size": 32},
         "model": {"arch": "cnn", "width": 16},
-        "optimizer": {"name": "sgd", "lr": 0.05},
+        "optimizer": {"name": "sgd", "lr": 0.02},
         "train": {"max_steps": 200, "eval_every": 100, "log_every": 10},
     }
     return deep_update(cfg, over)

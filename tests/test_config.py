@@ -112,3 +112,48 @@ def test_round_trip_through_yaml():
 
     cfg = parse_config({"replica_groups": {"count": 3}, "train": {"max_steps": 30}})
     assert parse_config(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+def _faults(**f):
+    return {"faults": {"enabled": True, **f}, "train": {"max_steps": 1000}, "localsgd": {"quorum_retries": 3}}
+
+
+def test_fault_plan_is_off_unless_enabled():
+    raw = _faults(schedule=[{"kind": "kill", "group": 1, "at_step": 100}])
+    assert len(parse_config(raw).fault_plan) == 1
+    raw["faults"]["enabled"] = False
+    assert parse_config(raw).fault_plan == []
+
+
+def test_fault_plan_is_deterministic_sorted_and_resolves_random_groups():
+    raw = _faults(schedule=[{"kind": "hang", "group": -1, "at_step": 500}, {"kind": "lighthouse", "at_step": 50}],
+                  mtbf_steps=200, max_random=3, random_kinds=["kill", "kill_during_sync"], seed=7)
+    a, b = parse_config(raw).fault_plan, parse_config(raw).fault_plan
+    assert a == b and len(a) == 5
+    assert [f.at_step for f in a] == sorted(f.at_step for f in a) and [f.id for f in a] == list(range(5))
+    assert all(0 <= f.group < 2 for f in a if f.kind != "lighthouse")
+    assert [f.group for f in a if f.kind == "lighthouse"] == [-1]
+    raw["faults"]["seed"] = 8
+    assert parse_config(raw).fault_plan != a
+
+
+@pytest.mark.parametrize(
+    "raw, key, words",
+    [
+        (_faults(schedule=[{"kind": "explode", "at_step": 5}]), "faults.schedule[0].kind", "one of kill, hang"),
+        (_faults(schedule=[{"kind": "kill", "at_step": 1000}]), "faults.schedule[0].at_step", "inside train.max_steps"),
+        (_faults(schedule=[{"kind": "kill", "group": 2, "at_step": 5}]), "faults.schedule[0].group", "0..1"),
+        (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": 0}]), "faults.schedule[0].duration_s", "> 0"),
+        (_faults(schedule=[{"kind": "kill", "at_step": 5, "when": 3}]), "faults.schedule[0].when", "unknown key"),
+        (_faults(random_kinds=["meteor"]), "faults.random_kinds[0]", "one of kill"),
+        (_faults(mtbf_steps=-1), "faults.mtbf_steps", ">= 0"),
+        ({**_faults(schedule=[{"kind": "kill", "at_step": 5}]), "replica_groups": {"max_restarts": 0}},
+         "replica_groups.max_restarts", "faults kill workers"),
+        ({**_faults(schedule=[{"kind": "lighthouse", "at_step": 5}]), "localsgd": {"quorum_retries": 0}},
+         "localsgd.quorum_retries", "faults kill the lighthouse"),
+    ],
+)
+def test_bad_faults_are_refused(raw, key, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "exp.yaml")
+    assert str(e.value).startswith(f"exp.yaml: {key}") and words in str(e.value), str(e.value)

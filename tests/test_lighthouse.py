@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,8 +20,8 @@ from localsgd_ft.control import CompletionClient
 
 
 @pytest.fixture
-def lighthouse(tmp_path, cifar_root):
-    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2})
+def lighthouse(request, tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2}, **getattr(request, "param", {}))
     path = write_config(tmp_path, cfg)
     proc = subprocess.Popen(
         [sys.executable, "-m", "localsgd_ft.lighthouse", "--config", str(path), "--host-env", "LH_HOST"],
@@ -68,14 +70,101 @@ def test_ends_when_all_groups_finished_and_writes_summary(lighthouse):
     assert summary["lighthouse_peak_rss_mb"] < 200  # the role does not import torch
 
 
-def test_a_failed_group_makes_it_exit_nonzero(lighthouse):
-    proc, client, cfg, _ = lighthouse
-    client.finished(0, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5}, deadline_s=30)
-    client.finished(1, 1, None)
+def test_a_lost_group_is_recorded_and_the_rest_may_finish(lighthouse):
+    proc, client, cfg, _ = lighthouse  # min_replicas 1: one group may carry on
+    client.finished(1, 1, None, deadline_s=30)
+    assert client.status()["abort"] is None
+    client.finished(0, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5})
     out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 1, out
+    assert proc.returncode == 0, out
     summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
-    assert not summary["succeeded"] and summary["replica_groups"]["1"]["exit_code"] == 1
+    assert summary["succeeded"] and summary["lost_groups"] == [1]
+    assert summary["replica_groups"]["1"]["lost"] and "lost replica groups" in out
+
+
+@pytest.mark.parametrize("lighthouse", [{"lighthouse": {"min_replicas": 2}}], indirect=True)
+def test_too_few_groups_left_aborts_the_run(lighthouse):
+    proc, client, cfg, _ = lighthouse
+    client.finished(1, 1, None, deadline_s=30)
+    deadline = time.monotonic() + 10
+    while not (reason := client.status()["abort"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "exhausted replica_groups.max_restarts" in reason and "lighthouse.min_replicas (2)" in reason
+    client.finished(0, -15, None)  # its wrapper saw the abort and stopped torchrun
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "ABORT" in out
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    assert not summary["succeeded"] and summary["failure_reason"] == reason
+
+
+def _lighthouse_child(port: int) -> int:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"localsgd_ft.lighthouse_server" in cmd and f":{port}".encode() in cmd:
+                return int(d.name)
+    raise AssertionError("no lighthouse child process")
+
+
+def _wait_listening(port: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"port {port} not listening after {timeout}s")
+
+
+def test_a_dead_lighthouse_is_restarted(lighthouse):
+    proc, client, cfg, port = lighthouse
+    client.started(0, deadline_s=30)
+    first = _lighthouse_child(port)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a new child on the same port
+        try:
+            if _lighthouse_child(port) != first:
+                break
+        except AssertionError:
+            pass
+        time.sleep(0.1)
+    _wait_listening(port, 30)
+    for g in (0, 1):
+        client.finished(g, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5})
+    out, _ = proc.communicate(timeout=30)
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    assert proc.returncode == 0 and summary["lighthouse_restarts"] == 1, out
+
+
+def test_injected_lighthouse_fault_kills_it_for_its_duration(lighthouse):
+    proc, client, cfg, port = lighthouse
+    client.started(0, deadline_s=30)
+    _wait_listening(port, 30)
+    t0 = time.monotonic()
+    assert client.event(0, "fault", fault="lighthouse", fault_id=0, target=-1, step=5, duration_s=2.0)
+    assert not client.event(1, "fault", fault="lighthouse", fault_id=0, target=-1, step=5, duration_s=2.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # it goes down ...
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            time.sleep(0.05)
+        except OSError:
+            break
+    else:
+        raise AssertionError("lighthouse did not go down")
+    _wait_listening(port, 30)  # ... and comes back, not before its outage ends
+    assert time.monotonic() - t0 >= 2.0
+    for g in (0, 1):
+        client.finished(g, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5})
+    out, _ = proc.communicate(timeout=30)
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    assert summary["faults"]["injected"] == 1 and summary["faults"]["by_kind"] == {"lighthouse": 1}
+    assert "FAULT #0: lighthouse" in out
 
 
 def test_sigterm_stops_it_with_a_partial_summary(lighthouse):

@@ -1,0 +1,70 @@
+"""Failure injection inside a trainer, driven by the config's fault plan (never unless faults.enabled).
+
+A failure fires when the group's training step (committed syncs x sync_every
++ local steps since) reaches its ``at_step``. It is first reported to the
+completion service, which answers whether this fault id fires for the first
+time: so each planned failure happens once, even though a killed group's next
+incarnation passes the same steps again, and a ``lighthouse`` failure is
+fired by whichever group gets there first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, List
+
+from .config import ExperimentConfig, Fault
+from .control import CompletionClient
+
+
+class FaultInjector:
+    def __init__(self, cfg: ExperimentConfig, group: int, manager: Any, completion: CompletionClient,
+                 already_fired: List[int]) -> None:
+        self.group = group
+        self.manager = manager
+        self.completion = completion
+        self.pending: List[Fault] = [
+            f for f in cfg.fault_plan
+            if f.id not in already_fired and (f.group == group or f.kind == "lighthouse")
+        ]
+        self.hung = False  # set when this process was stopped; cleared by the trainer once it recovered
+
+    def maybe_inject(self, step: int) -> None:
+        while self.pending and self.pending[0].at_step <= step:
+            fault = self.pending.pop(0)
+            first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
+                                          target=fault.group, step=step, duration_s=fault.duration_s)
+            if first:
+                self._inject(fault, step)
+
+    def _inject(self, fault: Fault, step: int) -> None:
+        print(f"LocalSGD: group {self.group} FAULT #{fault.id}: injecting {fault.kind} at step {step}",
+              flush=True)
+        if fault.kind == "kill":
+            _die()
+        elif fault.kind == "hang":
+            # A helper process stops us and resumes us: the whole process freezes, heartbeats included,
+            # as when a machine stops responding.
+            subprocess.Popen(["sh", "-c", f"kill -STOP {os.getpid()}; sleep {fault.duration_s}; kill -CONT {os.getpid()}"])
+            self.hung = True
+        elif fault.kind == "kill_during_sync":
+            self._arm_kill_in_allreduce()
+        # "lighthouse": the lighthouse role acts on the reported event.
+
+    def _arm_kill_in_allreduce(self) -> None:
+        """Die right after the next sync has issued its first parameter allreduce: peers are mid-collective."""
+        real_allreduce = self.manager.allreduce
+
+        def allreduce_then_die(*args: Any, **kwargs: Any) -> Any:
+            real_allreduce(*args, **kwargs)
+            _die()
+
+        self.manager.allreduce = allreduce_then_die
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

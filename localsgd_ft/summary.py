@@ -1,0 +1,93 @@
+"""summary.json: the run's outcome, built by the lighthouse role from what the groups reported.
+
+Besides each group's result it answers the fault-tolerance questions: which
+failures were injected (by kind), which groups were lost, and for each failure
+how long the hit group took to its first committed sync with full membership
+(``recovery_s``) and how long the other groups stalled meanwhile
+(``survivor_stall_s``). All times come from the lighthouse role's clock (events
+are stamped when they arrive), so they compare across hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Dict, List, Optional
+
+from .config import ExperimentConfig, to_dict
+from .control import CompletionState
+
+# How long after a failure's recovery a survivor's stall report may still arrive.
+STALL_REPORT_SLACK_S = 5.0
+
+
+def _recoveries(events: List[dict]) -> List[dict]:
+    faults = [e for e in events if e.get("kind") == "fault"]
+    recovered = [e for e in events if e.get("kind") == "recovered"]
+    stalls = [e for e in events if e.get("kind") == "sync_stall"]
+    out = []
+    for f in faults:
+        t, target, is_lh = f["time"], f.get("target"), f.get("fault") == "lighthouse"
+        back = next((r for r in recovered if r["time"] > t and (is_lh or r.get("group") == target)), None)
+        end = (back["time"] if back else t + 3600) + STALL_REPORT_SLACK_S
+        survivors = [s["duration_s"] for s in stalls
+                     if t <= s["time"] <= end and (is_lh or s.get("group") != target)]
+        out.append({
+            "fault_id": f.get("fault_id"),
+            "kind": f.get("fault"),
+            "group": None if is_lh else target,
+            "step": f.get("step"),
+            "recovered": back is not None,
+            "recovery_s": round(back["time"] - t, 3) if back else None,
+            "survivor_stall_s": round(max(survivors), 3) if survivors else 0.0,
+        })
+    return out
+
+
+def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: float, config_path: str,
+                  lighthouse_restarts: int, lighthouse_rss_mb: float) -> dict:
+    groups: Dict[str, dict] = {}
+    for g in range(cfg.replica_groups.count):
+        report = state.finished.get(g) or {}
+        result = report.get("result") or {}
+        exit_code = report.get("exit_code")
+        groups[str(g)] = {
+            "exit_code": exit_code,
+            "succeeded": exit_code == 0 and "params_sha256" in result,
+            "lost": exit_code not in (0, None),
+            **result,
+        }
+    ok = [g for g in groups.values() if g["succeeded"]]
+    lost = [int(g) for g, rep in groups.items() if rep["lost"]]
+    hashes = {g["params_sha256"] for g in ok}
+    reason: Optional[str] = None
+    if state.abort:
+        reason = state.abort
+    elif len(state.finished) < cfg.replica_groups.count:
+        reason = "stopped before every replica group finished"
+    elif len(ok) < cfg.lighthouse.min_replicas:
+        reason = f"{len(ok)} replica group(s) trained to the end, fewer than lighthouse.min_replicas"
+    elif len(hashes) > 1:
+        reason = "replica groups finished with different parameters"
+    injected = [e for e in state.events if e.get("kind") == "fault"]
+    return {
+        "name": cfg.name,
+        "config_path": config_path,
+        "succeeded": reason is None,
+        "failure_reason": reason,
+        "final_test_accuracy": ok[0]["final_test_accuracy"] if ok else None,
+        "params_identical": len(ok) > 0 and len(hashes) == 1,
+        "lost_groups": lost,
+        "wall_time_s": round(time.time() - started_at, 3),
+        "lighthouse_peak_rss_mb": lighthouse_rss_mb,
+        "lighthouse_restarts": lighthouse_restarts,
+        "faults": {
+            "planned": len(cfg.fault_plan),
+            "injected": len(injected),
+            "by_kind": dict(Counter(e.get("fault") for e in injected)),
+        },
+        "recoveries": _recoveries(state.events),
+        "events": state.events,
+        "replica_groups": groups,
+        "config": to_dict(cfg),
+    }

@@ -1,0 +1,56 @@
+"""summary.json's fault accounting, from a hand-made event log (pure logic; the real thing runs in test_integration)."""
+
+from __future__ import annotations
+
+from localsgd_ft.config import parse_config
+from localsgd_ft.control import CompletionState
+from localsgd_ft.summary import build_summary
+
+
+def _state(events, finished):
+    state = CompletionState(2)
+    for e in events:
+        state.add_event(dict(e))
+    for g, rep in finished.items():
+        state.mark_finished(g, rep)
+    return state
+
+
+OK = {"exit_code": 0, "result": {"params_sha256": "h", "final_test_accuracy": 0.9}}
+
+
+def test_recovery_and_survivor_stall_are_paired_with_their_fault():
+    events = [
+        {"group": 1, "kind": "fault", "fault": "kill", "fault_id": 0, "target": 1, "step": 100, "time": 10.0},
+        {"group": 0, "kind": "sync_stall", "duration_s": 1.2, "time": 11.5},
+        {"group": 0, "kind": "recovered", "time": 14.0, "global_sync": 20},
+        {"group": 1, "kind": "recovered", "time": 14.5, "global_sync": 20},
+        {"group": 0, "kind": "fault", "fault": "lighthouse", "fault_id": 1, "target": -1, "step": 300, "time": 30.0},
+        {"group": 1, "kind": "sync_stall", "duration_s": 3.5, "time": 33.6},
+        {"group": 1, "kind": "recovered", "time": 33.6, "global_sync": 40},
+    ]
+    s = build_summary(parse_config({}), _state(events, {0: OK, 1: OK}), 0.0, "c.yaml", 1, 20.0)
+    kill, lh = s["recoveries"]
+    assert kill == {"fault_id": 0, "kind": "kill", "group": 1, "step": 100, "recovered": True,
+                    "recovery_s": 4.5, "survivor_stall_s": 1.2}
+    assert lh["group"] is None and lh["recovery_s"] == 3.6 and lh["survivor_stall_s"] == 3.5
+    assert s["faults"] == {"planned": 0, "injected": 2, "by_kind": {"kill": 1, "lighthouse": 1}}
+    assert s["succeeded"] and s["lighthouse_restarts"] == 1
+
+
+def test_a_fault_id_fires_once():
+    state = CompletionState(2)
+    assert state.add_event({"group": 0, "kind": "fault", "fault_id": 3})
+    assert not state.add_event({"group": 1, "kind": "fault", "fault_id": 3})
+    assert state.status()["fired"] == [3] and len(state.events) == 1
+
+
+def test_verdicts():
+    cfg = parse_config({"lighthouse": {"min_replicas": 1}})
+    lost = build_summary(cfg, _state([], {0: OK, 1: {"exit_code": 1, "result": None}}), 0.0, "c", 0, 1.0)
+    assert lost["succeeded"] and lost["lost_groups"] == [1]
+    differ = {"exit_code": 0, "result": {"params_sha256": "other", "final_test_accuracy": 0.9}}
+    bad = build_summary(cfg, _state([], {0: OK, 1: differ}), 0.0, "c", 0, 1.0)
+    assert not bad["succeeded"] and "different parameters" in bad["failure_reason"]
+    partial = build_summary(cfg, _state([], {0: OK}), 0.0, "c", 0, 1.0)
+    assert not partial["succeeded"] and "before every replica group finished" in partial["failure_reason"]
