@@ -8,13 +8,15 @@ from torchx.specs.finder import ComponentValidationException
 
 from localsgd_ft.config import ConfigError, load_config
 from localsgd_ft.cifar_files import DataError, locate
-from localsgd_ft.roles import GROUP_ENV, NUM_GROUPS_ENV
+from localsgd_ft.checkpoint import resume_point
+from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
 
 
 def localsgd(
     config: str = "configs/default.yaml",
     image: str = "",
     script: str = "train_localsgd.py",
+    fresh: bool = False,
 ) -> specs.AppDef:
     """Fault-tolerant LocalSGD on CIFAR-10 with torchft: a lighthouse role and N replica-group roles.
 
@@ -28,6 +30,7 @@ def localsgd(
         config: the experiment YAML file, relative to the working directory
         image: container image on Slurm/Kubernetes; leave empty for local_cwd
         script: the script torchrun runs in every replica group
+        fresh: start over instead of resuming from the newest checkpoint (old ones are moved aside)
     """
     try:
         cfg = load_config(config)
@@ -41,10 +44,17 @@ def localsgd(
         except DataError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
 
+    if not image and not fresh:
+        # Refuse an incompatible resume before anything starts (clusters check in the trainer).
+        try:
+            resume_point(cfg, start_over=not cfg.checkpoint.resume)
+        except ConfigError as e:
+            raise ComponentValidationException(f"{config}: {e}") from None
+
     # Locally the roles run from the current virtualenv; in an image, its `python`.
     python = "python" if image else sys.executable
     host_env = ["--host-env", specs.macros.rank0_env]
-    common_env = {"PYTHONUNBUFFERED": "1"}
+    common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0"}
 
     roles = [
         specs.Role(

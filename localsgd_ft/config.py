@@ -108,8 +108,24 @@ class TrainConfig:
     )
     eval_every: int = doc(500, "Evaluate on the test split every this many local steps (0: only at the end).")
     seed: int = doc(0, "Seed of model initialisation (same in every group), data order and augmentation.")
-    threads: int = doc(1, "Intra-op CPU threads per worker process.")
+    threads: int = doc(0, "Intra-op CPU threads per worker; 0: replica_groups.cpus / workers, so groups sharing a host do not oversubscribe it.")
+    channels_last: bool = doc(False, "Keep images and conv weights in channels_last memory format (faster convolutions on GPU).")
+    bf16: bool = doc(False, "Run forward and loss under bfloat16 autocast (GPU; weights and optimizer stay float32).")
+    compile: bool = doc(False, "torch.compile the model (worth it on GPU for long runs; compiling takes a while).")
     log_every: int = doc(100, "Print 'LocalSGD: Number of local optimizer steps completed: N' every N steps.")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = doc(True, "Write durable checkpoints, so a whole-job restart resumes instead of starting over.")
+    dir: str = doc("", "Checkpoint directory. Empty: <output_dir>/checkpoints.")
+    every_syncs: int = doc(50, "Write one every this many committed syncs (by the lowest-ranked live group).")
+    keep: int = doc(3, "Keep this many of the newest valid checkpoints; older ones are deleted.")
+    resume: bool = doc(
+        True,
+        "Resume from the newest valid checkpoint. false (or `torchx run -- --fresh True`) starts over; "
+        "the old checkpoints are moved aside, not deleted.",
+    )
 
 
 FAULT_KINDS = ("kill", "hang", "kill_during_sync", "lighthouse")
@@ -160,6 +176,7 @@ class ExperimentConfig:
     model: ModelConfig = doc(None, "The network.")
     optimizer: OptimizerConfig = doc(None, "The local optimizer.")
     train: TrainConfig = doc(None, "Steps, evaluation, seeding.")
+    checkpoint: CheckpointConfig = doc(None, "Durable checkpoints and resuming.")
     faults: FaultsConfig = doc(None, "Failures to inject (off by default).")
 
     def __post_init__(self) -> None:
@@ -173,6 +190,16 @@ class ExperimentConfig:
         return Path(self.output_dir or f"outputs/{self.name}")
 
     @property
+    def threads(self) -> int:
+        """Intra-op threads per worker process."""
+        return self.train.threads or max(1, self.replica_groups.cpus // self.replica_groups.workers)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where this run's durable checkpoints go."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
     def group_gpus(self) -> List[List[int]]:
         """GPU indices per replica group (empty lists on CPU)."""
         if not self.replica_groups.gpus:
@@ -180,13 +207,13 @@ class ExperimentConfig:
         return [[g] if isinstance(g, int) else list(g) for g in self.replica_groups.gpus]
 
     @property
-    def total_syncs(self) -> int:
-        """Committed syncs after which every group stops (sync mode adds the initial alignment sync)."""
-        return self.train.max_steps // self.localsgd.sync_every + self.initial_syncs
+    def training_syncs(self) -> int:
+        """Syncs of training after which every group stops."""
+        return self.train.max_steps // self.localsgd.sync_every
 
     @property
     def initial_syncs(self) -> int:
-        """Syncs before the first step: sync mode begins with one that aligns every group."""
+        """Syncs before the first step at each job start: sync mode begins with one that aligns every group."""
         return 1 if self.localsgd.recovery == "sync" else 0
 
     @property
@@ -326,8 +353,11 @@ def _check(cfg: ExperimentConfig) -> None:
             f"({ls.sync_every}); groups must stop on a sync boundary: use {lo} or {hi}"
         )
     need(tr.eval_every >= 0, "train.eval_every", tr.eval_every, "expected an integer >= 0 (0: only at the end)")
-    need(tr.threads >= 1, "train.threads", tr.threads, "expected an integer >= 1")
+    need(tr.threads >= 0, "train.threads", tr.threads, "expected an integer >= 0 (0: replica_groups.cpus / workers)")
     need(tr.log_every >= 1, "train.log_every", tr.log_every, "expected an integer >= 1")
+    ck = cfg.checkpoint
+    need(ck.every_syncs >= 1, "checkpoint.every_syncs", ck.every_syncs, "expected an integer >= 1")
+    need(ck.keep >= 1, "checkpoint.keep", ck.keep, "expected an integer >= 1")
     fl = cfg.faults
     for i, x in enumerate(fl.schedule):
         key = f"faults.schedule[{i}]"

@@ -7,6 +7,7 @@ with no per-sample Python and no DataLoader worker processes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Tuple
@@ -49,11 +50,21 @@ def load_cifar10(cfg: DataConfig, device: torch.device) -> Tuple[Split, Split]:
     return train, test
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> normalised float32."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+@functools.lru_cache(maxsize=None)
+def _stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and 1/std in uint8 units, made once per device (not per batch)."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+    return mean, inv_std
+
+
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images -> normalised float32, in two in-place passes over one new tensor."""
+    mean, inv_std = _stats(images.device)
+    out = images.float()
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.sub_(mean).mul_(inv_std)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -72,16 +83,23 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class ShardedBatches:
-    """Endless training batches of one replica group's shard, reshuffled every epoch.
+    """One replica group's training batches, addressed by training step.
 
     Same semantics as torchft's DistributedSampler with one worker per group:
     each epoch a permutation seeded by (seed, epoch) is shared by all groups and
     group g takes every ``num_groups``-th index starting at g, so shards are
     disjoint and every group sees the same number of samples per epoch.
+
+    ``batch(step)`` depends only on (seed, group, step), augmentation included,
+    so the data position needs no state of its own: a group that heals or
+    resumes at step S simply continues with batch S (``position(S)`` says which
+    epoch and offset that is).
     """
 
-    def __init__(self, split: Split, group: int, num_groups: int, batch_size: int, seed: int, augment: bool) -> None:
+    def __init__(self, split: Split, group: int, num_groups: int, batch_size: int, seed: int, augment: bool,
+                 channels_last: bool = False) -> None:
         self.split = split
+        self.channels_last = channels_last
         self.group, self.num_groups = group, num_groups
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.shard_size = len(split.labels) // num_groups
@@ -90,28 +108,36 @@ class ShardedBatches:
                 f"each replica group's shard has {self.shard_size} training images, fewer than "
                 f"data.batch_size ({batch_size}); lower data.batch_size or use fewer replica groups"
             )
-        device = split.images.device
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed * 1_000_003 + group)
+        self.batches_per_epoch = self.shard_size // batch_size
+        self.gen = torch.Generator(device=split.images.device)
+        self._epoch = -1
+        self._shard = torch.empty(0, dtype=torch.int64)
 
-    def _shard(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.split.labels), generator=g)
-        return order[self.group :: self.num_groups][: self.shard_size].to(self.split.images.device)
+    def position(self, step: int) -> Tuple[int, int]:
+        """(epoch, batch offset within the epoch) of training step ``step``."""
+        return divmod(step, self.batches_per_epoch)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        epoch = 0
-        while True:
-            shard = self._shard(epoch)
-            for start in range(0, self.shard_size - self.batch_size + 1, self.batch_size):
-                idx = shard[start : start + self.batch_size]
-                images = self.split.images[idx]
-                if self.augment:
-                    images = augment(images, self.gen)
-                yield normalize(images), self.split.labels[idx]
-            epoch += 1
+    def _shard_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.split.labels), generator=g)
+            self._shard = order[self.group :: self.num_groups][: self.shard_size].to(self.split.images.device)
+            self._epoch = epoch
+        return self._shard
+
+    def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (and, if configured, augmented) images and labels of training step ``step``."""
+        epoch, offset = self.position(step)
+        idx = self._shard_of(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
+        images = self.split.images[idx]
+        if self.augment:
+            self.gen.manual_seed(((self.seed * 1_000_003 + self.group) * 1_000_000_007 + step) % (1 << 62))
+            images = augment(images, self.gen)
+        return normalize(images, self.channels_last), self.split.labels[idx]
 
 
-def eval_batches(split: Split, batch_size: int = 1000) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(split: Split, batch_size: int = 1000,
+                 channels_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The whole split in order, normalised, never augmented."""
     for start in range(0, len(split.labels), batch_size):
-        yield normalize(split.images[start : start + batch_size]), split.labels[start : start + batch_size]
+        yield normalize(split.images[start : start + batch_size], channels_last), split.labels[start : start + batch_size]

@@ -27,6 +27,7 @@ import time
 from typing import List, Optional
 
 from . import control, roles
+from .checkpoint import move_aside
 from .config import ExperimentConfig
 from .files import peak_rss_mb, write_json_atomic
 from .lighthouse_server import command as lighthouse_command
@@ -109,6 +110,10 @@ def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None
 
 def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
     started_at = time.time()
+    if cfg.checkpoint.enabled and roles.fresh_requested(cfg):
+        moved = move_aside(cfg.checkpoint_dir)
+        if moved:
+            print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
     bind_host = "127.0.0.1" if roles.is_loopback(host) else "::"
     lighthouse = SupervisedLighthouse(cfg, bind_host)
     lighthouse.start()

@@ -16,6 +16,13 @@ GROUP_ENV = "REPLICA_GROUP_ID"
 NUM_GROUPS_ENV = "NUM_REPLICA_GROUPS"
 # Set by the replica wrapper for the trainer: where the completion service listens.
 COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"
+# Set by the component on every role for `torchx run -- --fresh True`: ignore old checkpoints.
+FRESH_ENV = "LOCALSGD_FT_FRESH"
+
+
+def fresh_requested(cfg: ExperimentConfig) -> bool:
+    """Whether this run starts over instead of resuming (--fresh, or checkpoint.resume: false)."""
+    return os.environ.get(FRESH_ENV) == "1" or not cfg.checkpoint.resume
 
 
 def lighthouse_host(host_env: str) -> str:

@@ -70,6 +70,7 @@ def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: flo
     elif len(hashes) > 1:
         reason = "replica groups finished with different parameters"
     injected = [e for e in state.events if e.get("kind") == "fault"]
+    resumed = [e["step"] for e in state.events if e.get("kind") == "resumed"]
     return {
         "name": cfg.name,
         "config_path": config_path,
@@ -78,6 +79,9 @@ def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: flo
         "final_test_accuracy": ok[0]["final_test_accuracy"] if ok else None,
         "params_identical": len(ok) > 0 and len(hashes) == 1,
         "lost_groups": lost,
+        "resumed_from_step": min(resumed) if resumed else 0,
+        "checkpoints_written": [{"step": e["step"], "sync": e.get("sync"), "group": e["group"]}
+                                for e in state.events if e.get("kind") == "checkpoint"],
         "wall_time_s": round(time.time() - started_at, 3),
         "lighthouse_peak_rss_mb": lighthouse_rss_mb,
         "lighthouse_restarts": lighthouse_restarts,

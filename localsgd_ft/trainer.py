@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import roles
+from . import checkpoint, roles
 from .config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
 from .control import CompletionClient
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
@@ -79,10 +79,15 @@ class SyncMonitor:
                          global_sync=manager.current_step(), params_sha256=self.fingerprint())
 
     def _report(self, kind: str, **fields: Any) -> None:
-        try:
-            self.completion.event(self.group, kind, **fields)
-        except Exception as e:  # reporting must never stop training
-            log.warning("could not report %s: %s", kind, e)
+        report(self.completion, self.group, kind, **fields)
+
+
+def report(completion: CompletionClient, group: int, kind: str, **fields: Any) -> None:
+    """Send an event to the lighthouse role; a failure to report never stops training."""
+    try:
+        completion.event(group, kind, **fields)
+    except Exception as e:
+        log.warning("could not report %s: %s", kind, e)
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -90,6 +95,16 @@ def build_optimizer(cfg: OptimizerConfig, params: Iterable[nn.Parameter]) -> tor
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def backward(forward: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+             bf16: bool) -> torch.Tensor:
+    """Gradients of one batch's loss, ready for ``optimizer.step()``; returns the loss (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(forward(images), labels)
+    loss.backward()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -127,18 +142,21 @@ def _device(cfg: ExperimentConfig, group: int) -> torch.device:
 
 
 def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.Module,
-             optimizer: torch.optim.Optimizer) -> Any:
+             optimizer: torch.optim.Optimizer, progress: Dict[str, int]) -> Any:
     from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
     timeout = timedelta(seconds=cfg.localsgd.timeout_s)
     pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
 
+    # What live recovery hands a joining group: weights, optimizer state, and how the
+    # committed-sync count maps to training steps (see train()).
     def state_dict() -> Dict[str, Any]:
-        return {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        return {"model": model.state_dict(), "optim": optimizer.state_dict(), "progress": dict(progress)}
 
     def load_state_dict(sd: Dict[str, Any]) -> None:
         model.load_state_dict(sd["model"])
         optimizer.load_state_dict(sd["optim"])
+        progress.update(sd["progress"])
 
     return Manager(
         pg=pg,
@@ -162,35 +180,68 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     rank = int(os.environ.get("RANK", 0))
-    torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(cfg.threads)
     device = _device(cfg, group)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
     train_split, test_split = load_cifar10(cfg.data, device)
-    batches = iter(ShardedBatches(train_split, group, cfg.replica_groups.count, cfg.data.batch_size,
-                                  cfg.train.seed + restarts, cfg.data.augment))
+    batches = ShardedBatches(train_split, group, cfg.replica_groups.count, cfg.data.batch_size,
+                             cfg.train.seed, cfg.data.augment, cfg.train.channels_last)
+    eval_data = lambda: eval_batches(test_split, channels_last=cfg.train.channels_last)  # noqa: E731
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights in every group
     model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # LocalSGD, checkpoints and recovery use `model`; only the forward pass goes through `forward`.
+    forward = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    manager = _manager(cfg, group, device, model, optimizer)
+    # Committed syncs that trained nothing: each job start in sync mode begins with one
+    # alignment sync. Training step = (committed syncs - offset) x sync_every + local steps.
+    progress = {"offset": cfg.initial_syncs}
+    manager = _manager(cfg, group, device, model, optimizer, progress)
+
+    # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
+    found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+    resumed_from = 0
+    if found is not None:
+        state = checkpoint.load(found, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        manager.load_state_dict(state["manager"])
+        progress["offset"] = int(state["offset"]) + cfg.initial_syncs
+        resumed_from = int(state["step"])
+    print(f"LocalSGD: group {group}: {how}", flush=True)
 
     completion = CompletionClient(os.environ[roles.COMPLETION_ENV])
     if rank == 0:
         completion.started(group)
+        if restarts == 0:
+            report(completion, group, "resumed", step=resumed_from)
     started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
     print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
-          f"training until {cfg.total_syncs} committed syncs", flush=True)
+          f"training to step {cfg.train.max_steps}", flush=True)
     faults = FaultInjector(cfg, group, manager, completion, completion.status()["fired"]) if cfg.fault_plan else None
     # A restarted group is disrupted until its first committed sync with every group in it.
     monitor = SyncMonitor(group, cfg.replica_groups.count, completion, disrupted=restarts > 0,
                           fingerprint=lambda: params_sha256(model))
 
-    sync_every, total = cfg.localsgd.sync_every, cfg.total_syncs
-    steps = 0
+    sync_every = cfg.localsgd.sync_every
+    steps = 0  # local optimizer steps of this incarnation
+
+    def train_step() -> int:
+        """Where training stands: training syncs committed x sync_every + local steps since."""
+        return max(0, (manager.current_step() - progress["offset"]) * sync_every + steps % sync_every)
+
+    def done() -> bool:
+        # Agreed through the quorum (a recovering group inherits count and offset), so every
+        # live group stops after the same commit, with identical parameters.
+        return manager.current_step() - progress["offset"] >= cfg.training_syncs
+
     loss_sum = torch.zeros((), device=device)
     evals: List[Dict[str, float]] = []
+    written: List[int] = []
     t0 = time.monotonic()
     with LocalSGD(manager, model, optimizer, sync_every=sync_every) as local_sgd:
         if cfg.initial_syncs:
@@ -199,33 +250,40 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
             before, t_sync = manager.current_step(), time.monotonic()
             local_sgd.sync()
             monitor.after_sync(manager, 0, time.monotonic() - t_sync, manager.current_step() > before)
-        while manager.current_step() < total:
-            images, labels = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels)
-            loss.backward()
+        while not done():
+            images, labels = batches.batch(train_step())
+            loss = backward(forward, optimizer, images, labels, cfg.train.bf16)
             before, t_step = manager.current_step(), time.monotonic()
             optimizer.step()  # LocalSGD's hook averages parameters every sync_every steps
             steps += 1
-            loss_sum += loss.detach()
+            loss_sum += loss
             if steps % sync_every == 0:
-                monitor.after_sync(manager, steps, time.monotonic() - t_step, manager.current_step() > before)
+                committed = manager.current_step() > before
+                monitor.after_sync(manager, steps, time.monotonic() - t_step, committed)
+                syncs = manager.current_step() - progress["offset"]
+                # Exactly one group saves: the one ranked 0 in the quorum that just committed.
+                if (committed and cfg.checkpoint.enabled and syncs % cfg.checkpoint.every_syncs == 0
+                        and manager.participating_rank() == 0):
+                    written.append(_save_checkpoint(cfg, batches, model, optimizer, manager, train_step(),
+                                                    progress["offset"]))
+                    report(completion, group, "checkpoint", step=written[-1], sync=manager.current_step())
             if faults is not None:
-                faults.maybe_inject((manager.current_step() - cfg.initial_syncs) * sync_every + steps % sync_every)
+                faults.maybe_inject(train_step())
                 if faults.hung:  # we were frozen: count as disrupted until a full commit
                     faults.hung, monitor.disrupted = False, True
             if steps % cfg.train.log_every == 0:
                 print(f"LocalSGD: Number of local optimizer steps completed: {steps}", flush=True)
-                print(f"LocalSGD: group {group} step {steps} committed_syncs {manager.current_step()}/{total} "
-                      f"loss {loss_sum.item() / cfg.train.log_every:.4f}", flush=True)
+                print(f"LocalSGD: group {group} step {steps} train_step {train_step()}/{cfg.train.max_steps} "
+                      f"committed_syncs {manager.current_step()} loss {loss_sum.item() / cfg.train.log_every:.4f}",
+                      flush=True)
                 loss_sum.zero_()
             if cfg.train.eval_every and steps % cfg.train.eval_every == 0:
-                acc = evaluate(model, eval_batches(test_split))
+                acc = evaluate(model, eval_data())
                 evals.append({"step": steps, "test_accuracy": acc})
                 print(f"LocalSGD: group {group} step {steps} test_accuracy {acc:.4f}", flush=True)
     train_time = time.monotonic() - t0
 
-    final_acc = evaluate(model, eval_batches(test_split))
+    final_acc = evaluate(model, eval_data())
     digest = params_sha256(model)
     committed_total = manager.current_step()
     manager.shutdown(wait=False)
@@ -239,6 +297,8 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         "max_sync_s": round(monitor.max_s, 3),
         "global_syncs": committed_total,
         "restarts": restarts,
+        "resumed_from_step": resumed_from,
+        "checkpoints_written": written,
         "params_sha256": digest,
         "final_test_accuracy": final_acc,
         "evals": evals,
@@ -246,6 +306,23 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         "samples_per_s": round(steps * cfg.data.batch_size / train_time, 1) if train_time > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _save_checkpoint(cfg: ExperimentConfig, batches: ShardedBatches, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, manager: Any, step: int, sync_offset: int) -> int:
+    epoch, batch_in_epoch = batches.position(step)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "manager": manager.state_dict(),
+        "step": step,
+        "offset": sync_offset,
+        # Every group's data position and augmentation randomness follow from (seed, group, step).
+        "data": {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": cfg.train.seed},
+    }
+    path = checkpoint.save(cfg, payload, step, manager.current_step())
+    print(f"LocalSGD: checkpoint written: {path} (step {step})", flush=True)
+    return step
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -115,3 +115,11 @@ def test_cli_dryrun_substitutes_rank0_host(tmp_path, cifar_root):
 def test_torchxconfig_defaults_to_the_default_experiment():
     text = (REPO / ".torchxconfig").read_text()
     assert COMPONENT in text and "configs/default.yaml" in text and "local_cwd" in text
+
+
+def test_fresh_is_passed_to_every_role_and_skips_the_resume_check(tmp_path, cifar_root):
+    raw = small_config(tmp_path, cifar_root)
+    app = appdef(write_config(tmp_path, raw))
+    assert {r.env["LOCALSGD_FT_FRESH"] for r in app.roles} == {"0"}
+    app = appdef(write_config(tmp_path, raw), fresh=True)
+    assert {r.env["LOCALSGD_FT_FRESH"] for r in app.roles} == {"1"}

@@ -31,11 +31,11 @@ def test_gpu_shorthand_and_lists():
     assert cfg.group_gpus == [[3], [5]]
 
 
-def test_total_syncs_counts_the_initial_alignment_in_sync_mode():
+def test_sync_mode_begins_with_an_alignment_sync():
     base = {"train": {"max_steps": 100}, "localsgd": {"sync_every": 10}}
-    assert parse_config(base).total_syncs == 11
+    assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 1)
     base["localsgd"]["recovery"] = "async"
-    assert parse_config(base).total_syncs == 10
+    assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 0)
 
 
 @pytest.mark.parametrize(
@@ -157,3 +157,9 @@ def test_bad_faults_are_refused(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "exp.yaml")
     assert str(e.value).startswith(f"exp.yaml: {key}") and words in str(e.value), str(e.value)
+
+
+def test_threads_default_to_cpus_per_worker():
+    assert parse_config({}).threads == 1
+    assert parse_config({"replica_groups": {"cpus": 4}}).threads == 4
+    assert parse_config({"replica_groups": {"cpus": 4}, "train": {"threads": 2}}).threads == 2

@@ -83,19 +83,23 @@ def test_shards_are_disjoint_and_cover_the_epoch():
     split = _split(64)
     seen = []
     for g in range(2):
-        it = iter(ShardedBatches(split, g, 2, 8, seed=0, augment=False))
-        labels = torch.cat([next(it)[1] for _ in range(4)])  # one epoch of a 32-image shard
+        batches = ShardedBatches(split, g, 2, 8, seed=0, augment=False)
+        labels = torch.cat([batches.batch(s)[1] for s in range(4)])  # one epoch of a 32-image shard
         seen.append(set(labels.tolist()))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(64))
 
 
-def test_order_is_reproducible_and_changes_per_epoch():
-    split = _split(64)
-    a = iter(ShardedBatches(split, 0, 2, 32, seed=1, augment=False))
-    b = iter(ShardedBatches(split, 0, 2, 32, seed=1, augment=False))
-    first = [next(a)[1] for _ in range(3)]
-    assert all(torch.equal(x, next(b)[1]) for x in first)
-    assert not torch.equal(first[0], first[1]) and len(set(first[1].tolist())) == 32
+def test_batches_depend_only_on_seed_group_and_step():
+    split = Split(torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64))
+    a = ShardedBatches(split, 0, 2, 8, seed=1, augment=True)
+    b = ShardedBatches(split, 0, 2, 8, seed=1, augment=True)
+    forward = [a.batch(s) for s in range(10)]
+    backward = [b.batch(s) for s in reversed(range(10))][::-1]  # any order, any resume point
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(forward, backward))
+    assert not torch.equal(forward[0][1], forward[4][1])  # a new permutation in epoch 1
+    assert a.position(9) == (2, 1)
+    other = ShardedBatches(split, 0, 2, 8, seed=2, augment=True)
+    assert not torch.equal(other.batch(0)[1], forward[0][1])
 
 
 def test_batch_larger_than_shard_is_refused():
@@ -125,3 +129,10 @@ def test_normalize_is_per_channel():
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert np.allclose(y[0, :, 0, 0].numpy(), [(128 / 255 - m) / s for m, s in
                                                zip((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))], atol=1e-5)
+
+
+def test_channels_last_batches_hold_the_same_values():
+    split = Split(torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32))
+    plain = ShardedBatches(split, 0, 1, 8, seed=0, augment=True).batch(3)[0]
+    cl = ShardedBatches(split, 0, 1, 8, seed=0, augment=True, channels_last=True).batch(3)[0]
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, cl)

@@ -169,3 +169,40 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
     assert restarts == {"0": 2, "1": 4}, restarts  # every kill restarted its group once; a hang restarts nothing
     assert all(r["recovered"] for r in s["recoveries"]), s["recoveries"]
     assert abs(s["final_test_accuracy"] - results["calm"]["final_test_accuracy"]) <= 0.03
+
+
+@pytest.mark.parametrize("recovery", ["sync", "async"])
+def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, torchx_run, recovery):
+    from conftest import kill_tree
+    from localsgd_ft import checkpoint
+    from localsgd_ft.config import parse_config
+
+    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1000},
+                       checkpoint={"every_syncs": 10, "keep": 3})
+    path = write_config(tmp_path, cfg)
+    first = torchx_run(path)
+    first.wait_for_line(lambda line: re.search(r"checkpoint written: .* \(step 400\)", line) is not None, timeout=180)
+    kill_tree(first.proc.pid, path)  # every process of the app, as a preemption would
+    assert wait_no_processes(path) == []
+    ckpt_dir = parse_config(cfg).checkpoint_dir
+    steps_on_disk = [f.step for f in checkpoint.list_valid(ckpt_dir)]
+    assert steps_on_disk and steps_on_disk[0] >= 400
+    expected = steps_on_disk[0]
+    if recovery == "sync":  # also: a truncated newest checkpoint falls back to the one before
+        newest = checkpoint.list_valid(ckpt_dir)[0].path
+        newest.write_bytes(newest.read_bytes()[:100])
+        expected = steps_on_disk[1]
+
+    second = torchx_run(path)  # the same command again
+    assert _finish(second, path) == 0, second.tail()
+    assert any(f"resuming from checkpoint" in line and f"(step {expected})" in line for line in second.lines)
+    if recovery == "sync":
+        assert any("WARNING: skipping checkpoint" in line for line in second.lines)
+    summary = _summary(cfg)
+    assert summary["succeeded"] and summary["params_identical"] and summary["resumed_from_step"] == expected
+    for g in summary["replica_groups"].values():
+        assert g["resumed_from_step"] == expected
+        # The steps after the checkpoint are redone, none skipped: every committed sync trained sync_every steps.
+        assert g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) == 1000 - expected, g
+    assert summary["final_test_accuracy"] > 0.8
+    assert summary["checkpoints_written"] and min(c["step"] for c in summary["checkpoints_written"]) > expected

@@ -1,0 +1,236 @@
+"""Throughput benchmark: where the time of a training step goes, measured side by side in one run.
+
+    python benchmarks/throughput.py            # a few minutes on a 2-core CPU machine
+    python benchmarks/throughput.py --quick    # smaller, for a smoke check
+
+Measures, with the same model, batch size and one intra-op thread per process:
+
+1. pure compute: forward + backward + optimizer step on pre-made batches (the upper bound);
+2. the project's training loop for one group, torchft off (batches from ``ShardedBatches``:
+   gather, batched crop/flip, normalise, then the same ``backward`` + ``optimizer.step``);
+3. the common torchvision pipeline: PIL transforms in 2 DataLoader worker processes;
+4. two replica groups under LocalSGD, launched with the real ``torchx run``, at
+   sync_every 1, 10 and 100 (per-group and aggregate samples/s);
+5. peak RSS per worker process (from the runs' summary.json).
+
+Methods 1 and 2 alternate over several rounds and the median is kept, so
+machine noise hits both alike. Prints a table, then one JSON line with
+``loop_efficiency`` (2/1), ``ft_overhead_ratio`` (4 per group / 2, by
+sync_every), ``scaling_efficiency`` (4 aggregate / twice 2), ``torchvision_pipeline_ratio``
+(3/1) and ``peak_rss_gb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from localsgd_ft.config import DataConfig, ModelConfig, OptimizerConfig  # noqa: E402
+from localsgd_ft.data import MEAN, STD, ShardedBatches, load_cifar10  # noqa: E402
+from localsgd_ft.fixture import write_fixture  # noqa: E402
+from localsgd_ft.model import build_model  # noqa: E402
+from localsgd_ft.trainer import backward, build_optimizer  # noqa: E402
+
+
+def _timed(step: Callable[[int], None], steps: int, warmup: int) -> float:
+    """Seconds per step over ``steps`` steps, after ``warmup`` untimed ones."""
+    for s in range(warmup):
+        step(s)
+    t0 = time.perf_counter()
+    for s in range(warmup, warmup + steps):
+        step(s)
+    return (time.perf_counter() - t0) / steps
+
+
+def _model(width: int):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="cnn", width=width))
+    return model, build_optimizer(OptimizerConfig(lr=0.02), model.parameters())
+
+
+def pure_compute(batches: ShardedBatches, width: int, steps: int) -> float:
+    model, opt = _model(width)
+    premade = [batches.batch(s) for s in range(8)]
+
+    def step(s: int) -> None:
+        x, y = premade[s % len(premade)]
+        backward(model, opt, x, y, False)
+        opt.step()
+
+    return _timed(step, steps, warmup=5)
+
+
+def project_loop(batches: ShardedBatches, width: int, steps: int) -> float:
+    model, opt = _model(width)
+
+    def step(s: int) -> None:
+        x, y = batches.batch(s)
+        backward(model, opt, x, y, False)
+        opt.step()
+
+    return _timed(step, steps, warmup=5)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchvision import transforms
+
+        self.images = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as PIL wants
+        self.labels = labels.tolist()
+        self.tf = transforms.Compose([
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.tf(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def torchvision_pipeline(images: torch.Tensor, labels: torch.Tensor, batch_size: int, width: int,
+                         steps: int) -> float:
+    model, opt = _model(width)
+    loader = torch.utils.data.DataLoader(_PILDataset(images, labels), batch_size=batch_size, shuffle=True,
+                                         num_workers=2, persistent_workers=True, drop_last=True)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+
+    def step(_: int) -> None:
+        x, y = next(it)
+        backward(model, opt, x, y, False)
+        opt.step()
+
+    try:
+        return _timed(step, steps, warmup=5)
+    finally:
+        del it, loader
+
+
+def _free_port_pair() -> int:
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no free port pair")
+
+
+def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_size: int, width: int) -> dict:
+    """A real 2-group ``torchx run``; returns its summary.json."""
+    out = tmp / f"sync{sync_every}"
+    cfg = {
+        "name": f"bench{sync_every}",
+        "output_dir": str(out),
+        "replica_groups": {"count": 2, "max_restarts": 0, "cpus": 1},
+        "localsgd": {"sync_every": sync_every, "timeout_s": 30, "quorum_timeout_s": 60},
+        "lighthouse": {"port": _free_port_pair(), "join_timeout_ms": 10000},
+        "data": {"root": str(data_root), "verify": False, "batch_size": batch_size},
+        "model": {"arch": "cnn", "width": width},
+        "optimizer": {"lr": 0.02},
+        "train": {"max_steps": steps, "eval_every": 0, "log_every": 10_000},
+        "checkpoint": {"enabled": False},
+    }
+    path = tmp / f"sync{sync_every}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchx = str(Path(sys.executable).with_name("torchx"))
+    proc = subprocess.run([torchx, "run", "--", "--config", str(path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, start_new_session=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchx run failed for sync_every={sync_every}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=32)
+    args = parser.parse_args()
+    steps, rounds, ft_steps = (20, 2, 200) if args.quick else (60, 5, 1000)
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        write_fixture(tmp / "data", train_per_batch=2000, test_size=500)
+        train, _ = load_cifar10(DataConfig(root=str(tmp / "data"), verify=False), torch.device("cpu"))
+        batches = ShardedBatches(train, 0, 1, args.batch_size, seed=0, augment=True)
+
+        compute, loop = [], []
+        for _ in range(rounds):  # alternate, so noise hits both
+            compute.append(pure_compute(batches, args.width, steps))
+            loop.append(project_loop(batches, args.width, steps))
+        t_compute, t_loop = statistics.median(compute), statistics.median(loop)
+        t_tv = torchvision_pipeline(train.images, train.labels, args.batch_size, args.width, steps)
+
+        runs = {k: localsgd_run(tmp, tmp / "data", k, ft_steps, args.batch_size, args.width) for k in (1, 10, 100)}
+
+    sps = lambda t: args.batch_size / t  # noqa: E731
+    rows: List[tuple] = [
+        ("1. pure compute (pre-made batches)", sps(t_compute), 1.0),
+        ("2. project loop, 1 group, torchft off", sps(t_loop), t_compute / t_loop),
+        ("3. torchvision PIL + DataLoader(2 workers)", sps(t_tv), t_compute / t_tv),
+    ]
+    ft_overhead: Dict[str, float] = {}
+    scaling: Dict[str, float] = {}
+    rss = []
+    for k, summary in runs.items():
+        groups = list(summary["replica_groups"].values())
+        per_group = statistics.mean(g["samples_per_s"] for g in groups)
+        aggregate = sum(g["samples_per_s"] for g in groups)
+        ft_overhead[str(k)] = round(per_group / sps(t_loop), 3)
+        scaling[str(k)] = round(aggregate / (2 * sps(t_loop)), 3)
+        rss += [g["peak_rss_mb"] for g in groups]
+        rows.append((f"4. LocalSGD 2 groups, sync_every={k}: per group", per_group, per_group / sps(t_compute)))
+        rows.append((f"   aggregate of 2 groups (vs 2x loop: {scaling[str(k)]:.3f})", aggregate, None))
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"batch {args.batch_size}, cnn width {args.width}, 1 thread per process")
+    print(f"{'method':<58} {'samples/s':>10} {'vs compute':>10}")
+    for name, value, ratio in rows:
+        print(f"{name:<58} {value:>10.0f} {'' if ratio is None else f'{ratio:.3f}':>10}")
+    print(f"peak RSS per worker: {max(rss) / 1024:.2f} GB")
+    result = {
+        "loop_efficiency": round(t_compute / t_loop, 3),
+        "ft_overhead_ratio": ft_overhead,
+        "scaling_efficiency": scaling,
+        "torchvision_pipeline_ratio": round(t_compute / t_tv, 3),
+        "peak_rss_gb": round(max(rss) / 1024, 3),
+        "samples_per_s": {"compute": round(sps(t_compute)), "loop": round(sps(t_loop)),
+                          "torchvision": round(sps(t_tv))},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Durable checkpoints: written atomically at a sync boundary, validated and chosen on resume.
+
+A checkpoint is two files in the checkpoint directory:
+
+- ``step_<STEP>.pt``: model, optimizer and torchft Manager state, the training
+  step and the data position (``torch.save``; loaded with ``weights_only=True``);
+- ``step_<STEP>.json``: written after the ``.pt`` is complete: its SHA-256, the
+  step, the committed-sync count, when, and the config it was made with.
+
+Both are written to a temporary file, fsynced and renamed, so a kill mid-write
+leaves either no checkpoint or an earlier one, never one that loads wrong. A
+checkpoint is valid only if its ``.json`` parses and its ``.pt`` matches the
+checksum, which is checked before anything is unpickled. Invalid ones are
+reported and skipped, never deleted.
+
+This module imports torch only when saving or loading: the torchx component
+uses it to check a resume before launching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .config import ConfigError, ExperimentConfig, to_dict
+from .files import write_json_atomic
+
+# Config keys a checkpoint cannot outlive: changing one changes what the saved
+# state means. Everything else (max_steps, eval cadence, timeouts, faults, ...) may change.
+INCOMPATIBLE_KEYS = [
+    "replica_groups.count",
+    "model.arch",
+    "model.width",
+    "optimizer.name",
+    "localsgd.sync_every",
+    "localsgd.recovery",
+    "data.batch_size",
+    "train.seed",
+]
+
+
+@dataclass
+class Found:
+    """A valid checkpoint on disk."""
+
+    path: Path  # the .pt file
+    meta: Dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _lookup(d: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def check_compatible(cfg: ExperimentConfig, found: Found) -> None:
+    """Raise ConfigError if ``cfg`` cannot continue from ``found``."""
+    now, then = to_dict(cfg), found.meta.get("config", {})
+    changed = [(k, _lookup(then, k), _lookup(now, k)) for k in INCOMPATIBLE_KEYS if _lookup(then, k) != _lookup(now, k)]
+    if changed:
+        what = "; ".join(f"{k} was {old!r}, the config says {new!r}" for k, old, new in changed)
+        raise ConfigError(
+            f"cannot resume from checkpoint {found.path}: {what}. Restore those settings to resume, "
+            "or start over with `torchx run -- --fresh True ...` or checkpoint.resume: false "
+            "(the old checkpoints are then moved aside, not deleted)"
+        )
+
+
+def list_valid(directory: Path, warn: bool = True) -> List[Found]:
+    """Valid checkpoints in ``directory``, newest step first; invalid ones are reported (not deleted)."""
+    found = []
+    for meta_path in sorted(Path(directory).glob("step_*.json")):
+        pt = meta_path.with_suffix(".pt")
+        problem = None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not pt.is_file():
+                problem = "its .pt file is missing"
+            elif _sha256(pt) != meta["sha256"]:
+                problem = "its .pt file does not match the recorded SHA-256 (truncated or corrupt)"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"unreadable metadata ({type(e).__name__}: {e})"
+        if problem:
+            if warn:
+                print(f"WARNING: skipping checkpoint {pt}: {problem}", flush=True)
+            continue
+        found.append(Found(pt, meta))
+    return sorted(found, key=lambda f: f.step, reverse=True)
+
+
+def latest(directory: Path, warn: bool = True) -> Optional[Found]:
+    valid = list_valid(directory, warn)
+    return valid[0] if valid else None
+
+
+def load(found: Found, device: Any) -> Dict[str, Any]:
+    """The checkpoint's payload; its checksum is verified again right before unpickling."""
+    import torch
+
+    if _sha256(found.path) != found.meta["sha256"]:
+        raise ConfigError(f"checkpoint {found.path} changed on disk since it was validated")
+    return torch.load(found.path, map_location=device, weights_only=True)
+
+
+def save(cfg: ExperimentConfig, payload: Dict[str, Any], step: int, sync: int) -> Path:
+    """Write ``payload`` as the checkpoint of training step ``step``; prune to checkpoint.keep."""
+    import torch
+
+    directory = cfg.checkpoint_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    pt = directory / f"step_{step:09d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=f".{pt.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, pt)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"step": step, "sync": sync, "sha256": _sha256(pt), "time": time.time(), "file": pt.name,
+            "config": to_dict(cfg)}
+    write_json_atomic(pt.with_suffix(".json"), meta)
+    for old in list_valid(directory, warn=False)[cfg.checkpoint.keep:]:
+        old.path.with_suffix(".json").unlink(missing_ok=True)  # metadata first: never a valid-looking orphan
+        old.path.unlink(missing_ok=True)
+    return pt
+
+
+def move_aside(directory: Path) -> Optional[Path]:
+    """Start-over: rename an existing checkpoint directory out of the way (nothing is deleted)."""
+    directory = Path(directory)
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return None
+    target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name}-{n}")
+        n += 1
+    shutil.move(str(directory), str(target))
+    return target
+
+
+def resume_point(cfg: ExperimentConfig, start_over: bool) -> Tuple[Optional[Found], str]:
+    """The checkpoint to resume from (None: from scratch) and a line saying so."""
+    if not cfg.checkpoint.enabled:
+        return None, "checkpoints are off (checkpoint.enabled: false): starting from scratch"
+    if start_over:
+        return None, "starting over (--fresh or checkpoint.resume: false): old checkpoints are not used"
+    found = latest(cfg.checkpoint_dir)
+    if found is None:
+        return None, f"no valid checkpoint in {cfg.checkpoint_dir}: starting from scratch"
+    check_compatible(cfg, found)
+    return found, f"resuming from checkpoint {found.path} (step {found.step})"

@@ -1,0 +1,109 @@
+"""Durable checkpoints on disk: atomic files, validation, fallback, pruning, compatibility, start-over."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TORCHX, small_config, write_config
+from localsgd_ft import checkpoint
+from localsgd_ft.config import ConfigError, parse_config
+
+
+def _cfg(tmp_path, **over):
+    raw = {"output_dir": str(tmp_path / "out"), "checkpoint": {"keep": 2}}
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v)
+    return parse_config(raw)
+
+
+def _save(cfg, step):
+    payload = {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "manager": {"step": step // 10},
+               "step": step, "offset": 1}
+    return checkpoint.save(cfg, payload, step, step // 10 + 1)
+
+
+def _digests(directory: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_round_trip_and_pruning(tmp_path):
+    cfg = _cfg(tmp_path)
+    for step in (100, 200, 300):
+        _save(cfg, step)
+    valid = checkpoint.list_valid(cfg.checkpoint_dir)
+    assert [f.step for f in valid] == [300, 200]  # keep: 2
+    assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == [
+        "step_000000200.json", "step_000000200.pt", "step_000000300.json", "step_000000300.pt"]
+    state = checkpoint.load(valid[0], "cpu")
+    assert torch.equal(state["model"]["w"], torch.full((3,), 300.0)) and state["offset"] == 1
+    assert valid[0].meta["config"]["checkpoint"]["keep"] == 2
+
+
+def test_truncated_newest_falls_back_with_a_warning(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    _save(cfg, 100)
+    newest = _save(cfg, 200)
+    newest.write_bytes(newest.read_bytes()[:50])
+    found, how = checkpoint.resume_point(cfg, start_over=False)
+    assert found.step == 100 and "step 100" in how
+    out = capsys.readouterr().out
+    assert "WARNING: skipping checkpoint" in out and "step_000000200.pt" in out
+    assert newest.exists()  # reported, not deleted
+
+
+def test_unreadable_metadata_is_skipped(tmp_path):
+    cfg = _cfg(tmp_path)
+    _save(cfg, 100)
+    p = _save(cfg, 200)
+    p.with_suffix(".json").write_text("{not json")
+    assert checkpoint.latest(cfg.checkpoint_dir).step == 100
+
+
+def test_no_checkpoint_or_off_or_fresh_starts_from_scratch(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert checkpoint.resume_point(cfg, start_over=False)[0] is None
+    _save(cfg, 100)
+    assert checkpoint.resume_point(cfg, start_over=True)[0] is None
+    off = _cfg(tmp_path, checkpoint={"enabled": False})
+    assert checkpoint.resume_point(off, start_over=False)[0] is None
+
+
+def test_compatible_changes_resume_incompatible_ones_are_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    _save(cfg, 100)
+    longer = _cfg(tmp_path, train={"max_steps": 5000, "eval_every": 0}, lighthouse={"heartbeat_timeout_ms": 900})
+    assert checkpoint.resume_point(longer, start_over=False)[0].step == 100
+    wider = _cfg(tmp_path, model={"width": 64}, replica_groups={"count": 3})
+    with pytest.raises(ConfigError) as e:
+        checkpoint.resume_point(wider, start_over=False)
+    msg = str(e.value)
+    assert "model.width was 32, the config says 64" in msg and "replica_groups.count was 2" in msg
+    assert "--fresh True" in msg
+
+
+def test_move_aside_keeps_everything(tmp_path):
+    cfg = _cfg(tmp_path)
+    _save(cfg, 100)
+    before = _digests(cfg.checkpoint_dir)
+    moved = checkpoint.move_aside(cfg.checkpoint_dir)
+    assert not cfg.checkpoint_dir.exists() and _digests(moved) == before
+    assert checkpoint.move_aside(cfg.checkpoint_dir) is None
+
+
+def test_cli_refuses_an_incompatible_resume_and_touches_nothing(tmp_path, cifar_root):
+    raw = small_config(tmp_path, cifar_root)
+    cfg = parse_config(raw)
+    _save(cfg, 100)
+    before = _digests(cfg.checkpoint_dir)
+    raw["model"]["width"] = 24
+    path = write_config(tmp_path, raw)
+    res = subprocess.run([TORCHX, "run", "--", "--config", str(path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "cannot resume from checkpoint" in res.stderr, res.stderr
+    assert "model.width was 16, the config says 24" in res.stderr and "Traceback" not in res.stderr
+    assert _digests(cfg.checkpoint_dir) == before
