@@ -10,7 +10,7 @@ NODES="${SLURM_FAKE_NODES:-4}"      # lighthouse + up to 3 replica groups
 CPUS="${SLURM_FAKE_CPUS:-2}"        # per node
 MEM_MB="${SLURM_FAKE_MEM_MB:-4000}" # per node
 HOST="$(hostname -s)"
-NAMES="$(seq -f 'slurmci%g' 1 "$NODES" | tr '\n' ' ')"
+NAMES="$(seq -f 'slurmci%g' 1 "$NODES" | paste -sd' ')"
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
