@@ -318,3 +318,18 @@ def test_shipped_cluster_config_on_every_scheduler():
     assert len(job["spec"]["tasks"]) == 5
     request = dryrun("slurm", path, cfg="partition=gpu,time=02:00:00")
     assert sum("--gpus-per-task=1" in g for g in sbatch_groups(request)) == 4
+
+
+def test_a_group_without_its_gpus_fails_the_run_early_with_the_reason(tmp_path, cifar_root, torchx_run):
+    """A real local run asking for a GPU count on this GPU-less machine: no torchrun starts, the run FAILS."""
+    if gpus.physical_gpus():
+        pytest.skip("this machine has GPUs")
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"gpus_per_group": 1})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert run.wait(90) != 0
+    out = "\n".join(run.lines)
+    assert "replica group 0 needs 1 GPU(s) but sees 0" in out and "LocalSGD: group" not in out  # no trainer started
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert not summary["succeeded"] and "needs 1 GPU(s) but sees 0" in summary["failure_reason"]
+    assert sorted(summary["lost_groups"]) == [0, 1]
