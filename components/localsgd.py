@@ -1,14 +1,21 @@
-"""torchx component: an experiment YAML -> AppDef (a lighthouse role + one role per replica group)."""
+"""torchx component: an experiment YAML -> AppDef (a lighthouse role + one role per replica group).
+
+The same AppDef runs on local_cwd, Slurm and Kubernetes (see the README's
+scheduler sections). Every role gets the YAML's text embedded (base64, in
+``--config-b64``), so no role needs the file: pods on Kubernetes share no
+filesystem with the machine that ran ``torchx run``.
+"""
 
 import sys
-from typing import Dict
+from typing import Dict, List
 
 import torchx.specs as specs
 from torchx.specs.finder import ComponentValidationException
 
-from localsgd_ft.config import ConfigError, load_config
+from localsgd_ft.config import ConfigError, embed_config, load_config
 from localsgd_ft.cifar_files import DataError, locate
 from localsgd_ft.checkpoint import resume_point
+from localsgd_ft.gpus import check_local_lists
 from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
 
 
@@ -27,65 +34,85 @@ def localsgd(
     the app SUCCEEDS only if every replica group trained to the end.
 
     Args:
-        config: the experiment YAML file, relative to the working directory
-        image: container image on Slurm/Kubernetes; leave empty for local_cwd
+        config: the experiment YAML file, relative to the working directory; its text is embedded in every role
+        image: container image (Kubernetes, local_docker); leave empty for local_cwd and Slurm (roles use this Python)
         script: the script torchrun runs in every replica group
         fresh: start over instead of resuming from the newest checkpoint (old ones are moved aside)
     """
     try:
         cfg = load_config(config)
+        embedded = embed_config(config)
     except ConfigError as e:
         # torchx prints this one message and exits 1 (a plain exception would print a traceback).
         raise ComponentValidationException(str(e)) from None
-    if not image and not cfg.data.download:
-        # Local runs share this filesystem: catch missing data before any process starts.
-        try:
-            locate(cfg.data)
-        except DataError as e:
-            raise ComponentValidationException(f"{config}: {e}") from None
+    if image and cfg.replica_groups.gpus:
+        # Inside a container the runtime renumbers the granted GPUs from 0: host indices mean nothing.
+        raise ComponentValidationException(
+            f"{config}: replica_groups.gpus lists device indices of one machine ({cfg.replica_groups.gpus!r}), "
+            "but with an image the scheduler grants each container its own GPUs: use "
+            f"replica_groups.gpus_per_group: {cfg.gpus_per_group} and replica_groups.gpus: [] instead"
+        )
+    if not image:
+        # No image: the roles run on this filesystem (local_cwd, or Slurm with a shared one),
+        # so catch missing data and absent GPUs before any process starts.
+        if not cfg.data.download:
+            try:
+                locate(cfg.data)
+            except DataError as e:
+                raise ComponentValidationException(f"{config}: {e}") from None
+        gpu_problem = check_local_lists(cfg)
+        if gpu_problem:
+            raise ComponentValidationException(f"{config}: {gpu_problem}")
 
     if not image and not fresh:
-        # Refuse an incompatible resume before anything starts (clusters check in the trainer).
+        # Refuse an incompatible resume before anything starts (in images the trainer checks).
         try:
             resume_point(cfg, start_over=not cfg.checkpoint.resume)
         except ConfigError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
 
-    # Locally the roles run from the current virtualenv; in an image, its `python`.
+    # Locally (and on Slurm) the roles run from the current virtualenv; in an image, its `python`.
     python = "python" if image else sys.executable
+    config_args = ["--config", config, "--config-b64", embedded]
     host_env = ["--host-env", specs.macros.rank0_env]
     common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0"}
+    # A container keeps no files after it ends: print summary.json to the lighthouse's log too.
+    print_summary: List[str] = ["--print-summary"] if image else []
 
+    lh = cfg.lighthouse
     roles = [
         specs.Role(
             name="lighthouse",
             image=image,
             entrypoint=python,
-            args=["-m", "localsgd_ft.lighthouse", "--config", config, *host_env],
+            args=["-m", "localsgd_ft.lighthouse", *config_args, *host_env, *print_summary],
             env=dict(common_env),
-            resource=specs.resource(cpu=1, gpu=0, memMB=512),
-            port_map={"lighthouse": cfg.lighthouse.port, "completion": cfg.lighthouse.port + 1},
+            resource=specs.resource(cpu=lh.cpus, gpu=0, memMB=lh.memory_mb),
+            port_map={"lighthouse": lh.port, "completion": lh.port + 1},
             max_retries=0,
         )
     ]
+    rg = cfg.replica_groups
     for group, gpus in enumerate(cfg.group_gpus):
-        env: Dict[str, str] = {
-            **common_env,
-            GROUP_ENV: str(group),
-            NUM_GROUPS_ENV: str(cfg.replica_groups.count),
-            # Each group sees only its own GPUs; none on CPU runs.
-            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
-        }
+        env: Dict[str, str] = {**common_env, GROUP_ENV: str(group), NUM_GROUPS_ENV: str(rg.count)}
+        if gpus:
+            # Explicit lists: each group sees only its own GPUs of this machine. (Slurm's GPU
+            # plugin replaces this with the devices it granted, so the count still holds there.)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        elif not cfg.uses_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU training: keep the groups off any GPU
+        # gpus_per_group: the scheduler grants the devices and sets what the group sees.
         roles.append(
             specs.Role(
                 name=f"replica_{group}",
                 image=image,
                 entrypoint=python,
-                args=["-m", "localsgd_ft.replica", "--config", config, "--group", str(group),
+                args=["-m", "localsgd_ft.replica", *config_args, "--group", str(group),
                       "--script", script, *host_env],
                 env=env,
-                resource=specs.resource(cpu=cfg.replica_groups.cpus, gpu=len(gpus), memMB=cfg.replica_groups.memory_mb),
-                # torchrun restarts crashed workers inside the role (replica_groups.max_restarts).
+                resource=specs.resource(cpu=rg.cpus, gpu=cfg.gpus_per_group, memMB=rg.memory_mb),
+                # torchrun restarts crashed workers inside the role (replica_groups.max_restarts);
+                # no scheduler-level retry, which would restart the whole job on Slurm/Kubernetes.
                 max_retries=0,
             )
         )

@@ -12,13 +12,14 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import random
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Union
+from typing import Any, List, Optional, Union
 
 import yaml
 
@@ -40,8 +41,14 @@ class ReplicaGroupsConfig:
     workers: int = doc(1, "Processes per replica group (torchrun --nproc_per_node). Only 1 is supported yet.")
     gpus: List[Union[int, List[int]]] = doc(
         [],
-        "GPUs per group: one entry per group, a GPU index or a list of indices "
-        "(e.g. [0, 1] or [[0], [1]]). Empty: CPU training with gloo.",
+        "GPUs per group on the machine you launch from: one entry per group, a GPU index or a list of "
+        "indices (e.g. [0, 1] or [[0], [1]]); each group sees only its own (CUDA_VISIBLE_DEVICES). "
+        "Empty: see gpus_per_group; both empty: CPU training with gloo.",
+    )
+    gpus_per_group: int = doc(
+        0,
+        "GPUs per group as a count the scheduler satisfies (Slurm --gpus-per-task, Kubernetes "
+        "nvidia.com/gpu); the scheduler picks the devices. Use this on clusters; exclusive with gpus.",
     )
     max_restarts: int = doc(3, "How often torchrun restarts a group's crashed workers before the group gives up.")
     cpus: int = doc(1, "CPUs requested per group from the scheduler (torchx resource).")
@@ -73,6 +80,9 @@ class LighthouseConfig:
     heartbeat_timeout_ms: int = doc(
         5000, "Silence after which a group counts as dead; survivors stall about this long after a failure."
     )
+    cpus: int = doc(1, "CPUs requested for the lighthouse role from the scheduler.")
+    memory_mb: int = doc(1536, "Memory requested for the lighthouse role, in MiB (it uses about 30 MB; "
+                               "Kubernetes requests this minus torchx's 1024 MB node reserve).")
 
 
 @dataclass
@@ -201,7 +211,7 @@ class ExperimentConfig:
 
     @property
     def group_gpus(self) -> List[List[int]]:
-        """GPU indices per replica group (empty lists on CPU)."""
+        """Explicit GPU indices per replica group (empty lists on CPU and with gpus_per_group)."""
         if not self.replica_groups.gpus:
             return [[] for _ in range(self.replica_groups.count)]
         return [[g] if isinstance(g, int) else list(g) for g in self.replica_groups.gpus]
@@ -210,6 +220,17 @@ class ExperimentConfig:
     def training_syncs(self) -> int:
         """Syncs of training after which every group stops."""
         return self.train.max_steps // self.localsgd.sync_every
+
+    @property
+    def gpus_per_group(self) -> int:
+        """How many GPUs each replica group uses (requested from the scheduler); 0 on CPU."""
+        if self.replica_groups.gpus:
+            return len(self.group_gpus[0])
+        return self.replica_groups.gpus_per_group
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.gpus_per_group > 0
 
     @property
     def initial_syncs(self) -> int:
@@ -325,6 +346,14 @@ def _check(cfg: ExperimentConfig) -> None:
         for i, g in enumerate(cfg.group_gpus):
             need(len(g) == rg.workers and all(x >= 0 for x in g), f"replica_groups.gpus[{i}]", rg.gpus[i],
                  f"expected {rg.workers} non-negative GPU index(es) per group (one per worker)")
+    need(rg.gpus_per_group in (0, rg.workers), "replica_groups.gpus_per_group", rg.gpus_per_group,
+         f"expected 0 (CPU) or replica_groups.workers ({rg.workers}): one GPU per worker")
+    if rg.gpus and rg.gpus_per_group:
+        raise ConfigError(
+            f"replica_groups.gpus_per_group: got {rg.gpus_per_group} together with replica_groups.gpus "
+            f"{rg.gpus!r}; use one: explicit device lists (gpus, for this machine) or a count the "
+            "scheduler satisfies (gpus_per_group, for Slurm/Kubernetes)"
+        )
     need(ls.sync_every >= 1, "localsgd.sync_every", ls.sync_every, "expected an integer >= 1")
     need(ls.recovery in ("sync", "async"), "localsgd.recovery", ls.recovery, "expected 'sync' or 'async'")
     need(ls.timeout_s > 0, "localsgd.timeout_s", ls.timeout_s, "expected a number > 0")
@@ -334,6 +363,8 @@ def _check(cfg: ExperimentConfig) -> None:
     need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
     need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
          f"expected 1..replica_groups.count ({rg.count})")
+    need(lh.cpus >= 1, "lighthouse.cpus", lh.cpus, "expected an integer >= 1")
+    need(lh.memory_mb >= 256, "lighthouse.memory_mb", lh.memory_mb, "expected at least 256")
     for k in ("join_timeout_ms", "quorum_tick_ms", "heartbeat_timeout_ms"):
         need(getattr(lh, k) >= 1, f"lighthouse.{k}", getattr(lh, k), "expected an integer >= 1")
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "expected an integer >= 1")
@@ -394,15 +425,38 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: Union[str, Path]) -> ExperimentConfig:
-    """Read and validate the experiment YAML at ``path``."""
-    p = Path(path)
+def _read_text(p: Path) -> str:
     try:
-        text = p.read_text()
+        return p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found (looked in {Path.cwd()}); pass --config PATH") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+
+
+def embed_config(path: Union[str, Path]) -> str:
+    """The config file's text as base64, for roles that cannot read the file (no shared filesystem).
+
+    Base64 has no commas, quotes or spaces, so it survives Slurm's ``--export``
+    (which splits on commas), shells and Kubernetes manifests unchanged.
+    """
+    return base64.b64encode(_read_text(Path(path)).encode()).decode("ascii")
+
+
+def load_config(path: Union[str, Path], embedded: Optional[str] = None) -> ExperimentConfig:
+    """Read and validate the experiment YAML at ``path``.
+
+    With ``embedded`` (from :func:`embed_config`) the text comes from there and
+    ``path`` only names it in messages: the file need not exist here.
+    """
+    p = Path(path)
+    if embedded is None:
+        text = _read_text(p)
+    else:
+        try:
+            text = base64.b64decode(embedded.encode("ascii"), validate=True).decode()
+        except (ValueError, UnicodeError) as e:
+            raise ConfigError(f"{p}: the embedded config (--config-b64) is not base64 of UTF-8 text: {e}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -7,7 +7,9 @@ Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env
   ``localsgd.quorum_retries``). An injected ``lighthouse`` fault kills it and
   restarts it after the fault's ``duration_s``.
 - Both servers bind loopback when role 0's host (``$VAR``) is this machine
-  (local schedulers) and all interfaces otherwise.
+  (local schedulers) and all interfaces otherwise (and always on Kubernetes).
+- ``--print-summary`` also prints summary.json to the log, for schedulers
+  whose containers keep no files (Kubernetes): ``torchx log`` shows it.
 - A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
   ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
   the remaining groups are told to stop, and the run fails with that reason.
@@ -18,6 +20,7 @@ Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import subprocess
@@ -101,20 +104,22 @@ def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None
         return
     alive = cfg.replica_groups.count - len(lost)
     if alive < cfg.lighthouse.min_replicas:
-        reason = (f"replica group(s) {sorted(lost)} exhausted replica_groups.max_restarts "
-                  f"({cfg.replica_groups.max_restarts}); {alive} group(s) left, fewer than "
+        errors = [f"group {g}: {(state.finished[g].get('result') or {}).get('error')}" for g in sorted(lost)
+                  if (state.finished[g].get("result") or {}).get("error")]
+        why = "; ".join(errors) if errors else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})"
+        reason = (f"replica group(s) {sorted(lost)} failed ({why}); {alive} group(s) left, fewer than "
                   f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
         print(f"lighthouse: ABORT: {reason}", flush=True)
         state.set_abort(reason)
 
 
-def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
+def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
     started_at = time.time()
     if cfg.checkpoint.enabled and roles.fresh_requested(cfg):
         moved = move_aside(cfg.checkpoint_dir)
         if moved:
             print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
-    bind_host = "127.0.0.1" if roles.is_loopback(host) else "::"
+    bind_host = roles.bind_address(host)
     lighthouse = SupervisedLighthouse(cfg, bind_host)
     lighthouse.start()
     state = control.CompletionState(cfg.replica_groups.count)
@@ -159,6 +164,9 @@ def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
         print("lighthouse: stopped by a signal before every group finished", flush=True)
     if summary["lost_groups"]:
         print(f"lighthouse: lost replica groups (out of restarts): {summary['lost_groups']}", flush=True)
+    if print_summary:
+        # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
+        print("lighthouse: SUMMARY_JSON " + json.dumps(summary, separators=(",", ":")), flush=True)
     verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
     why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
     print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
@@ -167,9 +175,11 @@ def run(cfg: ExperimentConfig, host: str, config_path: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args, cfg, host = roles.parse_role_args(argparse.ArgumentParser(description=__doc__), argv, "lighthouse")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--print-summary", action="store_true", help="also print summary.json to the log")
+    args, cfg, host = roles.parse_role_args(parser, argv, "lighthouse")
     try:
-        return run(cfg, host, args.config)
+        return run(cfg, host, args.config, args.print_summary)
     except RuntimeError as e:
         print(f"lighthouse: error: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro), starts
 ``torchrun --standalone --nproc_per_node=W --max_restarts=R train_localsgd.py``
 in its own process group, and when torchrun exits (training done, or restarts
 exhausted) posts the exit code and the trainer's result to the completion
-service. Once the lighthouse role has that report it exits 0 (the lighthouse
+service. A group that asks for GPUs it cannot see is reported as failed
+without starting torchrun. Once the lighthouse role has that report it exits 0 (the lighthouse
 role's exit code is the run's verdict); if it cannot report, it exits with
 torchrun's code. If the lighthouse role aborts the run (too few groups left),
 it stops its torchrun.
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import roles
+from . import gpus, roles
 from .config import ExperimentConfig
 from .control import CompletionClient
 
@@ -33,15 +34,18 @@ def result_path(cfg: ExperimentConfig, group: int) -> Path:
     return cfg.run_dir / "groups" / f"{group}.json"
 
 
-def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str) -> List[str]:
+def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
+                     config_b64: Optional[str] = None) -> List[str]:
     rg = cfg.replica_groups
+    # The embedded config travels on to the trainer, so no role ever needs the file on disk.
+    embedded = ["--config-b64", config_b64] if config_b64 else []
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone",  # a free rendezvous port per group, so groups can share a host
         "--nnodes=1",
         f"--nproc_per_node={rg.workers}",
         f"--max_restarts={rg.max_restarts}",
-        script, "--config", config_path,
+        script, "--config", config_path, *embedded,
     ]
 
 
@@ -69,7 +73,19 @@ def _wait_or_abort(proc: subprocess.Popen, client: CompletionClient, group: int)
                 return proc.wait()
 
 
-def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str) -> int:
+def _refuse(client: CompletionClient, group: int, error: str) -> int:
+    """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
+    print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
+    try:
+        client.finished(group, 2, {"error": error})
+    except Exception as e:
+        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
+        config_b64: Optional[str] = None) -> int:
     env = dict(os.environ)
     env[roles.GROUP_ENV] = str(group)
     env[roles.NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
@@ -78,10 +94,15 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     env.setdefault("PYTHONUNBUFFERED", "1")
     client = CompletionClient(env[roles.COMPLETION_ENV])
 
+    gpu_problem = gpus.check_role(cfg, group, env)
+    if gpu_problem:
+        return _refuse(client, group, gpu_problem)
+
     result_file = result_path(cfg, group)
     result_file.unlink(missing_ok=True)  # never report a previous run's result
 
-    proc = subprocess.Popen(torchrun_command(cfg, config_path, script), env=env, start_new_session=True)
+    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
+                            start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -121,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
     parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
     args, cfg, host = roles.parse_role_args(parser, argv, "replica")
-    return run(cfg, args.config, args.group, host, args.script)
+    return run(cfg, args.config, args.group, host, args.script, args.config_b64)
 
 
 if __name__ == "__main__":

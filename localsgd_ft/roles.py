@@ -33,6 +33,20 @@ def lighthouse_host(host_env: str) -> str:
     return host.split(",")[0]  # Slurm's nodelist may name several hosts; role 0 has one
 
 
+def in_kubernetes() -> bool:
+    """Whether this process runs in a Kubernetes pod (the kubelet sets this in every container)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def bind_address(host: str) -> str:
+    """Where the lighthouse role's servers listen: loopback only when no other machine needs them.
+
+    On Kubernetes torchx hands role 0 ``localhost`` as its own host, yet the
+    replica pods reach it by its DNS name: there it must listen on all interfaces.
+    """
+    return "127.0.0.1" if is_loopback(host) and not in_kubernetes() else "::"
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only names this machine, so servers may bind loopback."""
     try:
@@ -51,16 +65,18 @@ def completion_url(cfg: ExperimentConfig, host: str) -> str:
 
 def parse_role_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
                     who: str) -> Tuple[argparse.Namespace, ExperimentConfig, str]:
-    """Parse a role's ``--config`` and ``--host-env`` (plus ``parser``'s own options).
+    """Parse a role's ``--config`` / ``--config-b64`` and ``--host-env`` (plus ``parser``'s own options).
 
     Returns (args, config, lighthouse host); on a bad config or a missing host
     it prints one line prefixed with ``who`` and exits 2.
     """
     parser.add_argument("--config", required=True, help="the experiment YAML")
+    parser.add_argument("--config-b64", default=None,
+                        help="the config's text in base64 (set by the component); then --config only names it")
     parser.add_argument("--host-env", default="TORCHX_RANK0_HOST", help="variable holding role 0's host")
     args = parser.parse_args(argv)
     try:
-        return args, load_config(args.config), lighthouse_host(args.host_env)
+        return args, load_config(args.config, args.config_b64), lighthouse_host(args.host_env)
     except (ConfigError, RuntimeError) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         sys.exit(2)

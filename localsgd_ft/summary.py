@@ -69,6 +69,10 @@ def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: flo
         reason = f"{len(ok)} replica group(s) trained to the end, fewer than lighthouse.min_replicas"
     elif len(hashes) > 1:
         reason = "replica groups finished with different parameters"
+    # Groups that could not even start (e.g. no GPU) said why: that is the reason to show.
+    errors = [f"group {g}: {rep['error']}" for g, rep in groups.items() if rep["lost"] and rep.get("error")]
+    if reason and errors and not any(e in reason for e in errors):
+        reason = f"{reason}; " + "; ".join(errors)
     injected = [e for e in state.events if e.get("kind") == "fault"]
     resumed = [e["step"] for e in state.events if e.get("kind") == "resumed"]
     return {

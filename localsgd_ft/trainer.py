@@ -5,9 +5,10 @@ config -> device and data -> model and optimizer -> torchft Manager -> wait for
 all groups -> LocalSGD loop until the agreed number of committed syncs ->
 final evaluation -> result file for the replica wrapper.
 
-Stopping rule: every group stops once the Manager's committed-sync count
-reaches ``ExperimentConfig.total_syncs``. That count is agreed through the
-quorum (a recovering group inherits it), so all live groups stop after the
+Stopping rule: every group stops once ``ExperimentConfig.training_syncs``
+training syncs are committed (the Manager's committed-sync count minus the
+offset of syncs that trained nothing). Count and offset are agreed through the
+quorum (a recovering group inherits both), so all live groups stop after the
 same commit and their final parameters are bit-identical.
 """
 
@@ -131,13 +132,16 @@ def params_sha256(model: nn.Module) -> str:
 
 
 def _device(cfg: ExperimentConfig, group: int) -> torch.device:
-    if not cfg.group_gpus[group]:
+    if not cfg.uses_gpus:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"replica_groups.gpus asks for GPUs {cfg.group_gpus[group]} for group {group}, but CUDA is not "
-            "available here; use a machine with GPUs or set replica_groups.gpus: [] to train on CPU"
+            f"replica group {group} is configured for {cfg.gpus_per_group} GPU(s) per group, but CUDA is not "
+            "available here; use a machine with GPUs or set replica_groups.gpus: [] and "
+            "replica_groups.gpus_per_group: 0 to train on CPU"
         )
+    # The group sees only its own GPUs (CUDA_VISIBLE_DEVICES from the component or the
+    # scheduler), numbered from 0: worker LOCAL_RANK takes the LOCAL_RANK-th of them.
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -332,13 +336,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description="Train one replica group (run under torchrun by the replica role).")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--config-b64", default=None, help="the config's text in base64; then --config only names it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     @record
     def _run() -> int:
         try:
-            cfg = load_config(args.config)
+            cfg = load_config(args.config, args.config_b64)
             group = int(os.environ.get(roles.GROUP_ENV, 0))
             if not 0 <= group < cfg.replica_groups.count:
                 raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")

@@ -182,3 +182,24 @@ def torchx_run(tmp_path: Path):
     yield start
     for run in runs:
         run.kill()
+
+
+@pytest.fixture
+def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Path]:
+    """Pretend this machine has N NVIDIA GPUs: an ``nvidia-smi -L`` stand-in first on PATH.
+
+    It also serves as a PATH entry for subprocesses (the torchx CLI). N = 0 is a driver
+    with no GPUs.
+    """
+
+    def install(n: int) -> Path:
+        bin_dir = tmp_path / "fake-bin"
+        bin_dir.mkdir(exist_ok=True)
+        smi = bin_dir / "nvidia-smi"
+        lines = "".join(f"GPU {i}: Fake GPU (UUID: GPU-{i:08d})\\n" for i in range(n))
+        smi.write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        return bin_dir
+
+    return install

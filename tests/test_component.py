@@ -41,11 +41,13 @@ def test_roles_args_env_and_ports(tmp_path, cifar_root):
     assert app.roles[1].entrypoint == sys.executable  # local: the current environment's python
 
 
-def test_gpu_assignment_per_group(tmp_path, cifar_root):
+def test_gpu_assignment_per_group(tmp_path, cifar_root, fake_gpus):
+    fake_gpus(8)
     cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2, "gpus": [2, [5]]})
     app = appdef(write_config(tmp_path, cfg))
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["2", "5"]
     assert [r.resource.gpu for r in app.roles[1:]] == [1, 1]
+    assert app.roles[0].resource.gpu == 0 and "CUDA_VISIBLE_DEVICES" not in app.roles[0].env
 
 
 def test_image_uses_the_image_python(tmp_path, cifar_root):
@@ -53,9 +55,13 @@ def test_image_uses_the_image_python(tmp_path, cifar_root):
     assert {r.entrypoint for r in app.roles} == {"python"} and {r.image for r in app.roles} == {"ghcr.io/x/y:1"}
 
 
-def test_shipped_default_config(tmp_path):
-    app = appdef(REPO / "configs/gpu.yaml", image="img")  # with an image, data is not checked here
+def test_shipped_gpu_configs(tmp_path, fake_gpus):
+    fake_gpus(2)
+    app = appdef(REPO / "configs/gpu.yaml")  # download: true, so no local data is needed
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["0", "1"]
+    app = appdef(REPO / "configs/cluster.yaml", image="img")  # a count: the scheduler picks devices
+    assert [r.resource.gpu for r in app.roles[1:]] == [1] * 4
+    assert all("CUDA_VISIBLE_DEVICES" not in r.env for r in app.roles)
 
 
 def test_bad_config_is_a_validation_error(tmp_path, cifar_root):

@@ -1,0 +1,335 @@
+"""One component, three schedulers: the dry-run of local_cwd, Slurm and Kubernetes, checked field by field.
+
+No cluster is needed: ``torchx run --dryrun`` prints the exact request each
+scheduler would submit (the sbatch script, the Volcano job). Also covered
+here: the embedded config every role receives, and GPU assignment from the
+YAML (explicit lists, a count per group, and refusing GPUs where none exist).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import yaml
+
+from conftest import REPO, TORCHX, small_config, write_config
+from localsgd_ft import gpus
+from localsgd_ft.config import ConfigError, embed_config, load_config
+
+COMPONENT = str(REPO / "components/localsgd.py") + ":localsgd"
+IMAGE = "registry.example.com/localsgd-ft:1.0"
+
+
+def dryrun(scheduler: str, config: Path, *extra: str, cfg: str = "", workspace: bool = False) -> str:
+    """The scheduler request ``torchx run --dryrun`` prints (the part after its header)."""
+    cmd = [TORCHX, "run", "--dryrun", "-s", scheduler]
+    if cfg:
+        cmd += ["-cfg", cfg]
+    if scheduler == "kubernetes" and not workspace:
+        cmd += ["--workspace", ""]  # no image build: use the image given
+    cmd += [COMPONENT, "--config", str(config), *extra]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
+
+
+def refused(scheduler: str, config: Path, *extra: str, cfg: str = "") -> str:
+    cmd = [TORCHX, "run", "--dryrun", "-s", scheduler] + (["-cfg", cfg] if cfg else [])
+    cmd += ["--workspace", ""] if scheduler == "kubernetes" else []
+    res = subprocess.run(cmd + [COMPONENT, "--config", str(config), *extra], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    return res.stderr
+
+
+def embedded_arg(args: List[str]) -> str:
+    return args[args.index("--config-b64") + 1]
+
+
+# ---------------------------------------------------------------------------
+# Config: the embedded copy and GPU fields
+
+
+def test_embedded_config_is_the_file(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, name="emb"))
+    b64 = embed_config(path)
+    assert "," not in b64 and " " not in b64  # survives Slurm's comma-split --export and shells
+    assert base64.b64decode(b64).decode() == path.read_text()
+    moved = tmp_path / "gone.yaml"  # a pod has no such file: the embedded text is enough
+    assert load_config(moved, b64) == load_config(path)
+
+
+def test_bad_embedded_config_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"x.yaml: the embedded config \(--config-b64\)"):
+        load_config("x.yaml", "not base64!")
+    with pytest.raises(ConfigError, match="x.yaml: train.max_steps: got 15"):
+        load_config("x.yaml", base64.b64encode(b"train: {max_steps: 15}\n").decode())
+
+
+@pytest.mark.parametrize(
+    "groups, words",
+    [
+        ({"gpus": [0, 1], "gpus_per_group": 1}, "use one: explicit device lists"),
+        ({"gpus_per_group": 2}, "replica_groups.gpus_per_group: got 2, expected 0 (CPU) or replica_groups.workers (1)"),
+        ({"gpus_per_group": -1}, "replica_groups.gpus_per_group: got -1"),
+    ],
+)
+def test_gpu_fields_are_checked(tmp_path, groups, words):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"replica_groups": {"count": 2, **groups}}))
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+
+
+def test_visible_gpus_follow_cuda_semantics():
+    assert gpus.visible_gpus({}, present=4) == 4
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, present=4) == 0
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "3"}, present=4) == 1
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,7,2"}, present=4) == 1  # stops at the invalid 7
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-abc"}, present=1) == 1
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "0"}, present=0) == 0
+
+
+def test_physical_gpus_without_and_with_nvidia_smi(fake_gpus, monkeypatch):
+    # This machine has no NVIDIA GPU and no nvidia-smi: counted from /dev and /proc, no error.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert gpus.physical_gpus() == len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    fake_gpus(3)
+    assert gpus.physical_gpus() == 3
+
+
+def test_role_refuses_missing_gpus(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"replica_groups": {"count": 2, "gpus_per_group": 1}}))
+    cfg = load_config(path)
+    why = gpus.check_role(cfg, 1, {}, present=0)
+    assert why and "replica group 1 needs 1 GPU(s) but sees 0" in why and "gpus_per_group: 0" in why
+    assert gpus.check_role(cfg, 1, {"CUDA_VISIBLE_DEVICES": "0"}, present=1) is None
+    cpu = load_config(write_config(tmp_path, {"replica_groups": {"count": 2}}, "cpu.yaml"))
+    assert gpus.check_role(cpu, 0, {}, present=0) is None
+
+
+# ---------------------------------------------------------------------------
+# local_cwd
+
+
+def local_roles(request: str) -> Dict[str, Dict[str, Any]]:
+    """local_cwd's dry-run (a pretty-printed dict): role name -> its one replica's {args, env, ...}."""
+    params = ast.literal_eval(request.strip())["role_params"]
+    return {role: replicas[0] for role, replicas in params.items()}
+
+
+def test_local_gpu_lists_pin_each_group(tmp_path, cifar_root, fake_gpus):
+    fake_gpus(4)
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, replica_groups={"count": 3, "gpus": [3, 1, 0]}))
+    roles = local_roles(dryrun("local_cwd", path))
+    assert [roles[f"replica_{i}"]["env"]["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["3", "1", "0"]
+    assert "CUDA_VISIBLE_DEVICES" not in roles["lighthouse"]["env"]
+    assert embedded_arg(roles["replica_2"]["args"]) == embed_config(path)
+
+
+def test_local_cpu_run_hides_gpus(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    roles = local_roles(dryrun("local_cwd", path))
+    assert {roles[f"replica_{i}"]["env"]["CUDA_VISIBLE_DEVICES"] for i in range(2)} == {""}
+    assert roles["lighthouse"]["args"][-2:] == ["--host-env", "TORCHX_RANK0_HOST"]  # no --print-summary
+
+
+@pytest.mark.parametrize("present", [None, 0, 1])
+def test_gpus_asked_on_a_machine_without_them_fail_early(tmp_path, cifar_root, fake_gpus, monkeypatch, present):
+    if present is None:
+        monkeypatch.setenv("PATH", str(Path(TORCHX).parent) + ":/usr/bin:/bin")  # no nvidia-smi at all
+    else:
+        fake_gpus(present)
+    out = tmp_path / "out"
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, replica_groups={"gpus": [0, 1]}))
+    err = refused("local_cwd", path)
+    if present is None or present == 0:
+        assert "replica_groups.gpus asks for GPU(s) [0, 1], but this machine has no NVIDIA GPU" in err
+    else:
+        assert "asks for GPU(s) [1], but this machine has 1 GPU(s) (indices 0..0)" in err
+    assert "gpus_per_group" in err and not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# Slurm
+
+
+def sbatch_groups(request: str) -> List[str]:
+    """The #SBATCH option lines, one per het-job group."""
+    return [line[len("#SBATCH "):] for line in request.splitlines()
+            if line.startswith("#SBATCH ") and line != "#SBATCH hetjob"]
+
+
+def srun_groups(request: str) -> List[List[str]]:
+    """srun's per-group argument lists (groups are separated by ':')."""
+    text = request.split("\nsrun ", 1)[1].split("\nexitcode=", 1)[0].replace(":\\\n", " : ")
+    groups: List[List[str]] = [[]]
+    for token in shlex.split(text):
+        if token == ":":
+            groups.append([])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def exports(group: List[str]) -> Dict[str, str]:
+    (export,) = [a for a in group if a.startswith("--export=")]
+    items = export[len("--export="):].split(",")  # exactly how srun splits it
+    assert items[0] == "ALL" and all("=" in i for i in items[1:]), f"a value with a comma broke --export: {export}"
+    return dict(i.split("=", 1) for i in items[1:])
+
+
+@pytest.mark.parametrize("count, gpu_cfg", [(2, {}), (3, {"gpus_per_group": 1})])
+def test_slurm_hetjob_per_role(tmp_path, cifar_root, count, gpu_cfg):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": count, "cpus": 3, "memory_mb": 3000, **gpu_cfg},
+                       lighthouse={"memory_mb": 700})
+    path = write_config(tmp_path, cfg)
+    request = dryrun("slurm", path, cfg="partition=batch,time=00:30:00")
+    sbatch = sbatch_groups(request)
+    assert [shlex.split(g)[0] for g in sbatch] == ["--job-name=lighthouse-0"] + [
+        f"--job-name=replica_{i}-0" for i in range(count)]
+    assert all("--partition=batch" in g and "--time=00:30:00" in g for g in sbatch)
+    assert "--cpus-per-task=1" in sbatch[0] and "--gpus-per-task" not in sbatch[0]
+    for g in sbatch[1:]:
+        assert "--cpus-per-task=3" in g
+        assert ("--gpus-per-task=1" in g) == bool(gpu_cfg)
+    # --mem unless the partition has under 1 GB (then torchx leaves memory out)
+    assert all("--mem=" in g for g in sbatch) or all("--mem=" not in g for g in sbatch)
+
+    groups = srun_groups(request)
+    assert len(groups) == count + 1
+    lh = groups[0]
+    assert lh[lh.index("-m") + 1] == "localsgd_ft.lighthouse"
+    assert lh[-2:] == ["--host-env", "SLURM_JOB_NODELIST_HET_GROUP_0"]  # no image: no --print-summary
+    for i, g in enumerate(groups[1:]):
+        env = exports(g)
+        assert env["REPLICA_GROUP_ID"] == str(i) and env["NUM_REPLICA_GROUPS"] == str(count)
+        # CPU groups are kept off GPUs; with a count Slurm sets what each group sees
+        assert ("CUDA_VISIBLE_DEVICES" in env) == (not gpu_cfg)
+        assert g[g.index("--group") + 1] == str(i)
+        assert g[-2:] == ["--host-env", "SLURM_JOB_NODELIST_HET_GROUP_0"]
+        assert load_config("whatever.yaml", embedded_arg(g)) == load_config(path)
+        assert "--kill-on-bad-exit=1" in g and f"--output=slurm-$SLURM_JOB_ID-replica_{i}-0.out" in g
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes (Volcano)
+
+K8S_CONFIGS = {
+    "cpu-2": {"replica_groups": {"count": 2, "cpus": 2, "memory_mb": 3072}},
+    "gpu-4": {"replica_groups": {"count": 4, "gpus_per_group": 1, "cpus": 8, "memory_mb": 16384}},
+    "cpu-3-faults": {"replica_groups": {"count": 3}, "lighthouse": {"min_replicas": 2},
+                     "faults": {"enabled": True, "schedule": [{"kind": "kill", "group": 1, "at_step": 50}]}},
+}
+
+
+def volcano_job(tmp_path: Path, cifar_root: Path, name: str) -> tuple:
+    cfg = small_config(tmp_path, cifar_root, name=name, **K8S_CONFIGS[name])
+    path = write_config(tmp_path, cfg)
+    job = yaml.safe_load(dryrun("kubernetes", path, "--image", IMAGE, cfg="queue=research"))
+    return job, cfg, path
+
+
+@pytest.mark.parametrize("name", sorted(K8S_CONFIGS))
+def test_kubernetes_volcano_job(tmp_path, cifar_root, name):
+    job, cfg, path = volcano_job(tmp_path, cifar_root, name)
+    count = cfg["replica_groups"]["count"]
+    per_group_gpus = cfg["replica_groups"].get("gpus_per_group", 0)
+    assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
+    spec = job["spec"]
+    assert spec["schedulerName"] == "volcano" and spec["queue"] == "research"
+    assert "svc" in spec["plugins"]  # DNS names for the pods: how the replicas find the lighthouse
+    # One group's crash never restarts the job: no job or task retries (torchrun restarts in the pod).
+    assert spec["maxRetry"] == 0
+    tasks = spec["tasks"]
+    assert [t["name"] for t in tasks] == ["lighthouse-0"] + [f"replica{i}-0" for i in range(count)]
+    for t in tasks:
+        assert t["replicas"] == 1 and "maxRetry" not in t and "policies" not in t
+        assert t["template"]["spec"]["restartPolicy"] == "Never"
+
+    def container(task: Dict[str, Any]) -> Dict[str, Any]:
+        (c,) = task["template"]["spec"]["containers"]
+        return c
+
+    lh = container(tasks[0])
+    assert lh["image"] == IMAGE and lh["command"][:3] == ["python", "-m", "localsgd_ft.lighthouse"]
+    assert "--print-summary" in lh["command"]  # the pod keeps no files: summary.json goes to the log
+    assert {p["name"]: p["containerPort"] for p in lh["ports"]} == {
+        "lighthouse": cfg["lighthouse"]["port"], "completion": cfg["lighthouse"]["port"] + 1}
+    assert "nvidia.com/gpu" not in lh["resources"]["limits"]
+    for i, task in enumerate(tasks[1:]):
+        c = container(task)
+        cmd = c["command"]
+        assert c["image"] == IMAGE and cmd[:3] == ["python", "-m", "localsgd_ft.replica"]
+        assert cmd[cmd.index("--group") + 1] == str(i)
+        assert cmd[cmd.index("--host-env") + 1] == "VC_LIGHTHOUSE_0_HOSTS"  # the lighthouse pod's DNS name
+        # No shared filesystem: the config travels in the command, byte for byte.
+        assert base64.b64decode(embedded_arg(cmd)).decode() == path.read_text()
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["REPLICA_GROUP_ID"] == str(i) and env["NUM_REPLICA_GROUPS"] == str(count)
+        assert ("CUDA_VISIBLE_DEVICES" in env) == (not per_group_gpus)
+        res = c["resources"]
+        if per_group_gpus:
+            assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == str(per_group_gpus)
+        else:
+            assert "nvidia.com/gpu" not in res["limits"] and "nvidia.com/gpu" not in res["requests"]
+        cpus = cfg["replica_groups"].get("cpus", 1)
+        mem = cfg["replica_groups"]["memory_mb"]
+        assert res["limits"] == {**res["limits"], "cpu": f"{cpus * 1000}m", "memory": f"{mem}M"}
+        assert res["requests"]["cpu"] == f"{cpus * 1000 - 100}m"  # torchx keeps 100m for the node
+
+
+@pytest.mark.parametrize("name", sorted(K8S_CONFIGS))
+def test_kubernetes_pods_validate_with_the_official_client(tmp_path, cifar_root, name):
+    k8s = pytest.importorskip("kubernetes")
+    job, _, _ = volcano_job(tmp_path, cifar_root, name)
+    client = k8s.client.ApiClient()
+
+    class Response:  # ApiClient.deserialize reads a response's JSON body
+        def __init__(self, obj: Any) -> None:
+            self.data = json.dumps(obj)
+
+    for task in job["spec"]["tasks"]:
+        template = client.deserialize(Response(task["template"]), "V1PodTemplateSpec")
+        # Unknown or misspelt fields would be dropped by the models: the round trip must be exact.
+        assert client.sanitize_for_serialization(template) == task["template"]
+        assert template.spec.containers[0].name == task["name"]
+
+
+def test_kubernetes_refuses_gpu_indices(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root, replica_groups={"gpus": [0, 1]}))
+    err = refused("kubernetes", path, "--image", IMAGE, cfg="queue=default")
+    assert "replica_groups.gpus lists device indices of one machine" in err
+    assert "replica_groups.gpus_per_group: 1" in err
+
+
+def test_shipped_cluster_config_on_every_scheduler():
+    """configs/cluster.yaml as the README's commands submit it."""
+    path = REPO / "configs/cluster.yaml"
+    job = yaml.safe_load(dryrun("kubernetes", path, "--image", IMAGE, cfg="queue=default"))
+    assert len(job["spec"]["tasks"]) == 5
+    request = dryrun("slurm", path, cfg="partition=gpu,time=02:00:00")
+    assert sum("--gpus-per-task=1" in g for g in sbatch_groups(request)) == 4
+
+
+def test_a_group_without_its_gpus_fails_the_run_early_with_the_reason(tmp_path, cifar_root, torchx_run):
+    """A real local run asking for a GPU count on this GPU-less machine: no torchrun starts, the run FAILS."""
+    if gpus.physical_gpus():
+        pytest.skip("this machine has GPUs")
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"gpus_per_group": 1})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert run.wait(90) != 0
+    out = "\n".join(run.lines)
+    assert "replica group 0 needs 1 GPU(s) but sees 0" in out and "LocalSGD: group" not in out  # no trainer started
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert not summary["succeeded"] and "needs 1 GPU(s) but sees 0" in summary["failure_reason"]
+    assert sorted(summary["lost_groups"]) == [0, 1]
