@@ -8,6 +8,8 @@ Measures, with the same model, batch size and one intra-op thread per process:
 1. pure compute: forward + backward + optimizer step on pre-made batches (the upper bound);
 2. the project's training loop for one group, torchft off (batches from ``ShardedBatches``:
    gather, batched crop/flip, normalise, then the same ``backward`` + ``optimizer.step``);
+   2b. two such loops in two processes at once: what this machine gives two busy
+   processes before any torchft (its cores share caches and memory bandwidth);
 3. the common torchvision pipeline: PIL transforms in 2 DataLoader worker processes;
 4. two replica groups under LocalSGD, launched with the real ``torchx run``, at
    sync_every 1, 10 and 100 (per-group and aggregate samples/s);
@@ -17,7 +19,8 @@ Methods 1 and 2 alternate over several rounds and the median is kept, so
 machine noise hits both alike. Prints a table, then one JSON line with
 ``loop_efficiency`` (2/1), ``ft_overhead_ratio`` (4 per group / 2, by
 sync_every), ``scaling_efficiency`` (4 aggregate / twice 2), ``torchvision_pipeline_ratio``
-(3/1) and ``peak_rss_gb``.
+(3/1), ``peak_rss_gb``, and, to tell torchft's cost from the machine's,
+``two_loops_ratio`` (2b per process / 2) and ``ft_overhead_vs_two_loops`` (4 per group / 2b).
 """
 
 from __future__ import annotations
@@ -56,6 +59,21 @@ def _timed(step: Callable[[int], None], steps: int, warmup: int) -> float:
     for s in range(warmup, warmup + steps):
         step(s)
     return (time.perf_counter() - t0) / steps
+
+
+def _loop_worker(data_root: str, batch_size: int, width: int, steps: int) -> None:
+    """``--loop-worker``: one process of method 2b; prints its seconds per step."""
+    torch.set_num_threads(1)
+    train, _ = load_cifar10(DataConfig(root=data_root, verify=False), torch.device("cpu"))
+    print(json.dumps(project_loop(ShardedBatches(train, 0, 1, batch_size, seed=0, augment=True), width, steps)))
+
+
+def two_loops(data_root: Path, batch_size: int, width: int, steps: int) -> float:
+    """Seconds per step of each of two project loops running at the same time (mean of both)."""
+    cmd = [sys.executable, __file__, "--loop-worker", str(data_root), "--batch-size", str(batch_size),
+           "--width", str(width), "--steps", str(steps)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    return statistics.mean(float(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs)
 
 
 def _model(width: int):
@@ -175,8 +193,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--loop-worker", metavar="DATA_ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    steps, rounds, ft_steps = (20, 2, 200) if args.quick else (60, 5, 1000)
+    if args.loop_worker:
+        _loop_worker(args.loop_worker, args.batch_size, args.width, args.steps)
+        return 0
+    steps, rounds, ft_steps = (20, 2, 200) if args.quick else (40, 5, 500)
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
@@ -190,6 +213,7 @@ def main() -> int:
             compute.append(pure_compute(batches, args.width, steps))
             loop.append(project_loop(batches, args.width, steps))
         t_compute, t_loop = statistics.median(compute), statistics.median(loop)
+        t_two = two_loops(tmp / "data", args.batch_size, args.width, 3 * steps)
         t_tv = torchvision_pipeline(train.images, train.labels, args.batch_size, args.width, steps)
 
         runs = {k: localsgd_run(tmp, tmp / "data", k, ft_steps, args.batch_size, args.width) for k in (1, 10, 100)}
@@ -198,9 +222,11 @@ def main() -> int:
     rows: List[tuple] = [
         ("1. pure compute (pre-made batches)", sps(t_compute), 1.0),
         ("2. project loop, 1 group, torchft off", sps(t_loop), t_compute / t_loop),
+        ("2b. two project loops at once: per process", sps(t_two), t_compute / t_two),
         ("3. torchvision PIL + DataLoader(2 workers)", sps(t_tv), t_compute / t_tv),
     ]
     ft_overhead: Dict[str, float] = {}
+    ft_vs_two: Dict[str, float] = {}
     scaling: Dict[str, float] = {}
     rss = []
     for k, summary in runs.items():
@@ -208,6 +234,7 @@ def main() -> int:
         per_group = statistics.mean(g["samples_per_s"] for g in groups)
         aggregate = sum(g["samples_per_s"] for g in groups)
         ft_overhead[str(k)] = round(per_group / sps(t_loop), 3)
+        ft_vs_two[str(k)] = round(per_group / sps(t_two), 3)
         scaling[str(k)] = round(aggregate / (2 * sps(t_loop)), 3)
         rss += [g["peak_rss_mb"] for g in groups]
         rows.append((f"4. LocalSGD 2 groups, sync_every={k}: per group", per_group, per_group / sps(t_compute)))
@@ -224,9 +251,11 @@ def main() -> int:
         "ft_overhead_ratio": ft_overhead,
         "scaling_efficiency": scaling,
         "torchvision_pipeline_ratio": round(t_compute / t_tv, 3),
+        "two_loops_ratio": round(t_loop / t_two, 3),
+        "ft_overhead_vs_two_loops": ft_vs_two,
         "peak_rss_gb": round(max(rss) / 1024, 3),
         "samples_per_s": {"compute": round(sps(t_compute)), "loop": round(sps(t_loop)),
-                          "torchvision": round(sps(t_tv))},
+                          "two_loops_per_process": round(sps(t_two)), "torchvision": round(sps(t_tv))},
     }
     print(json.dumps(result))
     return 0
