@@ -206,3 +206,15 @@ def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, tor
         assert g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) == 1000 - expected, g
     assert summary["final_test_accuracy"] > 0.8
     assert summary["checkpoints_written"] and min(c["step"] for c in summary["checkpoints_written"]) > expected
+
+
+def test_gpu_path_options_run_on_cpu(tmp_path, cifar_root, torchx_run):
+    """channels_last + bf16 autocast (the GPU path's options) train for real and keep groups identical."""
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 100, "eval_every": 0, "channels_last": True,
+                                                    "bf16": True})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert _finish(run, path) == 0, run.tail()
+    summary = _summary(cfg)
+    assert summary["succeeded"] and summary["params_identical"]
+    assert summary["final_test_accuracy"] > 0.3, summary["final_test_accuracy"]
