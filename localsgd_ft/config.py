@@ -122,7 +122,12 @@ class TrainConfig:
     channels_last: bool = doc(False, "Keep images and conv weights in channels_last memory format (faster convolutions on GPU).")
     bf16: bool = doc(False, "Run forward and loss under bfloat16 autocast (GPU; weights and optimizer stay float32).")
     compile: bool = doc(False, "torch.compile the model (worth it on GPU for long runs; compiling takes a while).")
-    log_every: int = doc(100, "Print 'LocalSGD: Number of local optimizer steps completed: N' every N steps.")
+    log_every: int = doc(
+        100,
+        "Progress cadence: every N local steps each group prints 'LocalSGD: Number of local optimizer steps "
+        "completed: N' and a progress line (step/max, loss, accuracy, samples/s, quorum, ETA) and appends "
+        "a 'train' event to its metrics file.",
+    )
 
 
 @dataclass

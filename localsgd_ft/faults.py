@@ -14,16 +14,18 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any, List
+from typing import Any, List, Optional
 
 from .config import ExperimentConfig, Fault
 from .control import CompletionClient
+from .metrics import MetricsLog
 
 
 class FaultInjector:
     def __init__(self, cfg: ExperimentConfig, group: int, manager: Any, completion: CompletionClient,
-                 already_fired: List[int]) -> None:
+                 already_fired: List[int], metrics: Optional[MetricsLog] = None) -> None:
         self.group = group
+        self.metrics = metrics
         self.manager = manager
         self.completion = completion
         self.pending: List[Fault] = [
@@ -38,6 +40,9 @@ class FaultInjector:
             first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
                                           target=fault.group, step=step, duration_s=fault.duration_s)
             if first:
+                if self.metrics is not None:  # written before a kill can lose it
+                    self.metrics.add("fault", step, flush=True, fault=fault.kind, fault_id=fault.id,
+                                     target=fault.group, duration_s=fault.duration_s)
                 self._inject(fault, step)
 
     def _inject(self, fault: Fault, step: int) -> None:

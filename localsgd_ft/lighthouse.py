@@ -13,8 +13,11 @@ Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env
 - A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
   ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
   the remaining groups are told to stop, and the run fails with that reason.
-- When every group has reported its end it writes ``summary.json`` and exits
-  0 if enough groups trained to the end with identical parameters, else 1.
+- When every group has reported its end it writes ``summary.json``, runs the
+  report (``python -m localsgd_ft.report``: plots and the summary table, in a
+  subprocess so matplotlib never enters this small process and a plotting
+  problem cannot change the verdict) and exits 0 if enough groups trained to
+  the end with identical parameters, else 1.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from .checkpoint import move_aside
 from .config import ExperimentConfig
 from .files import peak_rss_mb, write_json_atomic
 from .lighthouse_server import command as lighthouse_command
+from .metrics import metrics_dir
 from .summary import build_summary
+
+REPORT_TIMEOUT_S = 120
 
 
 class SupervisedLighthouse:
@@ -119,6 +125,10 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         moved = move_aside(cfg.checkpoint_dir)
         if moved:
             print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
+    # The metrics files and the report describe this job; a previous job's are kept beside them.
+    old_metrics = move_aside(metrics_dir(cfg.run_dir))
+    if old_metrics:
+        print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
     bind_host = roles.bind_address(host)
     lighthouse = SupervisedLighthouse(cfg, bind_host)
     lighthouse.start()
@@ -137,8 +147,10 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
 
     state.on_event = on_event
     completion = control.serve("" if bind_host == "::" else bind_host, cfg.lighthouse.port + 1, state)
-    print(f"lighthouse: serving {roles.lighthouse_url(cfg, host)} (dashboard at /), bound to {bind_host}; "
+    print(f"lighthouse: serving {roles.lighthouse_url(cfg, host)}, bound to {bind_host}; "
           f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
+    print(f"lighthouse: dashboard: {roles.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
+          flush=True)
     if cfg.fault_plan:
         print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
               + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan), flush=True)
@@ -167,11 +179,26 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     if print_summary:
         # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
         print("lighthouse: SUMMARY_JSON " + json.dumps(summary, separators=(",", ":")), flush=True)
+    report_ok = _run_report(cfg)
     verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
     why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
     print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
-          f"summary: {cfg.run_dir / 'summary.json'}", flush=True)
+          f"summary: {cfg.run_dir / 'summary.json'}"
+          + (f"; report: {cfg.run_dir / 'report'}" if report_ok else ""), flush=True)
     return 0 if summary["succeeded"] else 1
+
+
+def _run_report(cfg: ExperimentConfig) -> bool:
+    """Print the summary table and write the plots; True if the report was written."""
+    try:
+        code = subprocess.run([sys.executable, "-m", "localsgd_ft.report", str(cfg.run_dir)],
+                              timeout=REPORT_TIMEOUT_S).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"lighthouse: the report could not be made: {e}", flush=True)
+        return False
+    if code != 0:
+        print(f"lighthouse: the report exited with {code} (see above); summary.json is complete", flush=True)
+    return code == 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

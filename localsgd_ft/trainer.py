@@ -33,6 +33,7 @@ from .control import CompletionClient
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
 from .faults import FaultInjector
 from .files import peak_rss_mb, write_json_atomic
+from .metrics import MetricsLog, metrics_path
 from .model import build_model
 
 log = logging.getLogger("localsgd_ft.trainer")
@@ -46,21 +47,35 @@ class SyncMonitor:
     peer to time out, or for a lighthouse to come back. A group is *disrupted*
     after a stall, a failed or partial sync, a restart or a hang; its next
     committed sync with every group in it is reported as ``recovered``.
+
+    Stalls, recoveries, failed syncs and every change of the quorum (id or
+    size) also go to the group's metrics log.
     """
 
     STALL_FACTOR = 5.0
     STALL_MIN_S = 0.25
 
     def __init__(self, group: int, num_groups: int, completion: CompletionClient, disrupted: bool,
-                 fingerprint: Callable[[], str]) -> None:
+                 fingerprint: Callable[[], str], metrics: Optional[MetricsLog],
+                 healed_from: Callable[[], Optional[int]]) -> None:
         self.group, self.num_groups, self.completion = group, num_groups, completion
         self.fingerprint = fingerprint  # parameters' hash, sent with "recovered" so rejoins can be checked
+        self.metrics = metrics
+        self.healed_from = healed_from  # the group whose live state we last loaded (None: none yet)
         self.disrupted = disrupted
+        self.disrupted_at: Optional[float] = time.monotonic() if disrupted else None
         self.recent: Deque[float] = deque(maxlen=50)
         self.attempted = self.committed = 0
         self.total_s = self.max_s = 0.0
+        self.quorum: Tuple[int, int] = (-1, 0)  # (id, size) of the last sync's quorum
 
-    def after_sync(self, manager: Any, step: int, duration: float, committed: bool) -> None:
+    def disrupt(self, since: Optional[float] = None) -> None:
+        """Mark the group disrupted (from ``since``, a monotonic time; default now)."""
+        if not self.disrupted:
+            self.disrupted, self.disrupted_at = True, time.monotonic() if since is None else since
+
+    def after_sync(self, manager: Any, step: int, local_step: int, duration: float, committed: bool) -> None:
+        """Account for the sync that just ended; ``step`` is the training step after it."""
         self.attempted += 1
         self.committed += committed
         self.total_s += duration
@@ -68,19 +83,33 @@ class SyncMonitor:
         typical = sorted(self.recent)[len(self.recent) // 2] if self.recent else None
         self.recent.append(duration)
         participants = manager.num_participants()
+        # torchft has no public accessor for the quorum id; it is the one value that tells a new
+        # quorum of the same size (a group swapped) from the old one, so we read the private field.
+        quorum = (int(getattr(manager, "_quorum_id", -1)), participants)
+        if quorum != self.quorum or not committed:
+            self.quorum = quorum
+            self._record("sync", step, local_step=local_step, committed=committed, duration_s=round(duration, 3),
+                         quorum_id=quorum[0], quorum_size=participants, global_sync=manager.current_step())
         if typical is not None and duration > max(self.STALL_MIN_S, self.STALL_FACTOR * typical):
-            self.disrupted = True
-            self._report("sync_stall", step=step, duration_s=round(duration, 3), committed=committed,
-                         participants=participants)
+            self.disrupt(since=time.monotonic() - duration)
+            self._report("sync_stall", step=step, local_step=local_step, duration_s=round(duration, 3),
+                         committed=committed, participants=participants)
         if not committed or participants < self.num_groups:
-            self.disrupted = True
+            self.disrupt()
         elif self.disrupted:
             self.disrupted = False
-            self._report("recovered", step=step, participants=participants,
-                         global_sync=manager.current_step(), params_sha256=self.fingerprint())
+            since = round(time.monotonic() - self.disrupted_at, 3) if self.disrupted_at is not None else None
+            self._report("recovered", step=step, local_step=local_step, participants=participants,
+                         global_sync=manager.current_step(), params_sha256=self.fingerprint(),
+                         healed_from=self.healed_from(), disrupted_s=since)
 
-    def _report(self, kind: str, **fields: Any) -> None:
-        report(self.completion, self.group, kind, **fields)
+    def _record(self, kind: str, step: int, flush: bool = False, **fields: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.add(kind, step, flush=flush, **fields)
+
+    def _report(self, kind: str, step: int, **fields: Any) -> None:
+        self._record(kind, step, flush=kind == "recovered", **fields)
+        report(self.completion, self.group, kind, step=step, **fields)
 
 
 def report(completion: CompletionClient, group: int, kind: str, **fields: Any) -> None:
@@ -146,21 +175,24 @@ def _device(cfg: ExperimentConfig, group: int) -> torch.device:
 
 
 def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.Module,
-             optimizer: torch.optim.Optimizer, progress: Dict[str, int]) -> Any:
+             optimizer: torch.optim.Optimizer, progress: Dict[str, int], healed: Dict[str, int]) -> Any:
     from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
     timeout = timedelta(seconds=cfg.localsgd.timeout_s)
     pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
 
     # What live recovery hands a joining group: weights, optimizer state, and how the
-    # committed-sync count maps to training steps (see train()).
+    # committed-sync count maps to training steps (see train()), and which group sent it
+    # (torchft keeps the recovery source to itself; the metrics say whom a group healed from).
     def state_dict() -> Dict[str, Any]:
-        return {"model": model.state_dict(), "optim": optimizer.state_dict(), "progress": dict(progress)}
+        return {"model": model.state_dict(), "optim": optimizer.state_dict(), "progress": dict(progress),
+                "group": group}
 
     def load_state_dict(sd: Dict[str, Any]) -> None:
         model.load_state_dict(sd["model"])
         optimizer.load_state_dict(sd["optim"])
         progress.update(sd["progress"])
+        healed["from"] = sd["group"]
 
     return Manager(
         pg=pg,
@@ -204,7 +236,8 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     # Committed syncs that trained nothing: each job start in sync mode begins with one
     # alignment sync. Training step = (committed syncs - offset) x sync_every + local steps.
     progress = {"offset": cfg.initial_syncs}
-    manager = _manager(cfg, group, device, model, optimizer, progress)
+    healed: Dict[str, int] = {}
+    manager = _manager(cfg, group, device, model, optimizer, progress, healed)
 
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
     found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
@@ -219,17 +252,25 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     print(f"LocalSGD: group {group}: {how}", flush=True)
 
     completion = CompletionClient(os.environ[roles.COMPLETION_ENV])
+    metrics: Optional[MetricsLog] = None
     if rank == 0:
         completion.started(group)
+        # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
+        metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
         if restarts == 0:
             report(completion, group, "resumed", step=resumed_from)
     started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
     print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
           f"training to step {cfg.train.max_steps}", flush=True)
-    faults = FaultInjector(cfg, group, manager, completion, completion.status()["fired"]) if cfg.fault_plan else None
+    if metrics is not None:
+        metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
+                    max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
+    faults = (FaultInjector(cfg, group, manager, completion, completion.status()["fired"], metrics)
+              if cfg.fault_plan else None)
     # A restarted group is disrupted until its first committed sync with every group in it.
     monitor = SyncMonitor(group, cfg.replica_groups.count, completion, disrupted=restarts > 0,
-                          fingerprint=lambda: params_sha256(model))
+                          fingerprint=lambda: params_sha256(model), metrics=metrics,
+                          healed_from=lambda: healed.get("from"))
 
     sync_every = cfg.localsgd.sync_every
     steps = 0  # local optimizer steps of this incarnation
@@ -247,13 +288,14 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     evals: List[Dict[str, float]] = []
     written: List[int] = []
     t0 = time.monotonic()
+    window = {"t": t0, "steps": 0, "paused_s": 0.0}  # since the last progress line (evaluations excluded)
     with LocalSGD(manager, model, optimizer, sync_every=sync_every) as local_sgd:
         if cfg.initial_syncs:
             # A joining group takes the live weights before its first step; at a fresh
             # start this first quorum simply lines every group up on identical weights.
             before, t_sync = manager.current_step(), time.monotonic()
             local_sgd.sync()
-            monitor.after_sync(manager, 0, time.monotonic() - t_sync, manager.current_step() > before)
+            monitor.after_sync(manager, train_step(), 0, time.monotonic() - t_sync, manager.current_step() > before)
         while not done():
             images, labels = batches.batch(train_step())
             loss = backward(forward, optimizer, images, labels, cfg.train.bf16)
@@ -263,7 +305,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
             loss_sum += loss
             if steps % sync_every == 0:
                 committed = manager.current_step() > before
-                monitor.after_sync(manager, steps, time.monotonic() - t_step, committed)
+                monitor.after_sync(manager, train_step(), steps, time.monotonic() - t_step, committed)
                 syncs = manager.current_step() - progress["offset"]
                 # Exactly one group saves: the one ranked 0 in the quorum that just committed.
                 if (committed and cfg.checkpoint.enabled and syncs % cfg.checkpoint.every_syncs == 0
@@ -271,20 +313,26 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
                     written.append(_save_checkpoint(cfg, batches, model, optimizer, manager, train_step(),
                                                     progress["offset"]))
                     report(completion, group, "checkpoint", step=written[-1], sync=manager.current_step())
+                    if metrics is not None:
+                        metrics.add("checkpoint", written[-1], global_sync=manager.current_step())
             if faults is not None:
                 faults.maybe_inject(train_step())
                 if faults.hung:  # we were frozen: count as disrupted until a full commit
-                    faults.hung, monitor.disrupted = False, True
-            if steps % cfg.train.log_every == 0:
-                print(f"LocalSGD: Number of local optimizer steps completed: {steps}", flush=True)
-                print(f"LocalSGD: group {group} step {steps} train_step {train_step()}/{cfg.train.max_steps} "
-                      f"committed_syncs {manager.current_step()} loss {loss_sum.item() / cfg.train.log_every:.4f}",
-                      flush=True)
-                loss_sum.zero_()
+                    faults.hung = False
+                    monitor.disrupt()
             if cfg.train.eval_every and steps % cfg.train.eval_every == 0:
+                t_eval = time.monotonic()
                 acc = evaluate(model, eval_data())
+                window["paused_s"] += time.monotonic() - t_eval
                 evals.append({"step": steps, "test_accuracy": acc})
                 print(f"LocalSGD: group {group} step {steps} test_accuracy {acc:.4f}", flush=True)
+                if metrics is not None:
+                    metrics.add("eval", train_step(), flush=True, local_step=steps, test_accuracy=acc)
+            if steps % cfg.train.log_every == 0:
+                # The only host sync for the loss: once per progress line, never per step.
+                _progress(cfg, group, steps, train_step(), loss_sum.item() / cfg.train.log_every,
+                          optimizer.param_groups[0]["lr"], evals, monitor, manager.current_step(), window, metrics)
+                loss_sum.zero_()
     train_time = time.monotonic() - t0
 
     final_acc = evaluate(model, eval_data())
@@ -293,6 +341,11 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     manager.shutdown(wait=False)
     print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
           f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
+    samples_per_s = round(steps * cfg.data.batch_size / train_time, 1) if train_time > 0 else None
+    if metrics is not None:
+        metrics.add("end", train_step(), flush=True, local_step=steps, test_accuracy=final_acc,
+                    syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
+                    global_sync=committed_total, samples_per_s=samples_per_s, train_time_s=round(train_time, 3))
     return {
         "steps": steps,
         "syncs_attempted": monitor.attempted,
@@ -307,9 +360,39 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         "final_test_accuracy": final_acc,
         "evals": evals,
         "train_time_s": round(train_time, 3),
-        "samples_per_s": round(steps * cfg.data.batch_size / train_time, 1) if train_time > 0 else None,
+        "samples_per_s": samples_per_s,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _progress(cfg: ExperimentConfig, group: int, steps: int, step: int, loss: float, lr: float,
+              evals: List[Dict[str, float]], monitor: SyncMonitor, global_sync: int, window: Dict[str, float],
+              metrics: Optional[MetricsLog]) -> None:
+    """Print the progress line(s) and record a ``train`` event; then start a new measuring window."""
+    now = time.monotonic()
+    busy = max(now - window["t"] - window["paused_s"], 1e-9)
+    steps_per_s = (steps - window["steps"]) / busy
+    samples_per_s = steps_per_s * cfg.data.batch_size
+    left = max(cfg.train.max_steps - step, 0)
+    eta = _duration(left / steps_per_s) if steps_per_s > 0 else "?"
+    acc = f"{evals[-1]['test_accuracy']:.4f}" if evals else "-"
+    print(f"LocalSGD: Number of local optimizer steps completed: {steps}", flush=True)
+    print(f"LocalSGD: group {group} step {steps} train_step {step}/{cfg.train.max_steps} "
+          f"({100 * step // cfg.train.max_steps}%) loss {loss:.4f} acc {acc} samples/s {samples_per_s:.0f} "
+          f"quorum {monitor.quorum[1]}/{cfg.replica_groups.count} committed_syncs {global_sync} eta {eta}",
+          flush=True)
+    if metrics is not None:
+        metrics.add("train", step, flush=True, local_step=steps, loss=round(loss, 5), lr=lr,
+                    samples_per_s=round(samples_per_s, 1), quorum_id=monitor.quorum[0],
+                    quorum_size=monitor.quorum[1], global_sync=global_sync,
+                    syncs_committed=monitor.committed, syncs_attempted=monitor.attempted)
+    window.update(t=now, steps=steps, paused_s=0.0)
+
+
+def _duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``: short enough for a progress line."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _save_checkpoint(cfg: ExperimentConfig, batches: ShardedBatches, model: nn.Module,
