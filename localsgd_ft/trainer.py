@@ -246,8 +246,12 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         state = checkpoint.load(found, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        manager.load_state_dict(state["manager"])
-        progress["offset"] = int(state["offset"]) + cfg.initial_syncs
+        # Re-enter one alignment sync before the checkpoint (sync mode): after a whole-job restart
+        # that sync brings every group back to the saved count; a group that restarts while
+        # others still train is then behind them, so it heals from them rather than trusting
+        # a checkpoint they have already moved past.
+        manager.load_state_dict({**state["manager"], "step": state["manager"]["step"] - cfg.initial_syncs})
+        progress["offset"] = int(state["offset"])
         resumed_from = int(state["step"])
     print(f"LocalSGD: group {group}: {how}", flush=True)
 

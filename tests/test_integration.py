@@ -66,7 +66,10 @@ def test_two_groups_train_and_agree(tmp_path, cifar_root, torchx_run, recovery):
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_killed_worker_is_restarted_and_rejoins(tmp_path, cifar_root, torchx_run, recovery):
-    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1200})
+    # A checkpoint at every sync: the restarted group finds one at (or near) the live step, and
+    # must still heal from the live group instead of trusting the file.
+    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1200},
+                       checkpoint={"every_syncs": 1})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
     run.wait_for_line(lambda line: re.search(r"group 1 step 100 ", line) is not None, timeout=120)
