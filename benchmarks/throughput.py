@@ -144,10 +144,7 @@ def torchvision_pipeline(images: torch.Tensor, labels: torch.Tensor, batch_size:
         backward(model, opt, x, y, False)
         opt.step()
 
-    try:
-        return _timed(step, steps, warmup=5)
-    finally:
-        del it, loader
+    return _timed(step, steps, warmup=5)  # the worker processes end with the loader
 
 
 def _free_port_pair() -> int:

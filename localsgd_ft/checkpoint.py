@@ -19,7 +19,6 @@ uses it to check a resume before launching.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import ConfigError, ExperimentConfig, to_dict
-from .files import write_json_atomic
+from .files import file_digest, write_json_atomic
 
 # Config keys a checkpoint cannot outlive: changing one changes what the saved
 # state means. Everything else (max_steps, eval cadence, timeouts, faults, ...) may change.
@@ -56,14 +55,6 @@ class Found:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _lookup(d: Dict[str, Any], dotted: str) -> Any:
@@ -95,7 +86,7 @@ def list_valid(directory: Path, warn: bool = True) -> List[Found]:
             meta = json.loads(meta_path.read_text())
             if not pt.is_file():
                 problem = "its .pt file is missing"
-            elif _sha256(pt) != meta["sha256"]:
+            elif file_digest(pt, "sha256") != meta["sha256"]:
                 problem = "its .pt file does not match the recorded SHA-256 (truncated or corrupt)"
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"unreadable metadata ({type(e).__name__}: {e})"
@@ -116,7 +107,7 @@ def load(found: Found, device: Any) -> Dict[str, Any]:
     """The checkpoint's payload; its checksum is verified again right before unpickling."""
     import torch
 
-    if _sha256(found.path) != found.meta["sha256"]:
+    if file_digest(found.path, "sha256") != found.meta["sha256"]:
         raise ConfigError(f"checkpoint {found.path} changed on disk since it was validated")
     return torch.load(found.path, map_location=device, weights_only=True)
 
@@ -138,7 +129,7 @@ def save(cfg: ExperimentConfig, payload: Dict[str, Any], step: int, sync: int) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    meta = {"step": step, "sync": sync, "sha256": _sha256(pt), "time": time.time(), "file": pt.name,
+    meta = {"step": step, "sync": sync, "sha256": file_digest(pt, "sha256"), "time": time.time(), "file": pt.name,
             "config": to_dict(cfg)}
     write_json_atomic(pt.with_suffix(".json"), meta)
     for old in list_valid(directory, warn=False)[cfg.checkpoint.keep:]:

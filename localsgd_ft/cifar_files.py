@@ -11,13 +11,13 @@ values torchvision checks (a unit test keeps the two in step).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import pickle
 from pathlib import Path
 from typing import List, Tuple
 
 from .config import DataConfig
+from .files import file_digest
 
 FOLDER = "cifar-10-batches-py"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -52,14 +52,6 @@ class _ArraysOnly(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise DataError(f"refusing to unpickle {module}.{name}: not a CIFAR-10 batch file")
         return super().find_class(module, name)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_batch(path: Path) -> dict:
@@ -100,7 +92,7 @@ def locate(cfg: DataConfig) -> Path:
             f"'{FOLDER}'."
         )
     if cfg.verify:
-        bad = [name for name, md5 in needed if _md5(folder / name) != md5]
+        bad = [name for name, md5 in needed if file_digest(folder / name, "md5") != md5]
         if bad:
             raise DataError(
                 f"{folder.resolve()} is not the official CIFAR-10: checksum mismatch for {', '.join(bad)}. "

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torchx.specs as specs
-import yaml
 from torchx.specs.finder import ComponentValidationException, get_component
 
 from conftest import REPO, TORCHX, small_config, write_config

@@ -198,7 +198,7 @@ def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, tor
 
     second = torchx_run(path)  # the same command again
     assert _finish(second, path) == 0, second.tail()
-    assert any(f"resuming from checkpoint" in line and f"(step {expected})" in line for line in second.lines)
+    assert any("resuming from checkpoint" in line and f"(step {expected})" in line for line in second.lines)
     if recovery == "sync":
         assert any("WARNING: skipping checkpoint" in line for line in second.lines)
     summary = _summary(cfg)
