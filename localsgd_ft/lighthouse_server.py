@@ -1,7 +1,7 @@
 """torchft's lighthouse as a process of its own, which the lighthouse role supervises and restarts.
 
 ``python -m localsgd_ft.lighthouse_server --bind HOST:PORT --min_replicas N ...``
-serves until SIGTERM. It loads torchft's native extension without importing
+serves until SIGTERM, or until its parent (the lighthouse role) is gone. It loads torchft's native extension without importing
 torch (``torchft/__init__`` does), so it needs about 20 MB instead of 600 MB.
 """
 
@@ -18,6 +18,8 @@ from types import ModuleType
 from typing import List, Optional
 
 from .config import LighthouseConfig
+
+ORPHAN_POLL_S = 0.5
 
 
 def torchft_native() -> ModuleType:
@@ -66,7 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    parent = os.getppid()
+    # If the lighthouse role is killed outright (SIGKILL), nobody stops us: leave with it
+    # rather than hold the port against the next run.
+    while not stop.wait(ORPHAN_POLL_S) and os.getppid() == parent:
+        pass
     server.shutdown()
     return 0
 

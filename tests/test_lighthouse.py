@@ -183,3 +183,22 @@ def test_bad_report_is_rejected(lighthouse):
     with pytest.raises(urllib.error.HTTPError) as e:
         client._call("/finished", {"group": 7})
     assert e.value.code == 400
+
+
+def test_lighthouse_child_leaves_with_a_killed_role(lighthouse):
+    proc, client, cfg, port = lighthouse
+    client.started(0, deadline_s=30)
+    child = _lighthouse_child(port)
+    os.kill(proc.pid, signal.SIGKILL)  # the role dies without cleaning up
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        try:
+            if b"zombie" in Path(f"/proc/{child}/status").read_bytes().lower():
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        if Path(f"/proc/{child}").exists():
+            raise AssertionError("the torchft lighthouse outlived its role")
