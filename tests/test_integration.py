@@ -41,6 +41,12 @@ def _trainer_pid(config: Path, group: int) -> int:
     raise AssertionError(f"no trainer process for group {group}")
 
 
+def _kill_trainer_at(run, config: Path, group: int, step: int) -> None:
+    """SIGKILL group ``group``'s worker once it has logged local step ``step`` (a machine loss)."""
+    run.wait_for_line(lambda line: re.search(rf"group {group} step {step} ", line) is not None, timeout=120)
+    os.kill(_trainer_pid(config, group), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_two_groups_train_and_agree(tmp_path, cifar_root, torchx_run, recovery):
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery})
@@ -72,8 +78,7 @@ def test_killed_worker_is_restarted_and_rejoins(tmp_path, cifar_root, torchx_run
                        checkpoint={"every_syncs": 1})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    run.wait_for_line(lambda line: re.search(r"group 1 step 100 ", line) is not None, timeout=120)
-    os.kill(_trainer_pid(path, 1), signal.SIGKILL)
+    _kill_trainer_at(run, path, group=1, step=100)
     code = _finish(run, path)
     assert code == 0, run.tail()
 
@@ -99,8 +104,7 @@ def test_group_out_of_restarts_is_lost_and_the_rest_finish(tmp_path, cifar_root,
     cfg = small_config(tmp_path, cifar_root, replica_groups={"max_restarts": 0}, train={"max_steps": 600})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    run.wait_for_line(lambda line: re.search(r"group 1 step 50 ", line) is not None, timeout=120)
-    os.kill(_trainer_pid(path, 1), signal.SIGKILL)
+    _kill_trainer_at(run, path, group=1, step=50)
     code = _finish(run, path)
     assert code == 0, run.tail()  # min_replicas 1: group 0 may finish alone
     summary = _summary(cfg)
@@ -114,8 +118,7 @@ def test_too_few_groups_left_fails_fast_with_the_reason(tmp_path, cifar_root, to
                        train={"max_steps": 1200})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    run.wait_for_line(lambda line: re.search(r"group 1 step 50 ", line) is not None, timeout=120)
-    os.kill(_trainer_pid(path, 1), signal.SIGKILL)
+    _kill_trainer_at(run, path, group=1, step=50)
     code = _finish(run, path)
     assert code != 0 and any("Job finished: FAILED" in line for line in run.lines), run.tail()
     summary = _summary(cfg)
