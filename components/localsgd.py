@@ -6,7 +6,9 @@ scheduler sections). Every role gets the YAML's text embedded (base64, in
 filesystem with the machine that ran ``torchx run``.
 """
 
+import atexit
 import sys
+import time
 from typing import Dict, List
 
 import torchx.specs as specs
@@ -15,7 +17,9 @@ from torchx.specs.finder import ComponentValidationException
 from localsgd_ft.config import ConfigError, embed_config, load_config
 from localsgd_ft.cifar_files import DataError, locate
 from localsgd_ft.checkpoint import resume_point
+from localsgd_ft.client import is_local_launch, say_how_to_resume
 from localsgd_ft.gpus import check_local_lists
+from localsgd_ft.lifecycle import new_identity
 from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
 
 
@@ -53,13 +57,14 @@ def localsgd(
             f"replica_groups.gpus_per_group: {cfg.gpus_per_group} and replica_groups.gpus: [] instead"
         )
     if not image:
-        # No image: the roles run on this filesystem (local_cwd, or Slurm with a shared one),
-        # so catch missing data and absent GPUs before any process starts.
-        if not cfg.data.download:
-            try:
-                locate(cfg.data)
-            except DataError as e:
-                raise ComponentValidationException(f"{config}: {e}") from None
+        # No image: the roles run on this filesystem (local_cwd, or Slurm with a shared one), so
+        # catch missing data and absent GPUs before any process starts, and download CIFAR-10 here,
+        # once, rather than in every group (each role still checks it before its torchrun starts).
+        try:
+            # A dry run only plans: it checks data that should be there but fetches nothing.
+            locate(cfg.data, download=cfg.data.download and "--dryrun" not in sys.argv)
+        except DataError as e:
+            raise ComponentValidationException(f"{config}: {e}") from None
         gpu_problem = check_local_lists(cfg)
         if gpu_problem:
             raise ComponentValidationException(f"{config}: {gpu_problem}")
@@ -71,11 +76,16 @@ def localsgd(
         except ConfigError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
 
+    if is_local_launch(sys.argv):
+        atexit.register(say_how_to_resume, cfg, time.time())
+
     # Locally (and on Slurm) the roles run from the current virtualenv; in an image, its `python`.
     python = "python" if image else sys.executable
     config_args = ["--config", config, "--config-b64", embedded]
     host_env = ["--host-env", specs.macros.rank0_env]
-    common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0"}
+    # One identity per launch, in every role's environment (never its command line): the
+    # completion service refuses anyone without the token, torchft replica ids carry the run id.
+    common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0", **new_identity(cfg.name)}
     # A container keeps no files after it ends: print summary.json to the lighthouse's log too.
     print_summary: List[str] = ["--print-summary"] if image else []
 

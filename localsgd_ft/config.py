@@ -68,7 +68,11 @@ class LocalSGDConfig:
         120.0,
         "How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus one sync interval.",
     )
-    quorum_retries: int = doc(0, "Quorum retries before a group gives up (lets groups ride through a lighthouse restart).")
+    quorum_retries: int = doc(
+        3,
+        "Quorum retries before a group gives up; > 0 lets the groups ride through a restart of the lighthouse "
+        "(torchft waits quorum_timeout_s / (retries + 1) between tries).",
+    )
 
 
 @dataclass
@@ -80,6 +84,11 @@ class LighthouseConfig:
     heartbeat_timeout_ms: int = doc(
         5000, "Silence after which a group counts as dead; survivors stall about this long after a failure."
     )
+    role_timeout_s: float = doc(
+        15.0,
+        "A replica role sends a heartbeat every second; one silent this long (its node gone, its wrapper "
+        "killed) is declared lost, and the run goes on without it or ends, as for any lost group.",
+    )
     cpus: int = doc(1, "CPUs requested for the lighthouse role from the scheduler.")
     memory_mb: int = doc(1536, "Memory requested for the lighthouse role, in MiB (it uses about 30 MB; "
                                "Kubernetes requests this minus torchx's 1024 MB node reserve).")
@@ -88,7 +97,14 @@ class LighthouseConfig:
 @dataclass
 class DataConfig:
     root: str = doc("data", "Directory holding (or receiving) CIFAR-10's 'cifar-10-batches-py' folder.")
-    download: bool = doc(False, "Download CIFAR-10 into root when it is missing.")
+    download: bool = doc(False, "Download CIFAR-10 into root when it is missing (once, before training starts).")
+    url: str = doc(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "Where to download CIFAR-10's python archive from (a mirror must serve the official file: its "
+        "checksum is checked unless verify is false).",
+    )
+    download_timeout_s: float = doc(600.0, "The download must finish within this many seconds (and a stalled "
+                                           "connection gives up after 30 s).")
     verify: bool = doc(
         True, "Enforce the official CIFAR-10 checksums. Set false to use a CIFAR-format subset or fixture on purpose."
     )
@@ -351,6 +367,16 @@ def _check(cfg: ExperimentConfig) -> None:
         for i, g in enumerate(cfg.group_gpus):
             need(len(g) == rg.workers and all(x >= 0 for x in g), f"replica_groups.gpus[{i}]", rg.gpus[i],
                  f"expected {rg.workers} non-negative GPU index(es) per group (one per worker)")
+    if rg.gpus:
+        owner: dict = {}
+        for i, g in enumerate(cfg.group_gpus):
+            for x in g:
+                if x in owner:
+                    raise ConfigError(
+                        f"replica_groups.gpus: GPU {x} is given to groups {owner[x]} and {i}; NCCL cannot put two "
+                        "members of one collective on the same device (it fails every sync with 'Duplicate GPU "
+                        "detected'): give each group its own GPU(s), or use fewer groups")
+                owner[x] = i
     need(rg.gpus_per_group in (0, rg.workers), "replica_groups.gpus_per_group", rg.gpus_per_group,
          f"expected 0 (CPU) or replica_groups.workers ({rg.workers}): one GPU per worker")
     if rg.gpus and rg.gpus_per_group:
@@ -368,10 +394,15 @@ def _check(cfg: ExperimentConfig) -> None:
     need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
     need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
          f"expected 1..replica_groups.count ({rg.count})")
+    need(lh.role_timeout_s >= 3, "lighthouse.role_timeout_s", lh.role_timeout_s,
+         "expected at least 3 seconds (roles send a heartbeat every second)")
     need(lh.cpus >= 1, "lighthouse.cpus", lh.cpus, "expected an integer >= 1")
     need(lh.memory_mb >= 256, "lighthouse.memory_mb", lh.memory_mb, "expected at least 256")
     for k in ("join_timeout_ms", "quorum_tick_ms", "heartbeat_timeout_ms"):
         need(getattr(lh, k) >= 1, f"lighthouse.{k}", getattr(lh, k), "expected an integer >= 1")
+    need(cfg.data.download_timeout_s > 0, "data.download_timeout_s", cfg.data.download_timeout_s,
+         "expected a number > 0")
+    need(cfg.data.url.startswith(("http://", "https://")), "data.url", cfg.data.url, "expected an http(s) URL")
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "expected an integer >= 1")
     need(cfg.model.arch in ("cnn", "resnet"), "model.arch", cfg.model.arch, "expected 'cnn' or 'resnet'")
     need(cfg.model.width >= 1, "model.width", cfg.model.width, "expected an integer >= 1")
@@ -394,6 +425,13 @@ def _check(cfg: ExperimentConfig) -> None:
     ck = cfg.checkpoint
     need(ck.every_syncs >= 1, "checkpoint.every_syncs", ck.every_syncs, "expected an integer >= 1")
     need(ck.keep >= 1, "checkpoint.keep", ck.keep, "expected an integer >= 1")
+    if ck.enabled and ck.every_syncs > cfg.training_syncs:
+        raise ConfigError(
+            f"checkpoint.every_syncs: got {ck.every_syncs}, but the run has only {cfg.training_syncs} syncs "
+            f"(train.max_steps {tr.max_steps} / localsgd.sync_every {ls.sync_every}), so no checkpoint would be "
+            f"written before the end and a crash would lose all the work; use at most {cfg.training_syncs} "
+            f"(e.g. {max(1, cfg.training_syncs // 4)}), or checkpoint.enabled: false"
+        )
     fl = cfg.faults
     for i, x in enumerate(fl.schedule):
         key = f"faults.schedule[{i}]"

@@ -1,47 +1,99 @@
-"""The completion service: how replica groups tell the lighthouse role they started and finished.
+"""The completion service: how replica roles and trainers talk to the lighthouse role.
 
-The torchft lighthouse has no notion of a finished job, so the lighthouse role
-also serves this small JSON-over-HTTP API on ``lighthouse.port + 1``:
+The torchft lighthouse has no notion of a run that ends, so the lighthouse role
+also serves this small JSON-over-HTTP API on ``lighthouse.port + 1``. Every
+request must carry the run's token (header ``X-LocalSGD-Run-Token``): a process
+of another run, or any other process that can reach the port, is refused (403).
 
+- ``POST /heartbeat {"group": g}``: replica role g is alive (every second);
+  answers the status below. A role silent for ``lighthouse.role_timeout_s``
+  is declared lost.
 - ``POST /started {"group": g}``: group g's Manager is up (heartbeating).
 - ``POST /event {"group": g, "kind": ..., ...}``: something happened (an
-  injected failure, a recovery); stamped with the lighthouse's clock.
-  Answers ``{"first": true}`` the first time a ``fault_id`` is reported, so
-  each planned failure fires once, across restarts.
+  injected failure, a recovery, a checkpoint); stamped with the lighthouse's
+  clock. Answers ``{"first": true}`` the first time a ``fault_id`` is
+  reported, so each planned failure fires once, across restarts. A ``fault``
+  event is accepted only for a failure of this run's plan.
+- ``POST /completed {"group": g, "global_sync": n, "params_sha256": h}``:
+  group g committed the final sync. From then on the run's training is over:
+  a group that (re)starts takes the final state instead of training alone.
 - ``POST /finished {"group": g, "exit_code": c, "result": {...} | null}``:
-  group g's torchrun has exited; ``result`` is what its trainer reported.
-- ``GET /status``: ``{"started", "expected", "fired", "finished", "abort"}``.
-  Trainers wait on ``started`` so the first quorum holds every group; replica
-  wrappers stop their torchrun when ``abort`` names a reason.
+  group g's torchrun has exited; ``result`` is what its trainer reported
+  (checked against :data:`RESULT_FIELDS`).
+- ``GET /status``: ``{"run", "started", "expected", "fired", "finished",
+  "abort", "completed"}``.
 
-The lighthouse role ends when every group has posted ``/finished``, so the app
-ends on its own, and it writes ``summary.json`` from those reports: this also
-works where the roles share no filesystem (Kubernetes).
+Until the lighthouse role is ready (its ports bound, old outputs moved aside)
+every request is answered 503 and clients retry. Bodies are capped at
+:data:`MAX_BODY` bytes and connections time out after :data:`SOCKET_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .lifecycle import TOKEN_HEADER
+
+MAX_BODY = 1 << 20
+SOCKET_TIMEOUT_S = 10.0
+
+# What a trainer's result may hold, and of which JSON types. The summary's computed
+# fields (exit_code, succeeded, lost) are not among them: a result cannot set them.
+RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "steps": (int,), "syncs_attempted": (int,), "syncs_committed": (int,), "sync_time_s": (int, float),
+    "max_sync_s": (int, float), "global_syncs": (int,), "restarts": (int,), "resumed_from_step": (int,),
+    "checkpoints_written": (list,), "params_sha256": (str,), "final_test_accuracy": (int, float),
+    "evals": (list,), "train_time_s": (int, float), "samples_per_s": (int, float, type(None)),
+    "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
+}
+EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint", "lost"}
+
+
+class RequestError(ValueError):
+    """A request the service refuses; ``code`` is the HTTP status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CompletionState:
-    """What the groups have reported so far; thread-safe."""
+    """What the groups have reported so far; thread-safe (read it through the methods, or under ``lock``)."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, run: str = "", faults: Optional[Dict[int, str]] = None) -> None:
         self.expected = expected
+        self.run = run
+        self.faults: Dict[int, str] = dict(faults or {})  # fault id -> kind: what may be reported
+        self.ready = False
         self.started: set[int] = set()
         self.finished: Dict[int, dict] = {}
         self.events: List[dict] = []
         self.fired: set[int] = set()
         self.abort: Optional[str] = None
+        self.completed: Optional[dict] = None
+        self.last_seen: Dict[int, float] = {}  # group -> monotonic time of its role's last heartbeat
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
+
+    @property
+    def lock(self) -> threading.Condition:
+        return self._cond
+
+    def open(self) -> None:
+        with self._cond:
+            self.ready = True
+            self._cond.notify_all()
+
+    def heartbeat(self, group: int) -> None:
+        with self._cond:
+            self.last_seen[group] = time.monotonic()
 
     def mark_started(self, group: int) -> None:
         with self._cond:
@@ -52,31 +104,67 @@ class CompletionState:
         """Record ``event``; False if it repeats an already fired ``fault_id``."""
         with self._cond:
             fid = event.get("fault_id")
-            if fid is not None:
+            if event.get("kind") == "fault":
                 if fid in self.fired:
                     return False
                 self.fired.add(fid)
-            event.setdefault("time", time.time())
+            event["time"] = time.time()  # the lighthouse's clock, never the sender's
             self.events.append(event)
             self._cond.notify_all()
         if self.on_event is not None:
             self.on_event(event)
         return True
 
+    def mark_completed(self, report: dict) -> None:
+        """The first group to commit the final sync sets the run's final state; later ones only confirm it."""
+        with self._cond:
+            if self.completed is None:
+                self.completed = {k: report.get(k) for k in ("group", "global_sync", "params_sha256")}
+                self._cond.notify_all()
+
     def mark_finished(self, group: int, report: dict) -> None:
         with self._cond:
+            earlier = self.finished.get(group)
+            # The first report stands, except a loss we only inferred from silence: a role that
+            # comes back and reports is better evidence.
+            if earlier is not None and not earlier.get("declared_lost"):
+                return
             self.finished[group] = report
             self._cond.notify_all()
 
+    def declare_silent_lost(self, timeout_s: float) -> List[Tuple[int, float]]:
+        """Groups whose role has heartbeated before but not for ``timeout_s``: mark them finished as lost."""
+        now = time.monotonic()
+        lost = []
+        with self._cond:
+            for g, seen in sorted(self.last_seen.items()):
+                if g not in self.finished and now - seen > timeout_s:
+                    silent = now - seen
+                    self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True,
+                                        "result": {"error": f"role lost: no heartbeat for {silent:.0f} s"}}
+                    lost.append((g, silent))
+            if lost:
+                self._cond.notify_all()
+        return lost
+
     def set_abort(self, reason: str) -> None:
         with self._cond:
-            self.abort = reason
+            if self.abort is None:
+                self.abort = reason
             self._cond.notify_all()
 
     def status(self) -> dict:
         with self._cond:
-            return {"started": sorted(self.started), "expected": self.expected, "fired": sorted(self.fired),
-                    "finished": sorted(self.finished), "abort": self.abort}
+            return {"run": self.run, "started": sorted(self.started), "expected": self.expected,
+                    "fired": sorted(self.fired), "finished": sorted(self.finished), "abort": self.abort,
+                    "completed": self.completed}
+
+    def snapshot(self) -> dict:
+        """Copies of everything reported, taken under the lock (for the summary and the verdict)."""
+        with self._cond:
+            return {"finished": {g: dict(r) for g, r in self.finished.items()},
+                    "events": [dict(e) for e in self.events], "abort": self.abort,
+                    "completed": dict(self.completed) if self.completed else None}
 
     def wait(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Wait until ``predicate()`` (evaluated under the lock) holds, or ``timeout``."""
@@ -84,18 +172,55 @@ class CompletionState:
             return self._cond.wait_for(predicate, timeout)
 
     def all_finished(self) -> bool:
-        return len(self.finished) >= self.expected
+        with self._cond:
+            return len(self.finished) >= self.expected
 
 
 def _valid_group(body: Any, expected: int) -> int:
     group = body.get("group") if isinstance(body, dict) else None
-    if not isinstance(group, int) or not 0 <= group < expected:
-        raise ValueError(f"'group' must be an integer in 0..{expected - 1}")
+    if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < expected:
+        raise RequestError(400, f"'group' must be an integer in 0..{expected - 1}")
     return group
+
+
+def check_result(result: Any) -> Optional[dict]:
+    """``result`` if it is a trainer result (None or a dict of known keys and types), else RequestError."""
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        raise RequestError(400, "'result' must be an object or null")
+    for key, value in result.items():
+        types = RESULT_FIELDS.get(key)
+        if types is None:
+            raise RequestError(400, f"'result.{key}' is not a result field (allowed: {', '.join(sorted(RESULT_FIELDS))})")
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise RequestError(400, f"'result.{key}' has the wrong type ({type(value).__name__})")
+    return result
+
+
+def _check_finished(body: dict) -> dict:
+    code = body.get("exit_code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise RequestError(400, "'exit_code' must be an integer")
+    return {"group": body["group"], "exit_code": code, "result": check_result(body.get("result"))}
+
+
+def _check_event(body: dict, faults: Dict[int, str]) -> dict:
+    kind = body.get("kind")
+    if kind not in EVENT_KINDS:
+        raise RequestError(400, f"'kind' must be one of {', '.join(sorted(EVENT_KINDS))}")
+    if kind == "fault":
+        fid = body.get("fault_id")
+        if not isinstance(fid, int) or faults.get(fid) != body.get("fault"):
+            raise RequestError(403, "no such failure in this run's plan (faults are injected only when "
+                                    "faults.enabled is true, and only as planned)")
+    return body
 
 
 class _Handler(BaseHTTPRequestHandler):
     state: CompletionState
+    token: str
+    timeout = SOCKET_TIMEOUT_S  # a client that stalls mid-request is dropped, not waited on
 
     def _reply(self, code: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -105,66 +230,124 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _authorised(self) -> None:
+        given = self.headers.get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise RequestError(403, "wrong or missing run token: this service belongs to another run")
+        if not self.state.ready:
+            raise RequestError(503, "the lighthouse role is starting")
+
+    def _body(self) -> Any:
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            raise RequestError(400, "bad Content-Length") from None
+        if length > MAX_BODY:
+            raise RequestError(413, f"body too large ({length} bytes; at most {MAX_BODY})")
+        try:
+            return json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            raise RequestError(400, "body is not JSON") from None
+
     def do_GET(self) -> None:  # noqa: N802
-        if self.path == "/status":
+        try:
+            self._authorised()
+            if self.path != "/status":
+                raise RequestError(404, "unknown path")
             self._reply(200, self.state.status())
-        else:
-            self._reply(404, {"error": "unknown path"})
+        except RequestError as e:
+            self._reply(e.code, {"error": str(e)})
 
     def do_POST(self) -> None:  # noqa: N802
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            self._authorised()
+            body = self._body()
             group = _valid_group(body, self.state.expected)
-        except ValueError as e:
-            self._reply(400, {"error": str(e)})
-            return
-        if self.path == "/started":
-            self.state.mark_started(group)
-            self._reply(200, {"ok": True})
-        elif self.path == "/event":
-            self._reply(200, {"first": self.state.add_event(body)})
-        elif self.path == "/finished":
-            self.state.mark_finished(group, body)
-            self._reply(200, {"ok": True})
-        else:
-            self._reply(404, {"error": "unknown path"})
+            if self.path == "/heartbeat":
+                self.state.heartbeat(group)
+                self._reply(200, self.state.status())
+            elif self.path == "/started":
+                self.state.mark_started(group)
+                self._reply(200, {"ok": True})
+            elif self.path == "/event":
+                self._reply(200, {"first": self.state.add_event(_check_event(body, self.state.faults))})
+            elif self.path == "/completed":
+                if not isinstance(body.get("global_sync"), int) or not isinstance(body.get("params_sha256"), str):
+                    raise RequestError(400, "'global_sync' (integer) and 'params_sha256' (string) are required")
+                self.state.mark_completed(body)
+                self._reply(200, {"ok": True})
+            elif self.path == "/finished":
+                self.state.mark_finished(group, _check_finished(body))
+                self._reply(200, {"ok": True})
+            else:
+                raise RequestError(404, "unknown path")
+        except RequestError as e:
+            self._reply(e.code, {"error": str(e)})
 
     def log_message(self, format: str, *args: Any) -> None:  # keep the role's log for training
         pass
 
 
-def serve(host: str, port: int, state: CompletionState) -> ThreadingHTTPServer:
-    """Start the completion service in a daemon thread; ``.shutdown()`` stops it."""
-    handler = type("Handler", (_Handler,), {"state": state})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+class _Server(ThreadingHTTPServer):
+    # SO_REUSEADDR: a previous run's connections in TIME_WAIT must not block a rerun. On Linux it
+    # never lets two servers listen on one port: a port another run still holds fails the bind.
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(host: str, port: int, state: CompletionState, token: str) -> ThreadingHTTPServer:
+    """Bind ``host:port`` (OSError if taken) and serve in a daemon thread; ``.shutdown()`` stops it."""
+    handler = type("Handler", (_Handler,), {"state": state, "token": token})
+    server = _Server((host, port), handler)
     threading.Thread(target=server.serve_forever, name="completion-service", daemon=True).start()
     return server
+
+
+class Refused(RuntimeError):
+    """The completion service answered with an error (4xx): retrying will not help."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CompletionClient:
     """Client side of the completion service, used by replica wrappers and trainers."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, token: str, timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
+        self.token = token
         self.timeout_s = timeout_s
 
-    def _call(self, path: str, body: Optional[dict] = None) -> dict:
+    def _call(self, path: str, body: Optional[dict] = None, timeout_s: Optional[float] = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read())
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json", TOKEN_HEADER: self.token})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                raise ConnectionError("the lighthouse role is starting") from None
+            try:
+                message = json.loads(e.read()).get("error", str(e))
+            except (ValueError, OSError):
+                message = str(e)
+            raise Refused(e.code, f"{self.url}{path}: {e.code}: {message}") from None
 
     def _call_retrying(self, path: str, body: Optional[dict], deadline_s: float) -> dict:
-        """Retry while the service is unreachable (it may still be starting), up to ``deadline_s``."""
+        """Retry while the service is unreachable or starting, up to ``deadline_s``; never on a refusal."""
         end = time.monotonic() + deadline_s
         while True:
             try:
-                return self._call(path, body)
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                if isinstance(e, urllib.error.HTTPError) or time.monotonic() >= end:
+                return self._call(path, body, timeout_s=min(self.timeout_s, max(0.5, end - time.monotonic())))
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                if time.monotonic() >= end:
                     raise
                 time.sleep(0.2)
+
+    def heartbeat(self, group: int, deadline_s: float = 5.0) -> dict:
+        return self._call_retrying("/heartbeat", {"group": group}, deadline_s)
 
     def started(self, group: int, deadline_s: float = 60.0) -> None:
         self._call_retrying("/started", {"group": group}, deadline_s)
@@ -184,6 +367,10 @@ class CompletionClient:
     def event(self, group: int, kind: str, deadline_s: float = 10.0, **fields: Any) -> bool:
         """Report an event; returns False if its ``fault_id`` had already fired."""
         return self._call_retrying("/event", {"group": group, "kind": kind, **fields}, deadline_s)["first"]
+
+    def completed(self, group: int, global_sync: int, params_sha256: str, deadline_s: float = 10.0) -> None:
+        self._call_retrying("/completed", {"group": group, "global_sync": global_sync,
+                                           "params_sha256": params_sha256}, deadline_s)
 
     def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0) -> None:
         self._call_retrying("/finished", {"group": group, "exit_code": exit_code, "result": result}, deadline_s)

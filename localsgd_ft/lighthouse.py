@@ -10,6 +10,11 @@ Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env
   (local schedulers) and all interfaces otherwise (and always on Kubernetes).
 - ``--print-summary`` also prints summary.json to the log, for schedulers
   whose containers keep no files (Kubernetes): ``torchx log`` shows it.
+- It owns its ports before it touches anything: a port another run holds
+  ends the role at once with one line naming the fix; only then are old
+  checkpoints (``--fresh``) and metrics moved aside.
+- Replica roles heartbeat every second; one silent for
+  ``lighthouse.role_timeout_s`` is declared lost ("role lost: no heartbeat").
 - A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
   ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
   the remaining groups are told to stop, and the run fails with that reason.
@@ -30,9 +35,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from . import control, roles
+from . import control, lifecycle, roles
 from .checkpoint import move_aside
 from .config import ExperimentConfig
 from .files import peak_rss_mb, write_json_atomic
@@ -43,32 +48,59 @@ from .summary import build_summary
 REPORT_TIMEOUT_S = 120
 
 
+class PortTaken(RuntimeError):
+    """A port this role must own is held by another process (often another run)."""
+
+
+def claim_port(host: str, port: int, what: str) -> None:
+    """Fail at once, naming the fix, if ``host:port`` cannot be bound (e.g. another run holds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As torchft's server binds (Rust sets SO_REUSEADDR): TIME_WAIT is no obstacle, a listener is.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortTaken(
+                f"port {port} ({what}) is already in use on {host or 'all interfaces'} ({e.strerror}), probably by "
+                f"another run; stop it, or set lighthouse.port to a free port (this run uses lighthouse.port "
+                f"and lighthouse.port + 1)") from None
+
+
 class SupervisedLighthouse:
     """torchft's lighthouse in a child process that is restarted whenever it dies."""
 
     def __init__(self, cfg: ExperimentConfig, bind_host: str) -> None:
+        # A lighthouse that cannot be restarted for as long as a group waits for a quorum ends the
+        # run with the reason, rather than leaving the groups to time out one by one.
+        self.give_up_s = cfg.localsgd.quorum_timeout_s
         self.cmd = lighthouse_command(cfg.lighthouse, bind_host)
         self.port = cfg.lighthouse.port
+        self.bind_host = bind_host
         self.connect_host = "127.0.0.1" if bind_host != "::" else "localhost"
         self.proc: Optional[subprocess.Popen] = None
         self.restarts = 0
         self._down_until = 0.0  # an injected outage: do not restart before this time
+        self._failing_since: Optional[float] = None
         self._lock = threading.Lock()
         self._stopped = False
 
     def start(self, deadline_s: float = 30.0) -> None:
         """Start the child and wait until it accepts connections."""
+        claim_port("" if self.bind_host == "::" else self.bind_host, self.port, "torchft lighthouse")
         self.proc = subprocess.Popen(self.cmd)
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"lighthouse exited with {self.proc.returncode} at start (port {self.port} in use?)")
+                raise RuntimeError(f"the torchft lighthouse exited with {self.proc.returncode} at start "
+                                   f"(port {self.port})")
             try:
                 socket.create_connection((self.connect_host, self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"lighthouse did not listen on port {self.port} within {deadline_s}s")
+        self.proc.kill()
+        raise RuntimeError(f"the torchft lighthouse did not listen on port {self.port} within {deadline_s}s")
 
     def kill_for(self, duration_s: float) -> None:
         """Injected failure: SIGKILL the lighthouse; it comes back after ``duration_s``."""
@@ -79,17 +111,29 @@ class SupervisedLighthouse:
                 self.proc.wait()
         print(f"lighthouse: FAULT: lighthouse killed; restarting in {duration_s:g}s", flush=True)
 
-    def watch(self) -> None:
-        """Restart the child if it is gone (called periodically by the role's main loop)."""
+    def watch(self) -> Optional[str]:
+        """Restart the child if it is gone (called periodically); a reason to end the run if it cannot be."""
         with self._lock:
             if self._stopped or self.proc is None or self.proc.poll() is None:
-                return
+                return None
             if time.monotonic() < self._down_until:
-                return
+                return None
             code = self.proc.returncode
-            self.restarts += 1
-            print(f"lighthouse: torchft lighthouse exited ({code}); restart #{self.restarts}", flush=True)
-            self.start()
+            try:
+                if self._failing_since is None:
+                    self.restarts += 1
+                    print(f"lighthouse: torchft lighthouse exited ({code}); restart #{self.restarts}", flush=True)
+                self.start(deadline_s=10.0)
+                self._failing_since = None
+            except RuntimeError as e:
+                now = time.monotonic()
+                self._failing_since = self._failing_since or now
+                print(f"lighthouse: restarting the torchft lighthouse failed: {e}", flush=True)
+                if now - self._failing_since > self.give_up_s:
+                    return (f"the torchft lighthouse could not be restarted for {self.give_up_s:.0f} s "
+                            f"(last error: {e})")
+                self._down_until = now + 1.0  # try again in a second
+        return None
 
     def stop(self) -> None:
         with self._lock:
@@ -105,13 +149,15 @@ class SupervisedLighthouse:
 
 def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None:
     """Abort when too few groups are left to form a quorum (lighthouse.min_replicas)."""
-    lost = [g for g, rep in state.finished.items() if rep.get("exit_code") != 0]
-    if not lost or state.abort:
+    reports = state.snapshot()
+    finished = reports["finished"]
+    lost = [g for g, rep in finished.items() if rep.get("exit_code") != 0]
+    if not lost or reports["abort"]:
         return
     alive = cfg.replica_groups.count - len(lost)
     if alive < cfg.lighthouse.min_replicas:
-        errors = [f"group {g}: {(state.finished[g].get('result') or {}).get('error')}" for g in sorted(lost)
-                  if (state.finished[g].get("result") or {}).get("error")]
+        errors = [f"group {g}: {(finished[g].get('result') or {}).get('error')}" for g in sorted(lost)
+                  if (finished[g].get("result") or {}).get("error")]
         why = "; ".join(errors) if errors else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})"
         reason = (f"replica group(s) {sorted(lost)} failed ({why}); {alive} group(s) left, fewer than "
                   f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
@@ -119,21 +165,7 @@ def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None
         state.set_abort(reason)
 
 
-def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
-    started_at = time.time()
-    if cfg.checkpoint.enabled and roles.fresh_requested(cfg):
-        moved = move_aside(cfg.checkpoint_dir)
-        if moved:
-            print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
-    # The metrics files and the report describe this job; a previous job's are kept beside them.
-    old_metrics = move_aside(metrics_dir(cfg.run_dir))
-    if old_metrics:
-        print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
-    bind_host = roles.bind_address(host)
-    lighthouse = SupervisedLighthouse(cfg, bind_host)
-    lighthouse.start()
-    state = control.CompletionState(cfg.replica_groups.count)
-
+def _on_fault(lighthouse: SupervisedLighthouse) -> Callable[[dict], None]:
     def on_event(event: dict) -> None:
         if event.get("kind") != "fault":
             return
@@ -145,28 +177,73 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
             threading.Thread(target=lighthouse.kill_for, args=(float(event.get("duration_s", 3.0)),),
                              daemon=True).start()
 
-    state.on_event = on_event
-    completion = control.serve("" if bind_host == "::" else bind_host, cfg.lighthouse.port + 1, state)
-    print(f"lighthouse: serving {roles.lighthouse_url(cfg, host)}, bound to {bind_host}; "
-          f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
-    print(f"lighthouse: dashboard: {roles.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
-          flush=True)
-    if cfg.fault_plan:
-        print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
-              + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan), flush=True)
+    return on_event
+
+
+def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
+    started_at = time.time()
+    bind_host = roles.bind_address(host)
+    token = lifecycle.run_token()
+    run_id = lifecycle.run_id()
+    # Own both ports before anything is moved or written: a port held by another run ends this
+    # role at once with one line, and the replica roles, refused by that run's service, stop too.
+    state = control.CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan})
+    try:
+        completion = control.serve("" if bind_host == "::" else bind_host, cfg.lighthouse.port + 1, state, token)
+    except OSError as e:
+        raise PortTaken(f"port {cfg.lighthouse.port + 1} (completion service) is already in use on {bind_host} "
+                        f"({e.strerror}), probably by another run; stop it, or set lighthouse.port to a free port "
+                        f"(this run uses lighthouse.port and lighthouse.port + 1)") from None
+    lighthouse = SupervisedLighthouse(cfg, bind_host)
+    try:
+        lighthouse.start()
+    except RuntimeError:
+        completion.shutdown()
+        completion.server_close()
+        raise
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    role_error: Optional[str] = None
     try:
+        if cfg.checkpoint.enabled and roles.fresh_requested(cfg):
+            moved = move_aside(cfg.checkpoint_dir)
+            if moved:
+                print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
+        # The metrics files and the report describe this job; a previous job's are kept beside them.
+        old_metrics = move_aside(metrics_dir(cfg.run_dir))
+        if old_metrics:
+            print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
+        state.on_event = _on_fault(lighthouse)
+        state.open()
+        print(f"lighthouse: run {run_id}: serving {roles.lighthouse_url(cfg, host)}, bound to {bind_host}; "
+              f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
+        print(f"lighthouse: dashboard: {roles.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
+              flush=True)
+        if cfg.fault_plan:
+            print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
+                  + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan),
+                  flush=True)
         while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
-            lighthouse.watch()
+            failure = lighthouse.watch()
+            if failure and not state.snapshot()["abort"]:
+                print(f"lighthouse: ABORT: {failure}", flush=True)
+                state.set_abort(failure)
+            for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
+                print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
+                      f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
             _check_losses(cfg, state)
+    except Exception as e:  # never end without a verdict: the summary says what went wrong
+        role_error = f"lighthouse role error: {type(e).__name__}: {e}"
+        print(f"lighthouse: {role_error}", flush=True)
     finally:
         completion.shutdown()
         lighthouse.stop()
 
-    summary = build_summary(cfg, state, started_at, config_path, lighthouse.restarts, peak_rss_mb())
+    reports = state.snapshot()
+    summary = build_summary(cfg, reports, started_at, config_path, lighthouse.restarts, peak_rss_mb(),
+                            run_id=run_id, role_error=role_error)
     write_json_atomic(cfg.run_dir / "summary.json", summary)
     for g, rep in summary["replica_groups"].items():
         print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
@@ -174,12 +251,19 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
               f"params_sha256={str(rep.get('params_sha256'))[:12]}", flush=True)
     if stop.is_set():
         print("lighthouse: stopped by a signal before every group finished", flush=True)
+        written = summary["checkpoints_written"]
+        if cfg.checkpoint.enabled:
+            where = f"newest checkpoint: step {written[-1]['step']}" if written else "no checkpoint yet: it starts over"
+            print(f"lighthouse: to resume, run the same command again ({where}, in {cfg.checkpoint_dir})", flush=True)
     if summary["lost_groups"]:
-        print(f"lighthouse: lost replica groups (out of restarts): {summary['lost_groups']}", flush=True)
+        print(f"lighthouse: lost replica groups: {summary['lost_groups']}", flush=True)
     if print_summary:
         # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
         print("lighthouse: SUMMARY_JSON " + json.dumps(summary, separators=(",", ":")), flush=True)
-    report_ok = _run_report(cfg)
+    # Stopped (Ctrl-C, a cancel, the client gone): leave at once; the plots can be made later.
+    report_ok = False if stop.is_set() else _run_report(cfg)
+    if stop.is_set():
+        print(f"lighthouse: report skipped; make it with: python -m localsgd_ft.report {cfg.run_dir}", flush=True)
     verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
     why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
     print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
@@ -205,10 +289,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--print-summary", action="store_true", help="also print summary.json to the log")
     args, cfg, host = roles.parse_role_args(parser, argv, "lighthouse")
+    # Locally the role follows the `torchx run` client (SIGTERM: it still writes its verdict);
+    # on Slurm its step process. Its own children follow it in turn.
+    lifecycle.die_with_parent(signal.SIGTERM)
     try:
         return run(cfg, host, args.config, args.print_summary)
     except RuntimeError as e:
-        print(f"lighthouse: error: {e}", file=sys.stderr)
+        print(f"lighthouse: error: {e}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import List, Optional
 
 from .config import LighthouseConfig
+from .lifecycle import die_with_parent
 
 ORPHAN_POLL_S = 0.5
 
@@ -58,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("min_replicas", "join_timeout_ms", "quorum_tick_ms", "heartbeat_timeout_ms"):
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args(argv)
+    # The kernel stops us when the lighthouse role dies, however it died (the poll below is a backstop).
+    die_with_parent(signal.SIGTERM)
     server = torchft_native().LighthouseServer(
         bind=args.bind,
         min_replicas=args.min_replicas,

@@ -2,7 +2,8 @@
 
 Each line is one event: ``{"t": wall time, "kind": ..., "group": g, "step": training step, ...}``
 (the schema is in the README, section "Progress, metrics and the report").
-Events are buffered and appended at the progress cadence and at once for
+Writing is best-effort: a failed write (disk full, folder not writable) is
+one warning on stderr, never a crashed worker. Events are buffered and appended at the progress cadence and at once for
 events a person looks for (start, evaluation, fault, recovery, end), so the
 training loop does no file I/O per step. A restarted incarnation appends to
 the same file; its ``start`` event carries ``restart`` > 0.
@@ -17,6 +18,7 @@ lighthouse role.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -37,7 +39,11 @@ class MetricsLog:
         self.path = Path(path)
         self.group = group
         self.buffer: List[Dict[str, Any]] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.failed = False  # a write failed: warned once, later events are dropped quietly
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._warn(e)
 
     def add(self, kind: str, step: int, flush: bool = False, **fields: Any) -> None:
         self.buffer.append({"t": round(time.time(), 3), "kind": kind, "group": self.group, "step": step, **fields})
@@ -48,10 +54,19 @@ class MetricsLog:
         if not self.buffer:
             return
         # One write of whole lines, so a concurrent reader or a kill leaves at most one partial line.
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in self.buffer))
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in self.buffer))
+                f.flush()
+        except OSError as e:  # observability is best-effort: a full disk must not stop training
+            self._warn(e)
         self.buffer.clear()
+
+    def _warn(self, e: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"WARNING: metrics: cannot write {self.path}: {e}; training goes on, this group's metrics "
+                  "are incomplete", file=sys.stderr, flush=True)
 
 
 def read_events(path: Path) -> List[Dict[str, Any]]:

@@ -1,16 +1,26 @@
-"""A replica-group role: runs the group's torchrun and reports its end to the lighthouse role.
+"""A replica-group role: runs the group's torchrun, keeps it tied to the run, and reports its end.
 
 Run by the component as
 ``python -m localsgd_ft.replica --config C --group G --host-env VAR``. It
-finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro), starts
-``torchrun --standalone --nproc_per_node=W --max_restarts=R train_localsgd.py``
-in its own process group, and when torchrun exits (training done, or restarts
-exhausted) posts the exit code and the trainer's result to the completion
-service. A group that asks for GPUs it cannot see is reported as failed
-without starting torchrun. Once the lighthouse role has that report it exits 0 (the lighthouse
-role's exit code is the run's verdict); if it cannot report, it exits with
-torchrun's code. If the lighthouse role aborts the run (too few groups left),
-it stops its torchrun.
+finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro) and:
+
+1. proves it talks to its own run: its first heartbeat must be accepted by the
+   completion service with this run's token (a port held by another run
+   answers 403, and the role stops with one line instead of training against
+   a stranger);
+2. checks what no restart can fix before torchrun starts: the GPUs it was
+   given and the data (downloaded here, once, when the role runs in an image);
+   a problem is reported as the group's ``failure_reason``, never retried;
+3. runs ``torchrun --standalone --nproc_per_node=W --max_restarts=R
+   train_localsgd.py``; torchrun dies with this role (parent-death signal)
+   and its workers die with torchrun, so nothing outlives the role even when
+   it is SIGKILLed;
+4. heartbeats every second while it waits; stops torchrun when the run is
+   aborted, when the lighthouse role has been unreachable for
+   ``lighthouse.role_timeout_s``, or when the trainer reports a permanent error;
+5. posts torchrun's exit code and the trainer's result, then exits 0 (the
+   lighthouse role's exit code is the run's verdict); if it cannot report, it
+   exits with torchrun's code.
 """
 
 from __future__ import annotations
@@ -21,12 +31,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import gpus, roles
+from . import gpus, lifecycle, roles
+from .cifar_files import DataError, locate
 from .config import ExperimentConfig
-from .control import CompletionClient
+from .control import CompletionClient, Refused
+
+HEARTBEAT_S = 1.0
+STOP_GRACE_S = 15.0  # torchrun's own shutdown of its workers, before SIGKILL
 
 
 def result_path(cfg: ExperimentConfig, group: int) -> Path:
@@ -49,39 +64,81 @@ def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
     ]
 
 
-ABORT_POLL_S = 1.0
+def read_result(path: Path, group: int) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        return result if isinstance(result, dict) else None
+    except (OSError, ValueError) as e:
+        print(f"replica {group}: cannot read {path}: {e}", file=sys.stderr, flush=True)
+        return None
 
 
-def _wait_or_abort(proc: subprocess.Popen, client: CompletionClient, group: int) -> int:
-    """Wait for torchrun; stop it early if the lighthouse role aborts the run."""
-    while True:
+def stop_torchrun(proc: subprocess.Popen) -> int:
+    """SIGTERM torchrun (it stops its workers), SIGKILL it after a grace; its workers die with it."""
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            return proc.wait(ABORT_POLL_S)
+            return proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            pass
+            proc.kill()
+    return proc.wait()
+
+
+class Supervisor:
+    """Waits for torchrun while heartbeating; decides when to stop it early."""
+
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, result_file: Path) -> None:
+        self.cfg, self.group, self.client, self.result_file = cfg, group, client, result_file
+        self.last_contact = time.monotonic()
+        self.stop_reason: Optional[str] = None
+
+    def beat(self) -> None:
+        """One heartbeat; sets ``stop_reason`` when torchrun must stop."""
         try:
-            reason = client.status(deadline_s=ABORT_POLL_S).get("abort")
-        except Exception:  # lighthouse role busy or restarting: keep training
-            continue
-        if reason:
-            print(f"replica {group}: stopping: the run was aborted: {reason}", file=sys.stderr, flush=True)
-            os.killpg(proc.pid, signal.SIGTERM)
+            status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S)
+            self.last_contact = time.monotonic()
+            if status.get("abort"):
+                self.stop_reason = f"the run was aborted: {status['abort']}"
+        except Refused as e:
+            self.stop_reason = f"the completion service refused this role ({e}): it belongs to another run"
+        except Exception:  # the lighthouse role busy or restarting: keep training, within reason
+            silent = time.monotonic() - self.last_contact
+            if silent > self.cfg.lighthouse.role_timeout_s:
+                self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
+        result = read_result(self.result_file, self.group) if self.stop_reason is None else None
+        if result and result.get("permanent"):
+            self.stop_reason = f"permanent error (not retried): {result.get('error')}"
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        while True:
             try:
-                return proc.wait(30)
+                return proc.wait(HEARTBEAT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                return proc.wait()
+                pass
+            self.beat()
+            if self.stop_reason:
+                print(f"replica {self.group}: stopping torchrun: {self.stop_reason}", file=sys.stderr, flush=True)
+                return stop_torchrun(proc)
+
+
+def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0) -> int:
+    try:
+        client.finished(group, code, result, deadline_s=deadline_s)
+    except Exception as e:  # the lighthouse role is gone: our own exit code must tell
+        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr,
+              flush=True)
+        return code or 1
+    # Reported: the lighthouse role now owns the verdict (its exit code is the run's). Exiting 0
+    # keeps a lost group from failing the whole app (Slurm kills every role on a non-zero exit).
+    return 0
 
 
 def _refuse(client: CompletionClient, group: int, error: str) -> int:
     """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
     print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
-    try:
-        client.finished(group, 2, {"error": error})
-    except Exception as e:
-        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _report(client, group, 2, {"error": error, "permanent": True}) or 2
 
 
 def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
@@ -92,49 +149,60 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     env["TORCHFT_LIGHTHOUSE"] = roles.lighthouse_url(cfg, host)
     env[roles.COMPLETION_ENV] = roles.completion_url(cfg, host)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    client = CompletionClient(env[roles.COMPLETION_ENV])
+    client = CompletionClient(env[roles.COMPLETION_ENV], lifecycle.run_token())
+
+    # The lighthouse role may still be starting (on a cluster its pod or node may come up later
+    # than ours); a stranger on its port refuses us at once.
+    first_contact_s = cfg.lighthouse.role_timeout_s if roles.is_loopback(host) else max(120.0, cfg.lighthouse.role_timeout_s)
+    try:
+        client.heartbeat(group, deadline_s=first_contact_s)
+    except Refused as e:
+        print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
+              "another run holds lighthouse.port + 1: stop it, or set lighthouse.port to a free port",
+              file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:
+        print(f"replica {group}: error: the lighthouse role at {client.url} is not reachable: {e}",
+              file=sys.stderr, flush=True)
+        return 1
 
     gpu_problem = gpus.check_role(cfg, group, env)
     if gpu_problem:
         return _refuse(client, group, gpu_problem)
+    try:  # on this filesystem the component already did this; in an image it happens here, once
+        locate(cfg.data)
+    except DataError as e:
+        return _refuse(client, group, str(e))
 
     result_file = result_path(cfg, group)
     result_file.unlink(missing_ok=True)  # never report a previous run's result
 
+    # torchrun follows this role (SIGTERM: it stops its workers), even if this role is SIGKILLed.
     proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM))
+    supervisor = Supervisor(cfg, group, client, result_file)
 
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+    def on_signal(signum: int, _frame: object) -> None:
+        # Ctrl-C / a scheduler's cancel: stop torchrun (and so its workers) before leaving.
+        supervisor.stop_reason = supervisor.stop_reason or f"received {signal.Signals(signum).name}"
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = _wait_or_abort(proc, client, group)
-    try:  # torchrun's workers are in its session; leave nothing behind
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = supervisor.wait(proc)
+    if proc.poll() is None:
+        code = stop_torchrun(proc)
 
-    result = None
-    if result_file.is_file():
-        try:
-            result = json.loads(result_file.read_text())
-        except (OSError, ValueError) as e:
-            print(f"replica {group}: cannot read {result_file}: {e}", file=sys.stderr)
+    result = read_result(result_file, group)
+    if supervisor.stop_reason and not (result and result.get("error")):
+        result = {**(result or {}), "error": supervisor.stop_reason}
     if code != 0:
-        print(f"replica {group}: torchrun exited with {code} "
-              f"(max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed)", file=sys.stderr)
-    try:
-        client.finished(group, code, result)
-    except Exception as e:  # the lighthouse role is gone: our own exit code must tell
-        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr)
-        return code or 1
-    # Reported: the lighthouse role now owns the verdict (its exit code is the run's). Exiting 0
-    # keeps a lost group from failing the whole app (Slurm kills every role on a non-zero exit).
-    return 0
+        print(f"replica {group}: torchrun exited with {code}"
+              + (f" ({supervisor.stop_reason})" if supervisor.stop_reason else
+                 f" (max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed)"),
+              file=sys.stderr, flush=True)
+    # Stopping on a signal, the lighthouse role is most likely stopping too: try once, briefly.
+    stopping = (supervisor.stop_reason or "").startswith("received")
+    return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -142,7 +210,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
     parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
     args, cfg, host = roles.parse_role_args(parser, argv, "replica")
-    return run(cfg, args.config, args.group, host, args.script, args.config_b64)
+    # Locally the role follows the `torchx run` client; SIGTERM lets it stop its torchrun first.
+    lifecycle.die_with_parent(signal.SIGTERM)
+    try:
+        return run(cfg, args.config, args.group, host, args.script, args.config_b64)
+    except RuntimeError as e:
+        print(f"replica {args.group}: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from collections import Counter
 from typing import Dict, List, Optional
 
 from .config import ExperimentConfig, to_dict
-from .control import CompletionState
 
 # How long after a failure's recovery a survivor's stall report may still arrive.
 STALL_REPORT_SLACK_S = 5.0
@@ -44,26 +43,32 @@ def _recoveries(events: List[dict]) -> List[dict]:
     return out
 
 
-def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: float, config_path: str,
-                  lighthouse_restarts: int, lighthouse_rss_mb: float) -> dict:
+def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, config_path: str,
+                  lighthouse_restarts: int, lighthouse_rss_mb: float, run_id: str = "",
+                  role_error: Optional[str] = None) -> dict:
+    """summary.json from ``reports`` (:meth:`CompletionState.snapshot`: finished, events, abort, completed)."""
+    finished, events = reports["finished"], reports["events"]
     groups: Dict[str, dict] = {}
     for g in range(cfg.replica_groups.count):
-        report = state.finished.get(g) or {}
+        report = finished.get(g) or {}
         result = report.get("result") or {}
         exit_code = report.get("exit_code")
         groups[str(g)] = {
+            **result,
+            # Computed here, after the result: a report cannot claim them.
             "exit_code": exit_code,
             "succeeded": exit_code == 0 and "params_sha256" in result,
             "lost": exit_code not in (0, None),
-            **result,
         }
     ok = [g for g in groups.values() if g["succeeded"]]
     lost = [int(g) for g, rep in groups.items() if rep["lost"]]
     hashes = {g["params_sha256"] for g in ok}
     reason: Optional[str] = None
-    if state.abort:
-        reason = state.abort
-    elif len(state.finished) < cfg.replica_groups.count:
+    if role_error:
+        reason = role_error
+    elif reports["abort"]:
+        reason = reports["abort"]
+    elif len(finished) < cfg.replica_groups.count:
         reason = "stopped before every replica group finished"
     elif len(ok) < cfg.lighthouse.min_replicas:
         reason = f"{len(ok)} replica group(s) trained to the end, fewer than lighthouse.min_replicas"
@@ -73,19 +78,23 @@ def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: flo
     errors = [f"group {g}: {rep['error']}" for g, rep in groups.items() if rep["lost"] and rep.get("error")]
     if reason and errors and not any(e in reason for e in errors):
         reason = f"{reason}; " + "; ".join(errors)
-    injected = [e for e in state.events if e.get("kind") == "fault"]
-    resumed = [e["step"] for e in state.events if e.get("kind") == "resumed"]
+    injected = [e for e in events if e.get("kind") == "fault"]
+    resumed = [e["step"] for e in events if e.get("kind") == "resumed"]
     return {
         "name": cfg.name,
+        "run_id": run_id,
         "config_path": config_path,
         "succeeded": reason is None,
         "failure_reason": reason,
         "final_test_accuracy": ok[0]["final_test_accuracy"] if ok else None,
         "params_identical": len(ok) > 0 and len(hashes) == 1,
         "lost_groups": lost,
+        "lost_reasons": {str(g): groups[str(g)].get("error") or "torchrun exited with "
+                         f"{groups[str(g)]['exit_code']} (replica_groups.max_restarts exhausted)" for g in lost},
+        "completed": reports.get("completed"),
         "resumed_from_step": min(resumed) if resumed else 0,
         "checkpoints_written": [{"step": e["step"], "sync": e.get("sync"), "group": e["group"]}
-                                for e in state.events if e.get("kind") == "checkpoint"],
+                                for e in events if e.get("kind") == "checkpoint"],
         "wall_time_s": round(time.time() - started_at, 3),
         "lighthouse_peak_rss_mb": lighthouse_rss_mb,
         "lighthouse_restarts": lighthouse_restarts,
@@ -94,8 +103,8 @@ def build_summary(cfg: ExperimentConfig, state: CompletionState, started_at: flo
             "injected": len(injected),
             "by_kind": dict(Counter(e.get("fault") for e in injected)),
         },
-        "recoveries": _recoveries(state.events),
-        "events": state.events,
+        "recoveries": _recoveries(events),
+        "events": events,
         "replica_groups": groups,
         "config": to_dict(cfg),
     }

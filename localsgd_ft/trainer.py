@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, roles
+from . import checkpoint, lifecycle, roles
 from .config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
-from .control import CompletionClient
+from .control import CompletionClient, Refused
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
 from .faults import FaultInjector
 from .files import peak_rss_mb, write_json_atomic
@@ -83,6 +84,12 @@ class SyncMonitor:
         typical = sorted(self.recent)[len(self.recent) // 2] if self.recent else None
         self.recent.append(duration)
         participants = manager.num_participants()
+        if participants > self.num_groups:
+            # Impossible with replica ids that carry the run id; if it happens, this run's weights
+            # were averaged with a stranger's: stop rather than train on.
+            raise ForeignQuorum(
+                f"the quorum has {participants} members but this run has {self.num_groups} replica groups: "
+                "groups of another run joined this lighthouse; stop the other run and start this one again")
         # torchft has no public accessor for the quorum id; it is the one value that tells a new
         # quorum of the same size (a group swapped) from the old one, so we read the private field.
         quorum = (int(getattr(manager, "_quorum_id", -1)), participants)
@@ -110,6 +117,10 @@ class SyncMonitor:
     def _report(self, kind: str, step: int, **fields: Any) -> None:
         self._record(kind, step, flush=kind == "recovered", **fields)
         report(self.completion, self.group, kind, step=step, **fields)
+
+
+class ForeignQuorum(RuntimeError):
+    """The quorum holds groups that are not this run's."""
 
 
 def report(completion: CompletionClient, group: int, kind: str, **fields: Any) -> None:
@@ -203,7 +214,8 @@ def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.
         timeout=timeout,
         quorum_timeout=timedelta(seconds=cfg.localsgd.quorum_timeout_s),
         connect_timeout=timeout,
-        replica_id=f"{cfg.name}_{group}",
+        # The run id makes every launch's groups distinct to any lighthouse they might reach.
+        replica_id=f"{lifecycle.run_id() or cfg.name}_{group}",
         # Every group seeds its model identically, so step 0 needs no weight transfer;
         # a group that (re)joins later is still healed from a live one.
         init_sync=False,
@@ -242,6 +254,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
     found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
     resumed_from = 0
+    resumed_sync: Optional[int] = None  # the committed-sync count the loaded checkpoint was taken at
     if found is not None:
         state = checkpoint.load(found, device)
         model.load_state_dict(state["model"])
@@ -253,9 +266,10 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         manager.load_state_dict({**state["manager"], "step": state["manager"]["step"] - cfg.initial_syncs})
         progress["offset"] = int(state["offset"])
         resumed_from = int(state["step"])
+        resumed_sync = int(state["manager"]["step"])
     print(f"LocalSGD: group {group}: {how}", flush=True)
 
-    completion = CompletionClient(os.environ[roles.COMPLETION_ENV])
+    completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
     metrics: Optional[MetricsLog] = None
     if rank == 0:
         completion.started(group)
@@ -269,6 +283,10 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     if metrics is not None:
         metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
                     max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
+    final = completion.status().get("completed")
+    if final is not None:
+        # The others already committed the final sync: training alone from here would only diverge.
+        return _finished_late(cfg, group, model, eval_data, manager, final, resumed_sync, restarts)
     faults = (FaultInjector(cfg, group, manager, completion, completion.status()["fired"], metrics)
               if cfg.fault_plan else None)
     # A restarted group is disrupted until its first committed sync with every group in it.
@@ -311,14 +329,20 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
                 committed = manager.current_step() > before
                 monitor.after_sync(manager, train_step(), steps, time.monotonic() - t_step, committed)
                 syncs = manager.current_step() - progress["offset"]
-                # Exactly one group saves: the one ranked 0 in the quorum that just committed.
-                if (committed and cfg.checkpoint.enabled and syncs % cfg.checkpoint.every_syncs == 0
-                        and manager.participating_rank() == 0):
+                # Exactly one group saves: the one ranked 0 in the quorum that just committed; the
+                # final commit always saves, so a group restarted after the end finds the final state.
+                if (committed and cfg.checkpoint.enabled and manager.participating_rank() == 0
+                        and (syncs % cfg.checkpoint.every_syncs == 0 or done())):
                     written.append(_save_checkpoint(cfg, batches, model, optimizer, manager, train_step(),
                                                     progress["offset"]))
                     report(completion, group, "checkpoint", step=written[-1], sync=manager.current_step())
                     if metrics is not None:
                         metrics.add("checkpoint", written[-1], global_sync=manager.current_step())
+                if monitor.quorum[1] < cfg.replica_groups.count and not done():
+                    # A partial quorum: if the others have already finished the run, we are training alone.
+                    final = _run_completed(completion)
+                    if final is not None:
+                        return _finished_late(cfg, group, model, eval_data, manager, final, None, restarts)
             if faults is not None:
                 faults.maybe_inject(train_step())
                 if faults.hung:  # we were frozen: count as disrupted until a full commit
@@ -339,9 +363,13 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
                 loss_sum.zero_()
     train_time = time.monotonic() - t0
 
-    final_acc = evaluate(model, eval_data())
     digest = params_sha256(model)
     committed_total = manager.current_step()
+    try:  # first, so that a group restarting from now on takes this final state
+        completion.completed(group, committed_total, digest)
+    except Exception as e:
+        log.warning("could not report the final sync: %s", e)
+    final_acc = evaluate(model, eval_data())
     manager.shutdown(wait=False)
     print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
           f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
@@ -367,6 +395,40 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         "samples_per_s": samples_per_s,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _run_completed(completion: CompletionClient) -> Optional[dict]:
+    """The run's final sync as the lighthouse role knows it (None: training goes on, or no answer)."""
+    try:
+        return completion.status(deadline_s=2.0).get("completed")
+    except Exception as e:
+        log.warning("could not ask whether the run has completed: %s", e)
+        return None
+
+
+def _finished_late(cfg: ExperimentConfig, group: int, model: nn.Module, eval_data: Callable[[], Any],
+                   manager: Any, final: dict, resumed_sync: Optional[int], restarts: int) -> Dict[str, Any]:
+    """The result of a group that (re)started after the run's final sync: the final state, no training.
+
+    The final state comes from the final checkpoint (the final commit always
+    writes one) when that is what this incarnation loaded; without it the
+    group reports that it has no final state, and is neither lost nor counted
+    among the groups that finished with identical weights.
+    """
+    manager.shutdown(wait=False)
+    result: Dict[str, Any] = {"steps": 0, "restarts": restarts, "finished_late": True,
+                              "global_syncs": int(final["global_sync"]), "peak_rss_mb": peak_rss_mb()}
+    if resumed_sync == final["global_sync"]:
+        digest = params_sha256(model)
+        acc = evaluate(model, eval_data())
+        result.update(params_sha256=digest, final_test_accuracy=acc)
+        print(f"LocalSGD: group {group} restarted after the run's final sync {final['global_sync']}: took the "
+              f"final state from the final checkpoint (params_sha256 {digest}); not training alone", flush=True)
+    else:
+        result["error"] = (f"restarted after the run's final sync {final['global_sync']}, with no checkpoint of "
+                           "it to take the final state from (enable checkpoints); did not train alone")
+        print(f"LocalSGD: group {group}: {result['error']}", flush=True)
+    return result
 
 
 def _progress(cfg: ExperimentConfig, group: int, steps: int, step: int, loss: float, lr: float,
@@ -427,20 +489,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    # torchrun starts us in a session of our own: without this a dead torchrun leaves us running.
+    lifecycle.die_with_parent(signal.SIGKILL)
+
     @record
     def _run() -> int:
+        from .replica import result_path
+
+        rank0 = int(os.environ.get("RANK", 0)) == 0
+        cfg = None
         try:
             cfg = load_config(args.config, args.config_b64)
             group = int(os.environ.get(roles.GROUP_ENV, 0))
             if not 0 <= group < cfg.replica_groups.count:
                 raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
             result = train(cfg, group)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, ForeignQuorum, Refused) as e:
+            # No restart can fix these: tell the replica role, which stops torchrun instead of retrying.
             print(f"error: {e}", file=sys.stderr, flush=True)
+            if cfg is not None and rank0:
+                write_json_atomic(result_path(cfg, group), {"error": str(e), "permanent": True})
+                if os.environ.get("TORCHELASTIC_RUN_ID"):  # our parent is torchrun: stop it restarting us
+                    os.kill(os.getppid(), signal.SIGTERM)
             return 2
-        from .replica import result_path
-
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             write_json_atomic(result_path(cfg, group), result)
         return 0
 

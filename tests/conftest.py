@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from localsgd_ft.fixture import write_fixture
+from localsgd_ft.lifecycle import processes_of_run
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHX = str(Path(sys.executable).with_name("torchx"))
@@ -67,6 +69,7 @@ def small_config(tmp: Path, cifar_root: Path, **over: Any) -> Dict[str, Any]:
         "model": {"arch": "cnn", "width": 16},
         "optimizer": {"name": "sgd", "lr": 0.02},
         "train": {"max_steps": 200, "eval_every": 100, "log_every": 10},
+        "checkpoint": {"every_syncs": 5},
     }
     return deep_update(cfg, over)
 
@@ -128,8 +131,24 @@ class TorchxRun:
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.lines[-n:])
 
+    @property
+    def run_id(self) -> str:
+        """The run id the lighthouse role printed ('' before it did)."""
+        with self._cond:
+            for line in self.lines:
+                m = re.search(r"lighthouse: run (\S+): serving", line)
+                if m:
+                    return m.group(1)
+        return ""
+
     def kill(self) -> None:
         kill_tree(self.proc.pid, self.config)
+        if self.run_id:
+            for pid in processes_of_run(self.run_id):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def processes_using(config: Path) -> List[int]:

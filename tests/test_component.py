@@ -54,8 +54,9 @@ def test_image_uses_the_image_python(tmp_path, cifar_root):
     assert {r.entrypoint for r in app.roles} == {"python"} and {r.image for r in app.roles} == {"ghcr.io/x/y:1"}
 
 
-def test_shipped_gpu_configs(tmp_path, fake_gpus):
+def test_shipped_gpu_configs(tmp_path, fake_gpus, monkeypatch):
     fake_gpus(2)
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "--dryrun"])  # plan only: no download
     app = appdef(REPO / "configs/gpu.yaml")  # download: true, so no local data is needed
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["0", "1"]
     app = appdef(REPO / "configs/cluster.yaml", image="img")  # a count: the scheduler picks devices

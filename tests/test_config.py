@@ -32,7 +32,7 @@ def test_gpu_shorthand_and_lists():
 
 
 def test_sync_mode_begins_with_an_alignment_sync():
-    base = {"train": {"max_steps": 100}, "localsgd": {"sync_every": 10}}
+    base = {"train": {"max_steps": 100}, "localsgd": {"sync_every": 10}, "checkpoint": {"every_syncs": 5}}
     assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 1)
     base["localsgd"]["recovery"] = "async"
     assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 0)
@@ -52,6 +52,7 @@ def test_sync_mode_begins_with_an_alignment_sync():
         ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
         ({"replica_groups": {"count": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[0]", "GPU index"),
         ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
+        ({"replica_groups": {"gpus": [0, 0]}}, "replica_groups.gpus", "GPU 0 is given to groups 0 and 1"),
         ({"train": {"max_steps": 105}}, "train.max_steps", "use 100 or 110"),
         ({"localsgd": {"recovery": "lazy"}}, "localsgd.recovery", "'sync' or 'async'"),
         ({"lighthouse": {"min_replicas": 3}}, "lighthouse.min_replicas", "1..replica_groups.count"),
@@ -61,6 +62,9 @@ def test_sync_mode_begins_with_an_alignment_sync():
         ({"optimizer": {"name": "lion"}}, "optimizer.name", "'sgd' or 'adamw'"),
         ({"name": "a b"}, "name", "letters, digits"),
         ({"data": []}, "data", "expected a mapping"),
+        ({"train": {"max_steps": 200}}, "checkpoint.every_syncs", "only 20 syncs"),
+        ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
+        ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
         ([1, 2], "", "mapping of keys at the top level"),
     ],
 )
@@ -110,7 +114,7 @@ def test_readme_reference_is_current():
 def test_round_trip_through_yaml():
     from localsgd_ft.config import to_dict
 
-    cfg = parse_config({"replica_groups": {"count": 3}, "train": {"max_steps": 30}})
+    cfg = parse_config({"replica_groups": {"count": 3}, "train": {"max_steps": 30}, "checkpoint": {"every_syncs": 3}})
     assert parse_config(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
 
 

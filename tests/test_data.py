@@ -22,7 +22,7 @@ def test_checksums_match_torchvision():
     assert cifar_files.TEST_FILES == [tuple(x) for x in CIFAR10.test_list]
     assert cifar_files.META_FILE == (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
     assert cifar_files.FOLDER == CIFAR10.base_folder
-    assert (cifar_files.URL, *cifar_files.ARCHIVE) == (CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)
+    assert (DataConfig().url, *cifar_files.ARCHIVE) == (CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)
 
 
 def test_fixture_is_cifar_format_refused_only_by_checksum(cifar_root):
@@ -136,3 +136,64 @@ def test_channels_last_batches_hold_the_same_values():
     plain = ShardedBatches(split, 0, 1, 8, seed=0, augment=True).batch(3)[0]
     cl = ShardedBatches(split, 0, 1, 8, seed=0, augment=True, channels_last=True).batch(3)[0]
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, cl)
+
+
+def _serve(payload: bytes, declared: int):
+    """A loopback HTTP server that answers every GET with ``payload``, claiming ``declared`` bytes."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(declared))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+
+
+def _archive(cifar_root: Path) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(cifar_root / cifar_files.FOLDER, arcname=cifar_files.FOLDER)
+    return buf.getvalue()
+
+
+def test_download_unpacks_into_place_atomically(tmp_path, cifar_root, capsys):
+    payload = _archive(cifar_root)
+    server, url = _serve(payload, len(payload))
+    try:
+        cfg = DataConfig(root=str(tmp_path / "d"), download=True, verify=False, url=url)
+        folder = locate(cfg)
+        assert folder == tmp_path / "d" / cifar_files.FOLDER and read_batch(folder / "test_batch")["labels"]
+        assert not list((tmp_path / "d").glob(".cifar10-download-*"))
+        assert "CIFAR-10: downloading" in capsys.readouterr().err
+        # With verification on, the same bytes are not the official archive: refused, nothing kept.
+        cfg = DataConfig(root=str(tmp_path / "e"), download=True, verify=True, url=url)
+        with pytest.raises(DataError, match="not the official archive.*by hand"):
+            locate(cfg)
+        assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [".cifar10.lock"]
+    finally:
+        server.shutdown()
+
+
+def test_a_cut_download_leaves_nothing_that_looks_like_data(tmp_path, cifar_root):
+    payload = _archive(cifar_root)
+    server, url = _serve(payload[: len(payload) // 2], len(payload))  # the connection ends halfway
+    try:
+        cfg = DataConfig(root=str(tmp_path / "d"), download=True, verify=False, url=url, download_timeout_s=20)
+        with pytest.raises(DataError) as e:
+            locate(cfg)
+        assert url in str(e.value) and "localsgd_ft.fixture" in str(e.value)
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".cifar10.lock"]
+    finally:
+        server.shutdown()

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import small_config, write_config
-from localsgd_ft.control import CompletionClient
+from localsgd_ft.control import MAX_BODY, CompletionClient, Refused
+from localsgd_ft.lifecycle import RUN_ID_ENV, RUN_TOKEN_ENV
+
+TOKEN = "0123456789abcdef"
+LIGHTHOUSE_FAULT = {"faults": {"enabled": True, "schedule": [{"kind": "lighthouse", "at_step": 5, "duration_s": 2.0}]}}
 
 
 @pytest.fixture
@@ -25,11 +29,11 @@ def lighthouse(request, tmp_path, cifar_root):
     path = write_config(tmp_path, cfg)
     proc = subprocess.Popen(
         [sys.executable, "-m", "localsgd_ft.lighthouse", "--config", str(path), "--host-env", "LH_HOST"],
-        env={**os.environ, "LH_HOST": "localhost"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        env={**os.environ, "LH_HOST": "localhost", RUN_ID_ENV: "t-test", RUN_TOKEN_ENV: TOKEN},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     port = cfg["lighthouse"]["port"]
-    client = CompletionClient(f"http://127.0.0.1:{port + 1}")
+    client = CompletionClient(f"http://127.0.0.1:{port + 1}", TOKEN)
     yield proc, client, cfg, port
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -141,6 +145,7 @@ def test_a_dead_lighthouse_is_restarted(lighthouse):
     assert proc.returncode == 0 and summary["lighthouse_restarts"] == 1, out
 
 
+@pytest.mark.parametrize("lighthouse", [LIGHTHOUSE_FAULT], indirect=True)
 def test_injected_lighthouse_fault_kills_it_for_its_duration(lighthouse):
     proc, client, cfg, port = lighthouse
     client.started(0, deadline_s=30)
@@ -180,9 +185,81 @@ def test_sigterm_stops_it_with_a_partial_summary(lighthouse):
 def test_bad_report_is_rejected(lighthouse):
     _, client, _, _ = lighthouse
     client.started(0, deadline_s=30)
-    with pytest.raises(urllib.error.HTTPError) as e:
+    with pytest.raises(Refused) as e:
         client._call("/finished", {"group": 7})
     assert e.value.code == 400
+
+
+def _raw(port: int, path: str, body: bytes, headers: dict) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port + 1}{path}", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_control_plane_refuses_what_it_was_not_told_by_its_run(lighthouse):
+    """No token, a wrong token, an oversize body, a result claiming computed keys, a fault while faults are off."""
+    proc, client, cfg, port = lighthouse
+    client.started(0, deadline_s=30)
+    body = json.dumps({"group": 0, "exit_code": 0, "result": {"params_sha256": "ab"}}).encode()
+    assert _raw(port, "/finished", body, {}) == 403
+    assert _raw(port, "/finished", body, {"X-LocalSGD-Run-Token": "guess"}) == 403
+    assert _raw(port, "/status", b"", {"X-LocalSGD-Run-Token": "guess"}) == 403
+    huge = b'{"group": 0, "pad": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    assert _raw(port, "/event", huge, {"X-LocalSGD-Run-Token": TOKEN, "Content-Length": str(len(huge))}) == 413
+    with pytest.raises(Refused, match="result.succeeded"):
+        client.finished(0, 0, {"params_sha256": "ab", "succeeded": True, "lost": False})
+    with pytest.raises(Refused) as e:  # faults.enabled is false: nobody may kill the lighthouse
+        client.event(0, "fault", fault="lighthouse", fault_id=0, target=-1, step=5, duration_s=2.0)
+    assert e.value.code == 403
+    assert client.status()["finished"] == [] and client.status()["fired"] == []
+    # A client that opens a connection and sends nothing is dropped, and does not block others.
+    idle = socket.create_connection(("127.0.0.1", port + 1), timeout=5)
+    assert client.status()["expected"] == 2
+    idle.close()
+    for g in (0, 1):
+        client.finished(g, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5})
+    out, _ = proc.communicate(timeout=30)
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    assert proc.returncode == 0 and summary["succeeded"] and summary["faults"]["injected"] == 0, out
+
+
+@pytest.mark.parametrize("lighthouse", [{"lighthouse": {"role_timeout_s": 3}}], indirect=True)
+def test_a_silent_role_is_declared_lost(lighthouse):
+    proc, client, cfg, _ = lighthouse
+    client.heartbeat(1, deadline_s=30)  # group 1's role was seen once, then went silent
+    t0 = time.monotonic()
+    client.finished(0, 0, {"params_sha256": "ab", "final_test_accuracy": 0.5})
+    out, _ = proc.communicate(timeout=30)
+    assert 3 <= time.monotonic() - t0 < 15
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    assert proc.returncode == 0 and summary["succeeded"] and summary["lost_groups"] == [1], out
+    assert summary["lost_reasons"]["1"].startswith("role lost: no heartbeat for")
+    assert "group 1: role lost: no heartbeat" in out
+
+
+def test_a_taken_port_fails_at_once_with_one_line_and_writes_nothing(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root)
+    port = cfg["lighthouse"]["port"]
+    out_dir = Path(cfg["output_dir"])
+    (out_dir / "metrics").mkdir(parents=True)
+    (out_dir / "metrics" / "group_0.jsonl").write_text("{}\n")
+    path = write_config(tmp_path, cfg)
+    env = {**os.environ, "LH_HOST": "localhost", RUN_ID_ENV: "t-test", RUN_TOKEN_ENV: TOKEN}
+    for taken in (port, port + 1):
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", taken))
+            holder.listen()
+            proc = subprocess.run([sys.executable, "-m", "localsgd_ft.lighthouse", "--config", str(path),
+                                   "--host-env", "LH_HOST"], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"port {taken}" in lines[0] and "lighthouse.port" in lines[0], proc.stderr
+        # Nothing moved, nothing written.
+        assert sorted(p.name for p in out_dir.iterdir()) == ["metrics"]
+        assert (out_dir / "metrics" / "group_0.jsonl").read_text() == "{}\n"
 
 
 def test_lighthouse_child_leaves_with_a_killed_role(lighthouse):

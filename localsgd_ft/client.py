@@ -1,0 +1,71 @@
+"""What the ``torchx run`` client does for the user beyond building the AppDef (local schedulers only).
+
+On local schedulers the roles' output reaches the terminal through the
+client; once the client is stopped (Ctrl-C), nothing the roles print is seen.
+So the component registers :func:`say_how_to_resume` to run when the client
+exits: it waits briefly for the lighthouse role's summary and, if the run did
+not finish, prints one line saying how to resume and from which checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import List, Optional
+
+from .checkpoint import resume_point
+from .config import ConfigError, ExperimentConfig
+
+SUMMARY_WAIT_S = 10.0
+
+
+def scheduler_from_argv(argv: List[str]) -> str:
+    """The scheduler a ``torchx run`` command line uses (``-s``/``--scheduler``, else .torchxconfig's)."""
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    for i, a in enumerate(args):
+        if a in ("-s", "--scheduler") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--scheduler="):
+            return a.split("=", 1)[1]
+    try:
+        from torchx.runner.config import get_config
+
+        return get_config(prefix="cli", name="run", key="scheduler") or ""
+    except Exception:
+        return ""
+
+
+def is_local_launch(argv: List[str]) -> bool:
+    """Whether this process is a ``torchx run`` (not a dry run) whose roles are its own children."""
+    return "run" in argv[1:3] and "--dryrun" not in argv and scheduler_from_argv(argv).startswith("local")
+
+
+def say_how_to_resume(cfg: ExperimentConfig, launched_at: float) -> None:
+    """At the client's exit: if the run stopped before it finished, say how to resume it."""
+    path = cfg.run_dir / "summary.json"
+    end = time.monotonic() + SUMMARY_WAIT_S
+    summary: Optional[dict] = None
+    while time.monotonic() < end:
+        try:
+            if path.stat().st_mtime >= launched_at:
+                summary = json.loads(path.read_text())
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    if summary is not None and (summary.get("succeeded") or summary.get("failure_reason")
+                                != "stopped before every replica group finished"):
+        return  # it ended on its own: the lighthouse role already gave the verdict
+    where = "no checkpoint was written yet, so it starts over"
+    if cfg.checkpoint.enabled:
+        try:
+            found, _ = resume_point(cfg, start_over=False)
+            if found is not None:
+                where = f"it continues from the newest checkpoint, step {found.step}, in {cfg.checkpoint_dir}"
+        except ConfigError:
+            pass
+    else:
+        where = "checkpoint.enabled is false, so it starts over"
+    print(f"localsgd: the run stopped before it finished; to resume, run the same command again ({where})",
+          file=sys.stderr, flush=True)

@@ -1,0 +1,102 @@
+"""How a run owns its processes: each one dies with its supervisor, and every one carries the run's identity.
+
+- **Parent-death signals.** torchx's local schedulers, torchrun and our
+  replica wrapper all start children in new sessions, so no process-group
+  signal reaches a whole run, and a SIGKILLed parent (a closed terminal, an
+  OOM kill) cannot clean up at all. Linux's ``PR_SET_PDEATHSIG`` asks the
+  kernel to signal a process when the thread that started it dies, whatever
+  killed it: roles follow the ``torchx run`` client (local schedulers) or
+  their scheduler's step process, torchrun follows its replica role, trainers
+  follow torchrun, torchft's lighthouse follows its role.
+- **The run's identity.** The component draws a run id (public: logs, torchft
+  replica ids, finding a run's processes) and a secret token (the completion
+  service refuses any request without it) for each ``torchx run``; both reach
+  every process of the run through its environment, never its command line.
+
+No torch here: the small roles import this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+import signal
+import sys
+from typing import Callable, Dict, List, Optional
+
+# Environment every process of a run carries (set by the component, inherited below it).
+RUN_ID_ENV = "LOCALSGD_FT_RUN_ID"
+RUN_TOKEN_ENV = "LOCALSGD_FT_RUN_TOKEN"
+TOKEN_HEADER = "X-LocalSGD-Run-Token"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def new_identity(name: str) -> Dict[str, str]:
+    """A fresh run id and token for one launch of experiment ``name``."""
+    return {RUN_ID_ENV: f"{name}-{secrets.token_hex(4)}", RUN_TOKEN_ENV: secrets.token_hex(16)}
+
+
+def run_id() -> str:
+    """This process's run id ('' outside a run started by the component)."""
+    return os.environ.get(RUN_ID_ENV, "")
+
+
+def run_token() -> str:
+    """This process's run token; a clear error if the process was not started by the component."""
+    token = os.environ.get(RUN_TOKEN_ENV, "")
+    if not token:
+        raise RuntimeError(f"${RUN_TOKEN_ENV} is not set: the roles of a run are started by the torchx "
+                           "component (torchx run -- --config ...), which gives every role the run's token")
+    return token
+
+
+def _prctl_pdeathsig(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def die_with_parent(sig: int = signal.SIGKILL, expected_parent: Optional[int] = None) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies; True if armed.
+
+    If the parent is already gone (it died before we got here: we were
+    re-parented), the signal is sent now. A process whose parent is PID 0 or 1
+    (a container's first process) has no supervisor to follow and is left alone.
+    """
+    parent = os.getppid() if expected_parent is None else expected_parent
+    if parent <= 1:
+        return False
+    armed = _prctl_pdeathsig(sig)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return armed
+
+
+def preexec_die_with_parent(sig: int) -> Callable[[], None]:
+    """A ``Popen(preexec_fn=...)`` that ties the child to the calling process (call from the main thread)."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        die_with_parent(sig, expected_parent=parent)
+
+    return arm
+
+
+def processes_of_run(run: str) -> List[int]:
+    """PIDs of this user's processes that carry run id ``run`` in their environment (for tests and tools)."""
+    needle = f"{RUN_ID_ENV}={run}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
