@@ -7,6 +7,7 @@ filesystem with the machine that ran ``torchx run``.
 """
 
 import atexit
+import os
 import sys
 import time
 from typing import Dict, List
@@ -17,9 +18,9 @@ from torchx.specs.finder import ComponentValidationException
 from localsgd_ft.config import ConfigError, embed_config, load_config
 from localsgd_ft.cifar_files import DataError, locate
 from localsgd_ft.checkpoint import resume_point
-from localsgd_ft.client import is_local_launch, say_how_to_resume
+from localsgd_ft.client import is_local_launch, say_how_to_resume, watch_for_interrupt
 from localsgd_ft.gpus import check_local_lists
-from localsgd_ft.lifecycle import new_identity
+from localsgd_ft.lifecycle import PARENT_PID_ENV, new_identity
 from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
 
 
@@ -76,8 +77,10 @@ def localsgd(
         except ConfigError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
 
-    if is_local_launch(sys.argv):
-        atexit.register(say_how_to_resume, cfg, time.time())
+    local = is_local_launch(sys.argv)
+    if local:
+        watch_for_interrupt()
+        atexit.register(say_how_to_resume, cfg, time.time(), fresh)
 
     # Locally (and on Slurm) the roles run from the current virtualenv; in an image, its `python`.
     python = "python" if image else sys.executable
@@ -86,6 +89,8 @@ def localsgd(
     # One identity per launch, in every role's environment (never its command line): the
     # completion service refuses anyone without the token, torchft replica ids carry the run id.
     common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0", **new_identity(cfg.name)}
+    if local:  # the roles are this process's children: each checks it still is before arming
+        common_env[PARENT_PID_ENV] = str(os.getpid())
     # A container keeps no files after it ends: print summary.json to the lighthouse's log too.
     print_summary: List[str] = ["--print-summary"] if image else []
 

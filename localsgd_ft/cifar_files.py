@@ -11,6 +11,7 @@ values torchvision checks (a unit test keeps the two in step).
 from __future__ import annotations
 
 import fcntl
+import http.client
 import io
 import pickle
 import shutil
@@ -121,8 +122,9 @@ def fetch(cfg: DataConfig, progress: bool = True) -> None:
             archive = tmp / ARCHIVE[0]
             try:
                 _fetch(cfg.url, archive, cfg.download_timeout_s, progress)
-            except (OSError, TimeoutError, ValueError) as e:
-                raise DataError(f"CIFAR-10 download from {cfg.url} failed: {e}. {_by_hand(cfg, root)}") from None
+            except (OSError, TimeoutError, ValueError, http.client.HTTPException) as e:
+                why = str(e) or type(e).__name__
+                raise DataError(f"CIFAR-10 download from {cfg.url} failed: {why}. {_by_hand(cfg, root)}") from None
             if cfg.verify and file_digest(archive, "md5") != ARCHIVE[1]:
                 raise DataError(f"CIFAR-10 download from {cfg.url} is not the official archive (md5 mismatch). "
                                 + _by_hand(cfg, root))

@@ -1,10 +1,11 @@
-"""What the ``torchx run`` client does for the user beyond building the AppDef (local schedulers only).
+"""What the ``torchx run`` client does for the user beyond building the AppDef (local_cwd only).
 
-On local schedulers the roles' output reaches the terminal through the
-client; once the client is stopped (Ctrl-C), nothing the roles print is seen.
-So the component registers :func:`say_how_to_resume` to run when the client
-exits: it waits briefly for the lighthouse role's summary and, if the run did
-not finish, prints one line saying how to resume and from which checkpoint.
+On local_cwd the roles' output reaches the terminal through the client; once
+the client is interrupted (Ctrl-C, SIGTERM), nothing the roles print is seen.
+So the component notes an interrupt (:func:`watch_for_interrupt`) and
+registers :func:`say_how_to_resume` to run when the client exits: after an
+interrupt it waits briefly for the lighthouse role's summary and prints one
+line saying how to resume and from which checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ from .checkpoint import resume_point
 from .config import ConfigError, ExperimentConfig
 
 SUMMARY_WAIT_S = 10.0
+_interrupted = {"yes": False}
+
+
+def watch_for_interrupt() -> None:
+    """Remember whether the client ends on a signal (torchx raises its SignalException, or KeyboardInterrupt)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):  # type: ignore[no-untyped-def]
+        if kind.__name__ in ("SignalException", "KeyboardInterrupt"):
+            # An interrupt is what the user asked for, not a crash: one line instead of a traceback.
+            _interrupted["yes"] = True
+            print(f"localsgd: torchx run interrupted ({value or kind.__name__}); every role is being stopped",
+                  file=sys.stderr, flush=True)
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def scheduler_from_argv(argv: List[str]) -> str:
@@ -37,12 +55,17 @@ def scheduler_from_argv(argv: List[str]) -> str:
 
 
 def is_local_launch(argv: List[str]) -> bool:
-    """Whether this process is a ``torchx run`` (not a dry run) whose roles are its own children."""
-    return "run" in argv[1:3] and "--dryrun" not in argv and scheduler_from_argv(argv).startswith("local")
+    """Whether this process is a ``torchx run`` (not a dry run) whose roles are its own child processes.
+
+    Only local_cwd: local_docker's roles are containers, children of the Docker daemon.
+    """
+    return "run" in argv[1:3] and "--dryrun" not in argv and scheduler_from_argv(argv) == "local_cwd"
 
 
-def say_how_to_resume(cfg: ExperimentConfig, launched_at: float) -> None:
-    """At the client's exit: if the run stopped before it finished, say how to resume it."""
+def say_how_to_resume(cfg: ExperimentConfig, launched_at: float, fresh: bool = False) -> None:
+    """At the client's exit after an interrupt: if the run stopped before it finished, say how to resume it."""
+    if not _interrupted["yes"]:
+        return  # it ended on its own: the lighthouse role already gave the verdict
     path = cfg.run_dir / "summary.json"
     end = time.monotonic() + SUMMARY_WAIT_S
     summary: Optional[dict] = None
@@ -54,11 +77,13 @@ def say_how_to_resume(cfg: ExperimentConfig, launched_at: float) -> None:
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
-    if summary is not None and (summary.get("succeeded") or summary.get("failure_reason")
-                                != "stopped before every replica group finished"):
-        return  # it ended on its own: the lighthouse role already gave the verdict
+    if summary is not None and not summary.get("stopped"):
+        return  # it had ended before the interrupt
+    again = "the same command again" + (" without --fresh" if fresh else "")
     where = "no checkpoint was written yet, so it starts over"
-    if cfg.checkpoint.enabled:
+    if not cfg.checkpoint.resume:
+        where = "checkpoint.resume is false, so it starts over"
+    elif cfg.checkpoint.enabled:
         try:
             found, _ = resume_point(cfg, start_over=False)
             if found is not None:
@@ -67,5 +92,5 @@ def say_how_to_resume(cfg: ExperimentConfig, launched_at: float) -> None:
             pass
     else:
         where = "checkpoint.enabled is false, so it starts over"
-    print(f"localsgd: the run stopped before it finished; to resume, run the same command again ({where})",
+    print(f"localsgd: the run stopped before it finished; to resume, run {again} ({where})",
           file=sys.stderr, flush=True)

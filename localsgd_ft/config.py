@@ -69,9 +69,10 @@ class LocalSGDConfig:
         "How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus one sync interval.",
     )
     quorum_retries: int = doc(
-        3,
-        "Quorum retries before a group gives up; > 0 lets the groups ride through a restart of the lighthouse "
-        "(torchft waits quorum_timeout_s / (retries + 1) between tries).",
+        -1,
+        "Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / (retries + 1) "
+        "between them, so they ride through a lighthouse restart. -1: one try every 0.5 s, so an outage costs "
+        "little more than its own length; 0: none (a lighthouse restart crashes every group).",
     )
 
 
@@ -158,6 +159,8 @@ class CheckpointConfig:
         "the old checkpoints are moved aside, not deleted.",
     )
 
+
+QUORUM_RETRY_INTERVAL_S = 0.5
 
 FAULT_KINDS = ("kill", "hang", "kill_during_sync", "lighthouse")
 
@@ -252,6 +255,15 @@ class ExperimentConfig:
     @property
     def uses_gpus(self) -> bool:
         return self.gpus_per_group > 0
+
+    @property
+    def quorum_retries(self) -> int:
+        """Retries handed to torchft's Manager (localsgd.quorum_retries, or the automatic count)."""
+        if self.localsgd.quorum_retries >= 0:
+            return self.localsgd.quorum_retries
+        # torchft sleeps quorum_timeout / (retries + 1) after a failed try; the Python side gives
+        # up after quorum_timeout anyway, so more retries only shorten the wait after an outage.
+        return max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
 
     @property
     def initial_syncs(self) -> int:
@@ -390,7 +402,8 @@ def _check(cfg: ExperimentConfig) -> None:
     need(ls.timeout_s > 0, "localsgd.timeout_s", ls.timeout_s, "expected a number > 0")
     need(ls.quorum_timeout_s * 1000 > lh.heartbeat_timeout_ms, "localsgd.quorum_timeout_s", ls.quorum_timeout_s,
          f"expected more than lighthouse.heartbeat_timeout_ms ({lh.heartbeat_timeout_ms} ms) plus one sync interval")
-    need(ls.quorum_retries >= 0, "localsgd.quorum_retries", ls.quorum_retries, "expected an integer >= 0")
+    need(ls.quorum_retries >= -1, "localsgd.quorum_retries", ls.quorum_retries,
+         "expected an integer >= 0, or -1 (automatic)")
     need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
     need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
          f"expected 1..replica_groups.count ({rg.count})")
@@ -450,7 +463,7 @@ def _check(cfg: ExperimentConfig) -> None:
         need(rg.max_restarts >= 1, "replica_groups.max_restarts", rg.max_restarts,
              "expected >= 1 when faults kill workers (a killed group is restarted by torchrun)")
     if fl.enabled and any(x.kind == "lighthouse" for x in cfg.fault_plan):
-        need(ls.quorum_retries >= 1, "localsgd.quorum_retries", ls.quorum_retries,
+        need(cfg.quorum_retries >= 1, "localsgd.quorum_retries", ls.quorum_retries,
              "expected >= 1 when faults kill the lighthouse (groups retry the quorum while it restarts)")
 
 

@@ -147,6 +147,20 @@ class CompletionState:
                 self._cond.notify_all()
         return lost
 
+    def declare_never_seen_lost(self, after_s: float) -> List[int]:
+        """Groups whose role never made contact (no heartbeat, no report): mark them finished as lost."""
+        lost = []
+        with self._cond:
+            for g in range(self.expected):
+                if g not in self.last_seen and g not in self.finished:
+                    self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True,
+                                        "result": {"error": f"role lost: it never reached the lighthouse role "
+                                                            f"in {after_s:.0f} s"}}
+                    lost.append(g)
+            if lost:
+                self._cond.notify_all()
+        return lost
+
     def set_abort(self, reason: str) -> None:
         with self._cond:
             if self.abort is None:
@@ -243,6 +257,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise RequestError(400, "bad Content-Length") from None
         if length > MAX_BODY:
+            # Read what was sent (bounded), so the client gets this answer rather than a reset.
+            left = min(length, 16 * MAX_BODY)
+            while left > 0 and self.rfile.read(min(left, 1 << 16)):
+                left -= 1 << 16
             raise RequestError(413, f"body too large ({length} bytes; at most {MAX_BODY})")
         try:
             return json.loads(self.rfile.read(length) or b"{}")

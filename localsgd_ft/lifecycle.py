@@ -24,12 +24,14 @@ import os
 import secrets
 import signal
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 # Environment every process of a run carries (set by the component, inherited below it).
 RUN_ID_ENV = "LOCALSGD_FT_RUN_ID"
 RUN_TOKEN_ENV = "LOCALSGD_FT_RUN_TOKEN"
 TOKEN_HEADER = "X-LocalSGD-Run-Token"
+# On local launches: the `torchx run` client's pid, which every role's parent must be.
+PARENT_PID_ENV = "LOCALSGD_FT_CLIENT_PID"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -53,27 +55,52 @@ def run_token() -> str:
     return token
 
 
-def _prctl_pdeathsig(sig: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+# Loaded once, at import: a forked child (Popen's preexec_fn) must only call it, never dlopen.
+_prctl = (ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+          if sys.platform.startswith("linux") else None)
 
 
-def die_with_parent(sig: int = signal.SIGKILL, expected_parent: Optional[int] = None) -> bool:
+def die_with_parent(sig: int = signal.SIGKILL, expected_parent: Optional[int] = None,
+                    parent_marker: Optional[Tuple[bytes, ...]] = None) -> bool:
     """Have the kernel send ``sig`` to this process when its parent dies; True if armed.
 
-    If the parent is already gone (it died before we got here: we were
-    re-parented), the signal is sent now. A process whose parent is PID 0 or 1
-    (a container's first process) has no supervisor to follow and is left alone.
+    If the parent is already gone (it died before we got here and we were
+    re-parented: the parent is not ``expected_parent``, or its command line
+    lacks ``parent_marker``), the signal is sent now. A process whose parent is
+    PID 0 or 1 from the start (a container's first process) has no supervisor
+    to follow and is left alone.
     """
-    parent = os.getppid() if expected_parent is None else expected_parent
-    if parent <= 1:
+    parent = os.getppid()
+    if expected_parent is None and parent_marker is None and parent <= 1:
         return False
-    armed = _prctl_pdeathsig(sig)
-    if os.getppid() != parent:
+    armed = _prctl is not None and _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    orphaned = os.getppid() != (parent if expected_parent is None else expected_parent)
+    if parent_marker is not None and not orphaned:
+        try:
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                cmdline = f.read()
+            orphaned = not any(m in cmdline for m in parent_marker)
+        except OSError:
+            orphaned = True
+    if orphaned:
         os.kill(os.getpid(), sig)
     return armed
+
+
+def follow_torchrun() -> None:
+    """In a torchrun worker: die with torchrun (which starts workers in sessions of their own).
+
+    Call it first, before importing torch: a worker whose torchrun died while
+    it was starting ends at once instead of training as an orphan.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent(signal.SIGKILL, parent_marker=(b"torch.distributed.run", b"torchrun"))
+
+
+def expected_parent() -> Optional[int]:
+    """The pid this role's parent must have (set by the component on local launches), else None."""
+    value = os.environ.get(PARENT_PID_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 def preexec_die_with_parent(sig: int) -> Callable[[], None]:

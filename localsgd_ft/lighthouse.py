@@ -88,7 +88,8 @@ class SupervisedLighthouse:
     def start(self, deadline_s: float = 30.0) -> None:
         """Start the child and wait until it accepts connections."""
         claim_port("" if self.bind_host == "::" else self.bind_host, self.port, "torchft lighthouse")
-        self.proc = subprocess.Popen(self.cmd)
+        # The torchft lighthouse dies with this role, however the role dies (SIGKILL included).
+        self.proc = subprocess.Popen(self.cmd, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM))
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -165,7 +166,9 @@ def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None
         state.set_abort(reason)
 
 
-def _on_fault(lighthouse: SupervisedLighthouse) -> Callable[[dict], None]:
+def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callable[[dict], None]:
+    plan = {f.id: f for f in cfg.fault_plan}
+
     def on_event(event: dict) -> None:
         if event.get("kind") != "fault":
             return
@@ -174,7 +177,8 @@ def _on_fault(lighthouse: SupervisedLighthouse) -> Callable[[dict], None]:
               f"at step {event.get('step')}", flush=True)
         if event.get("fault") == "lighthouse":
             # Off the HTTP thread: the reporting group must get its answer before the kill.
-            threading.Thread(target=lighthouse.kill_for, args=(float(event.get("duration_s", 3.0)),),
+            # The outage lasts as planned, whatever the report claims.
+            threading.Thread(target=lighthouse.kill_for, args=(plan[event["fault_id"]].duration_s,),
                              daemon=True).start()
 
     return on_event
@@ -185,6 +189,9 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     bind_host = roles.bind_address(host)
     token = lifecycle.run_token()
     run_id = lifecycle.run_id()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Own both ports before anything is moved or written: a port held by another run ends this
     # role at once with one line, and the replica roles, refused by that run's service, stop too.
     state = control.CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan})
@@ -202,9 +209,6 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         completion.server_close()
         raise
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     role_error: Optional[str] = None
     try:
         if cfg.checkpoint.enabled and roles.fresh_requested(cfg):
@@ -215,8 +219,12 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         old_metrics = move_aside(metrics_dir(cfg.run_dir))
         if old_metrics:
             print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
-        state.on_event = _on_fault(lighthouse)
+        state.on_event = _on_fault(lighthouse, cfg)
         state.open()
+        opened = time.monotonic()
+        # A role that never reaches us (it died at start, its pod was never scheduled) is lost too;
+        # on a cluster roles may start minutes apart.
+        first_contact_s = cfg.lighthouse.role_timeout_s * 2 if bind_host != "::" else max(300.0, cfg.lighthouse.role_timeout_s * 2)
         print(f"lighthouse: run {run_id}: serving {roles.lighthouse_url(cfg, host)}, bound to {bind_host}; "
               f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
         print(f"lighthouse: dashboard: {roles.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
@@ -233,17 +241,23 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
             for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
                 print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
                       f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
+            if time.monotonic() - opened > first_contact_s:
+                for g in state.declare_never_seen_lost(first_contact_s):
+                    print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
+                          f"{first_contact_s:.0f} s", flush=True)
             _check_losses(cfg, state)
     except Exception as e:  # never end without a verdict: the summary says what went wrong
         role_error = f"lighthouse role error: {type(e).__name__}: {e}"
         print(f"lighthouse: {role_error}", flush=True)
     finally:
         completion.shutdown()
+        completion.server_close()  # free the port now, not when the report is done
         lighthouse.stop()
 
     reports = state.snapshot()
     summary = build_summary(cfg, reports, started_at, config_path, lighthouse.restarts, peak_rss_mb(),
-                            run_id=run_id, role_error=role_error)
+                            run_id=run_id, role_error=role_error,
+                            stopped=stop.is_set() and len(reports["finished"]) < cfg.replica_groups.count)
     write_json_atomic(cfg.run_dir / "summary.json", summary)
     for g, rep in summary["replica_groups"].items():
         print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
@@ -275,8 +289,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
 def _run_report(cfg: ExperimentConfig) -> bool:
     """Print the summary table and write the plots; True if the report was written."""
     try:
-        code = subprocess.run([sys.executable, "-m", "localsgd_ft.report", str(cfg.run_dir)],
-                              timeout=REPORT_TIMEOUT_S).returncode
+        code = subprocess.run([sys.executable, "-m", "localsgd_ft.report", str(cfg.run_dir)], timeout=REPORT_TIMEOUT_S,
+                              preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL)).returncode
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"lighthouse: the report could not be made: {e}", flush=True)
         return False
@@ -286,12 +300,14 @@ def _run_report(cfg: ExperimentConfig) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # First of all: locally the role follows the `torchx run` client, on Slurm its step process
+    # (SIGTERM: it still writes its verdict). Its own children follow it in turn.
+    lifecycle.die_with_parent(signal.SIGTERM, expected_parent=lifecycle.expected_parent())
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--print-summary", action="store_true", help="also print summary.json to the log")
     args, cfg, host = roles.parse_role_args(parser, argv, "lighthouse")
     # Locally the role follows the `torchx run` client (SIGTERM: it still writes its verdict);
     # on Slurm its step process. Its own children follow it in turn.
-    lifecycle.die_with_parent(signal.SIGTERM)
     try:
         return run(cfg, host, args.config, args.print_summary)
     except RuntimeError as e:

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import signal
 import sys
-import threading
+import time
 from types import ModuleType
 from typing import List, Optional
 
@@ -68,14 +68,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         quorum_tick_ms=args.quorum_tick_ms,
         heartbeat_timeout_ms=args.heartbeat_timeout_ms,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = {"now": False}  # set by the handler; an Event's lock could deadlock a handler run mid-wait
+
+    def on_signal(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     parent = os.getppid()
-    # If the lighthouse role is killed outright (SIGKILL), nobody stops us: leave with it
-    # rather than hold the port against the next run.
-    while not stop.wait(ORPHAN_POLL_S) and os.getppid() == parent:
-        pass
+    # Backstop to the parent-death signal: leave when the lighthouse role is gone.
+    while not stop["now"] and os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
     server.shutdown()
     return 0
 

@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -41,7 +42,6 @@ from .config import ExperimentConfig
 from .control import CompletionClient, Refused
 
 HEARTBEAT_S = 1.0
-STOP_GRACE_S = 15.0  # torchrun's own shutdown of its workers, before SIGKILL
 
 
 def result_path(cfg: ExperimentConfig, group: int) -> Path:
@@ -76,51 +76,68 @@ def read_result(path: Path, group: int) -> Optional[dict]:
 
 
 def stop_torchrun(proc: subprocess.Popen) -> int:
-    """SIGTERM torchrun (it stops its workers), SIGKILL it after a grace; its workers die with it."""
+    """SIGKILL torchrun; its workers die with it (parent-death signal), checkpoints are atomic.
+
+    Nothing is lost against a SIGTERM (trainers do not handle it), and torchrun
+    prints no traceback of its own shutdown.
+    """
     if proc.poll() is None:
-        proc.terminate()
-        try:
-            return proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.kill()
     return proc.wait()
 
 
-class Supervisor:
-    """Waits for torchrun while heartbeating; decides when to stop it early."""
+class Heartbeat:
+    """Tells the lighthouse role every second that this role lives, from a thread of its own.
 
-    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, result_file: Path) -> None:
-        self.cfg, self.group, self.client, self.result_file = cfg, group, client, result_file
+    A thread, so that nothing this role does (checking or downloading data,
+    waiting for torchrun) can make it fall silent. It keeps what the role must
+    act on: the reason to stop (the run aborted, a refusal, the lighthouse role
+    unreachable for ``lighthouse.role_timeout_s``).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient) -> None:
+        self.cfg, self.group, self.client = cfg, group, client
         self.last_contact = time.monotonic()
         self.stop_reason: Optional[str] = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
-    def beat(self) -> None:
-        """One heartbeat; sets ``stop_reason`` when torchrun must stop."""
-        try:
-            status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S)
-            self.last_contact = time.monotonic()
-            if status.get("abort"):
-                self.stop_reason = f"the run was aborted: {status['abort']}"
-        except Refused as e:
-            self.stop_reason = f"the completion service refused this role ({e}): it belongs to another run"
-        except Exception:  # the lighthouse role busy or restarting: keep training, within reason
-            silent = time.monotonic() - self.last_contact
-            if silent > self.cfg.lighthouse.role_timeout_s:
-                self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
-        result = read_result(self.result_file, self.group) if self.stop_reason is None else None
-        if result and result.get("permanent"):
-            self.stop_reason = f"permanent error (not retried): {result.get('error')}"
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
 
-    def wait(self, proc: subprocess.Popen) -> int:
-        while True:
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(HEARTBEAT_S):
             try:
-                return proc.wait(HEARTBEAT_S)
-            except subprocess.TimeoutExpired:
-                pass
-            self.beat()
-            if self.stop_reason:
-                print(f"replica {self.group}: stopping torchrun: {self.stop_reason}", file=sys.stderr, flush=True)
-                return stop_torchrun(proc)
+                status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S)
+                self.last_contact = time.monotonic()
+                if status.get("abort"):
+                    self.stop_reason = self.stop_reason or f"the run was aborted: {status['abort']}"
+            except Refused as e:
+                self.stop_reason = self.stop_reason or f"the completion service refused this role ({e})"
+            except Exception:  # the lighthouse role busy or restarting: keep training, within reason
+                silent = time.monotonic() - self.last_contact
+                if silent > self.cfg.lighthouse.role_timeout_s and self.stop_reason is None:
+                    self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
+
+
+def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, result_file: Path, group: int) -> int:
+    """Wait for torchrun; stop it early when the heartbeat says so or the trainer hit a permanent error."""
+    while True:
+        try:
+            return proc.wait(HEARTBEAT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if beat.stop_reason is None:
+            result = read_result(result_file, group)
+            if result and result.get("permanent"):
+                beat.stop_reason = f"permanent error (not retried): {result.get('error')}"
+        if beat.stop_reason:
+            print(f"replica {group}: stopping torchrun: {beat.stop_reason}", file=sys.stderr, flush=True)
+            return stop_torchrun(proc)
 
 
 def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0) -> int:
@@ -138,7 +155,7 @@ def _report(client: CompletionClient, group: int, code: int, result: Optional[di
 def _refuse(client: CompletionClient, group: int, error: str) -> int:
     """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
     print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
-    return _report(client, group, 2, {"error": error, "permanent": True}) or 2
+    return _report(client, group, 2, {"error": error, "permanent": True})
 
 
 def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
@@ -166,52 +183,54 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
               file=sys.stderr, flush=True)
         return 1
 
+    beat = Heartbeat(cfg, group, client).start()
     gpu_problem = gpus.check_role(cfg, group, env)
     if gpu_problem:
+        beat.stop()
         return _refuse(client, group, gpu_problem)
-    try:  # on this filesystem the component already did this; in an image it happens here, once
+    try:  # on this filesystem the component already did this; in an image each role does it
         locate(cfg.data)
     except DataError as e:
+        beat.stop()
         return _refuse(client, group, str(e))
 
     result_file = result_path(cfg, group)
     result_file.unlink(missing_ok=True)  # never report a previous run's result
 
-    # torchrun follows this role (SIGTERM: it stops its workers), even if this role is SIGKILLed.
-    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
-                            start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM))
-    supervisor = Supervisor(cfg, group, client, result_file)
-
     def on_signal(signum: int, _frame: object) -> None:
         # Ctrl-C / a scheduler's cancel: stop torchrun (and so its workers) before leaving.
-        supervisor.stop_reason = supervisor.stop_reason or f"received {signal.Signals(signum).name}"
+        beat.stop_reason = beat.stop_reason or f"received {signal.Signals(signum).name}"
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code = supervisor.wait(proc)
+    # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
+    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
+                            start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+    code = wait_for_torchrun(proc, beat, result_file, group)
     if proc.poll() is None:
         code = stop_torchrun(proc)
+    beat.stop()
 
     result = read_result(result_file, group)
-    if supervisor.stop_reason and not (result and result.get("error")):
-        result = {**(result or {}), "error": supervisor.stop_reason}
+    if beat.stop_reason and not (result and result.get("error")):
+        result = {**(result or {}), "error": beat.stop_reason}
     if code != 0:
-        print(f"replica {group}: torchrun exited with {code}"
-              + (f" ({supervisor.stop_reason})" if supervisor.stop_reason else
-                 f" (max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed)"),
-              file=sys.stderr, flush=True)
+        why = (beat.stop_reason or (f"permanent error: {result['error']}" if result and result.get("permanent")
+                                    else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed"))
+        print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too: try once, briefly.
-    stopping = (supervisor.stop_reason or "").startswith("received")
+    stopping = (beat.stop_reason or "").startswith("received")
     return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # First of all: locally the role follows the `torchx run` client (SIGTERM lets it stop its
+    # torchrun first), on Slurm its step process.
+    lifecycle.die_with_parent(signal.SIGTERM, expected_parent=lifecycle.expected_parent())
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
     parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
     args, cfg, host = roles.parse_role_args(parser, argv, "replica")
-    # Locally the role follows the `torchx run` client; SIGTERM lets it stop its torchrun first.
-    lifecycle.die_with_parent(signal.SIGTERM)
     try:
         return run(cfg, args.config, args.group, host, args.script, args.config_b64)
     except RuntimeError as e:

@@ -45,7 +45,7 @@ def _recoveries(events: List[dict]) -> List[dict]:
 
 def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, config_path: str,
                   lighthouse_restarts: int, lighthouse_rss_mb: float, run_id: str = "",
-                  role_error: Optional[str] = None) -> dict:
+                  role_error: Optional[str] = None, stopped: bool = False) -> dict:
     """summary.json from ``reports`` (:meth:`CompletionState.snapshot`: finished, events, abort, completed)."""
     finished, events = reports["finished"], reports["events"]
     groups: Dict[str, dict] = {}
@@ -68,14 +68,14 @@ def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, confi
         reason = role_error
     elif reports["abort"]:
         reason = reports["abort"]
-    elif len(finished) < cfg.replica_groups.count:
+    elif stopped or len(finished) < cfg.replica_groups.count:
         reason = "stopped before every replica group finished"
     elif len(ok) < cfg.lighthouse.min_replicas:
         reason = f"{len(ok)} replica group(s) trained to the end, fewer than lighthouse.min_replicas"
     elif len(hashes) > 1:
         reason = "replica groups finished with different parameters"
     # Groups that could not even start (e.g. no GPU) said why: that is the reason to show.
-    errors = [f"group {g}: {rep['error']}" for g, rep in groups.items() if rep["lost"] and rep.get("error")]
+    errors = [f"group {g}: {rep['error']}" for g, rep in groups.items() if not rep["succeeded"] and rep.get("error")]
     if reason and errors and not any(e in reason for e in errors):
         reason = f"{reason}; " + "; ".join(errors)
     injected = [e for e in events if e.get("kind") == "fault"]
@@ -85,6 +85,7 @@ def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, confi
         "run_id": run_id,
         "config_path": config_path,
         "succeeded": reason is None,
+        "stopped": stopped,  # by a signal (Ctrl-C, a cancel, the client gone): resumable
         "failure_reason": reason,
         "final_test_accuracy": ok[0]["final_test_accuracy"] if ok else None,
         "params_identical": len(ok) > 0 and len(hashes) == 1,

@@ -219,7 +219,7 @@ def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.
         # Every group seeds its model identically, so step 0 needs no weight transfer;
         # a group that (re)joins later is still healed from a live one.
         init_sync=False,
-        quorum_retries=cfg.localsgd.quorum_retries,
+        quorum_retries=cfg.quorum_retries,
     )
 
 
@@ -254,7 +254,6 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
     found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
     resumed_from = 0
-    resumed_sync: Optional[int] = None  # the committed-sync count the loaded checkpoint was taken at
     if found is not None:
         state = checkpoint.load(found, device)
         model.load_state_dict(state["model"])
@@ -266,7 +265,6 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         manager.load_state_dict({**state["manager"], "step": state["manager"]["step"] - cfg.initial_syncs})
         progress["offset"] = int(state["offset"])
         resumed_from = int(state["step"])
-        resumed_sync = int(state["manager"]["step"])
     print(f"LocalSGD: group {group}: {how}", flush=True)
 
     completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
@@ -286,7 +284,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     final = completion.status().get("completed")
     if final is not None:
         # The others already committed the final sync: training alone from here would only diverge.
-        return _finished_late(cfg, group, model, eval_data, manager, final, resumed_sync, restarts)
+        return _finished_late(cfg, group, model, eval_data, manager, final, restarts)
     faults = (FaultInjector(cfg, group, manager, completion, completion.status()["fired"], metrics)
               if cfg.fault_plan else None)
     # A restarted group is disrupted until its first committed sync with every group in it.
@@ -342,7 +340,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
                     # A partial quorum: if the others have already finished the run, we are training alone.
                     final = _run_completed(completion)
                     if final is not None:
-                        return _finished_late(cfg, group, model, eval_data, manager, final, None, restarts)
+                        return _finished_late(cfg, group, model, eval_data, manager, final, restarts, steps)
             if faults is not None:
                 faults.maybe_inject(train_step())
                 if faults.hung:  # we were frozen: count as disrupted until a full commit
@@ -407,18 +405,22 @@ def _run_completed(completion: CompletionClient) -> Optional[dict]:
 
 
 def _finished_late(cfg: ExperimentConfig, group: int, model: nn.Module, eval_data: Callable[[], Any],
-                   manager: Any, final: dict, resumed_sync: Optional[int], restarts: int) -> Dict[str, Any]:
-    """The result of a group that (re)started after the run's final sync: the final state, no training.
+                   manager: Any, final: dict, restarts: int, steps: int = 0) -> Dict[str, Any]:
+    """The result of a group that (re)started after the run's final sync: the final state, no training alone.
 
     The final state comes from the final checkpoint (the final commit always
-    writes one) when that is what this incarnation loaded; without it the
-    group reports that it has no final state, and is neither lost nor counted
-    among the groups that finished with identical weights.
+    writes one when checkpoints are on); without it the group reports that it
+    has no final state, and is neither lost nor counted among the groups that
+    finished with identical weights.
     """
     manager.shutdown(wait=False)
-    result: Dict[str, Any] = {"steps": 0, "restarts": restarts, "finished_late": True,
+    result: Dict[str, Any] = {"steps": steps, "restarts": restarts, "finished_late": True,
                               "global_syncs": int(final["global_sync"]), "peak_rss_mb": peak_rss_mb()}
-    if resumed_sync == final["global_sync"]:
+    last = [f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False)
+            if int(f.meta.get("sync", -1)) == final["global_sync"]] if cfg.checkpoint.enabled else []
+    if last:
+        device = next(model.parameters()).device
+        model.load_state_dict(checkpoint.load(last[0], device)["model"])
         digest = params_sha256(model)
         acc = evaluate(model, eval_data())
         result.update(params_sha256=digest, final_test_accuracy=acc)
@@ -490,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # torchrun starts us in a session of our own: without this a dead torchrun leaves us running.
-    lifecycle.die_with_parent(signal.SIGKILL)
+    lifecycle.follow_torchrun()
 
     @record
     def _run() -> int:
