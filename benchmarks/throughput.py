@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,11 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
 from localsgd_ft.config import DataConfig, ModelConfig, OptimizerConfig  # noqa: E402
 from localsgd_ft.data import MEAN, STD, ShardedBatches, load_cifar10  # noqa: E402
 from localsgd_ft.fixture import write_fixture  # noqa: E402
@@ -147,19 +146,6 @@ def torchvision_pipeline(images: torch.Tensor, labels: torch.Tensor, batch_size:
     return _timed(step, steps, warmup=5)  # the worker processes end with the loader
 
 
-def _free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError("no free port pair")
-
-
 def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_size: int, width: int) -> dict:
     """A real 2-group ``torchx run``; returns its summary.json."""
     out = tmp / f"sync{sync_every}"
@@ -168,21 +154,17 @@ def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_
         "output_dir": str(out),
         "replica_groups": {"count": 2, "max_restarts": 0, "cpus": 1},
         "localsgd": {"sync_every": sync_every, "timeout_s": 30, "quorum_timeout_s": 60},
-        "lighthouse": {"port": _free_port_pair(), "join_timeout_ms": 10000},
+        "lighthouse": {"port": free_port_pair(), "join_timeout_ms": 10000},
         "data": {"root": str(data_root), "verify": False, "batch_size": batch_size},
         "model": {"arch": "cnn", "width": width},
         "optimizer": {"lr": 0.02},
         "train": {"max_steps": steps, "eval_every": 0, "log_every": 10_000},
         "checkpoint": {"enabled": False},
     }
-    path = tmp / f"sync{sync_every}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    torchx = str(Path(sys.executable).with_name("torchx"))
-    proc = subprocess.run([torchx, "run", "--", "--config", str(path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, start_new_session=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchx run failed for sync_every={sync_every}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
+    summary = torchx_run(tmp, f"sync{sync_every}", cfg)
+    if not summary["succeeded"]:
+        raise RuntimeError(f"torchx run failed for sync_every={sync_every}: {summary['failure_reason']}")
+    return summary
 
 
 def main() -> int:

@@ -162,6 +162,7 @@ class CheckpointConfig:
 
 QUORUM_RETRY_INTERVAL_S = 0.5
 
+FAULT_MOMENTS = ("step", "quorum", "allreduce", "heal")
 FAULT_KINDS = ("kill", "hang", "kill_during_sync", "lighthouse")
 
 
@@ -176,12 +177,18 @@ class FaultConfig:
     group: int = doc(-1, "Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for 'lighthouse'.")
     at_step: int = doc(1, "Training step (committed syncs x sync_every + local steps since) at which it happens.")
     duration_s: float = doc(3.0, "How long a 'hang' lasts, or how long the lighthouse stays down.")
+    moment: str = doc(
+        "step",
+        "When a 'lighthouse' failure strikes: 'step' (at at_step, between syncs), 'quorum' (as the first sync "
+        "after at_step asks for its quorum), 'allreduce' (inside that sync's parameter allreduce), 'heal' "
+        "(while the first group to recover live loads the state it was sent; at_step is then ignored).",
+    )
 
 
 @dataclass
 class FaultsConfig:
     enabled: bool = doc(False, "Inject the failures below. Nothing is ever injected unless this is true.")
-    schedule: List[FaultConfig] = doc([], "Failures at given steps: a list of {kind, group, at_step, duration_s}.")
+    schedule: List[FaultConfig] = doc([], "Failures at given steps: a list of {kind, group, at_step, duration_s, moment}.")
     mtbf_steps: int = doc(0, "Random failures: mean training steps between them (exponential); 0: none.")
     max_random: int = doc(0, "Random failures: at most this many.")
     random_kinds: List[str] = doc(["kill"], "Random failures: the kinds to draw from.")
@@ -197,6 +204,7 @@ class Fault:
     group: int  # -1 for the lighthouse
     at_step: int
     duration_s: float
+    moment: str = "step"
 
 
 @dataclass
@@ -278,20 +286,20 @@ class ExperimentConfig:
             return []
         rng = random.Random(f.seed)
         count = self.replica_groups.count
-        planned = [(x.kind, x.group, x.at_step, x.duration_s) for x in f.schedule]
+        planned = [(x.kind, x.group, x.at_step, x.duration_s, x.moment) for x in f.schedule]
         step = 0
         for _ in range(f.max_random if f.mtbf_steps else 0):
             step += max(1, round(rng.expovariate(1 / f.mtbf_steps)))
             if step >= self.train.max_steps:
                 break
-            planned.append((rng.choice(f.random_kinds), -1, step, 3.0))
+            planned.append((rng.choice(f.random_kinds), -1, step, 3.0, "step"))
         plan = []
-        for i, (kind, group, at_step, duration) in enumerate(sorted(planned, key=lambda p: p[2])):
+        for i, (kind, group, at_step, duration, moment) in enumerate(sorted(planned, key=lambda p: p[2])):
             if kind == "lighthouse":
                 group = -1
             elif group < 0:
                 group = rng.randrange(count)
-            plan.append(Fault(i, kind, group, at_step, duration))
+            plan.append(Fault(i, kind, group, at_step, duration, moment))
         return plan
 
 
@@ -453,6 +461,9 @@ def _check(cfg: ExperimentConfig) -> None:
         need(1 <= x.at_step < tr.max_steps, f"{key}.at_step", x.at_step,
              f"expected 1..{tr.max_steps - 1} (inside train.max_steps)")
         need(x.duration_s > 0, f"{key}.duration_s", x.duration_s, "expected a number > 0")
+        need(x.moment in FAULT_MOMENTS, f"{key}.moment", x.moment, f"expected one of {', '.join(FAULT_MOMENTS)}")
+        need(x.moment == "step" or x.kind == "lighthouse", f"{key}.moment", x.moment,
+             "only 'lighthouse' failures take a moment; other kinds strike at at_step")
     need(fl.mtbf_steps >= 0, "faults.mtbf_steps", fl.mtbf_steps, "expected an integer >= 0 (0: no random failures)")
     need(fl.max_random >= 0, "faults.max_random", fl.max_random, "expected an integer >= 0")
     for i, k in enumerate(fl.random_kinds):

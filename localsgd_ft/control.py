@@ -21,7 +21,7 @@ of another run, or any other process that can reach the port, is refused (403).
   group g's torchrun has exited; ``result`` is what its trainer reported
   (checked against :data:`RESULT_FIELDS`).
 - ``GET /status``: ``{"run", "started", "expected", "fired", "finished",
-  "abort", "completed"}``.
+  "abort", "completed", "lighthouse_incarnation"}``.
 
 Until the lighthouse role is ready (its ports bound, old outputs moved aside)
 every request is answered 503 and clients retry. Bodies are capped at
@@ -78,6 +78,7 @@ class CompletionState:
         self.fired: set[int] = set()
         self.abort: Optional[str] = None
         self.completed: Optional[dict] = None
+        self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.quorums)
         self.last_seen: Dict[int, float] = {}  # group -> monotonic time of its role's last heartbeat
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
@@ -90,6 +91,11 @@ class CompletionState:
         with self._cond:
             self.ready = True
             self._cond.notify_all()
+
+    def new_incarnation(self) -> None:
+        """Count a (re)start of the torchft lighthouse: called before it can form any quorum."""
+        with self._cond:
+            self.incarnation += 1
 
     def heartbeat(self, group: int) -> None:
         with self._cond:
@@ -171,7 +177,7 @@ class CompletionState:
         with self._cond:
             return {"run": self.run, "started": sorted(self.started), "expected": self.expected,
                     "fired": sorted(self.fired), "finished": sorted(self.finished), "abort": self.abort,
-                    "completed": self.completed}
+                    "completed": self.completed, "lighthouse_incarnation": self.incarnation}
 
     def snapshot(self) -> dict:
         """Copies of everything reported, taken under the lock (for the summary and the verdict)."""

@@ -33,20 +33,62 @@ class FaultInjector:
             if f.id not in already_fired and (f.group == group or f.kind == "lighthouse")
         ]
         self.hung = False  # set when this process was stopped; cleared by the trainer once it recovered
+        # Lighthouse failures waiting for their moment (quorum, allreduce; heal at once: a recovering
+        # group does not know the run's step before it has healed).
+        self.armed: List[Fault] = [f for f in self.pending if f.moment == "heal"]
+        self.pending = [f for f in self.pending if f.moment != "heal"]
+        self.step = 0
+        self._wrap_manager()
 
     def maybe_inject(self, step: int) -> None:
+        self.step = step
         while self.pending and self.pending[0].at_step <= step:
             fault = self.pending.pop(0)
-            first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
-                                          target=fault.group, step=step, duration_s=fault.duration_s)
-            if first:
-                if self.metrics is not None:  # written before a kill can lose it
-                    self.metrics.add("fault", step, flush=True, fault=fault.kind, fault_id=fault.id,
-                                     target=fault.group, duration_s=fault.duration_s)
-                self._inject(fault, step)
+            if fault.moment != "step":
+                self.armed.append(fault)
+            else:
+                self._fire(fault)
+
+    def on_heal(self) -> None:
+        """This group is loading live state from another (torchft calls our load_state_dict)."""
+        self._fire_armed("heal")
+
+    def _fire_armed(self, moment: str) -> None:
+        for fault in [f for f in self.armed if f.moment == moment]:
+            self.armed.remove(fault)
+            self._fire(fault)
+
+    def _wrap_manager(self) -> None:
+        """Hook the sync's quorum request and allreduce, where armed lighthouse failures strike."""
+        if not any(f.moment in ("quorum", "allreduce") for f in self.pending):
+            return
+        start_quorum, allreduce = self.manager.start_quorum, self.manager.allreduce
+
+        def quorum_then(*args: Any, **kwargs: Any) -> Any:
+            self._fire_armed("quorum")
+            return start_quorum(*args, **kwargs)
+
+        def allreduce_then(*args: Any, **kwargs: Any) -> Any:
+            work = allreduce(*args, **kwargs)
+            self._fire_armed("allreduce")  # the collective is in flight
+            return work
+
+        self.manager.start_quorum, self.manager.allreduce = quorum_then, allreduce_then
+
+    def _fire(self, fault: Fault) -> None:
+        step = self.step
+        first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
+                                      target=fault.group, step=step, duration_s=fault.duration_s,
+                                      moment=fault.moment)
+        if first:
+            if self.metrics is not None:  # written before a kill can lose it
+                self.metrics.add("fault", step, flush=True, fault=fault.kind, fault_id=fault.id,
+                                 target=fault.group, duration_s=fault.duration_s, moment=fault.moment)
+            self._inject(fault, step)
 
     def _inject(self, fault: Fault, step: int) -> None:
-        print(f"LocalSGD: group {self.group} FAULT #{fault.id}: injecting {fault.kind} at step {step}",
+        where = "" if fault.moment == "step" else f" ({fault.moment})"
+        print(f"LocalSGD: group {self.group} FAULT #{fault.id}: injecting {fault.kind} at step {step}{where}",
               flush=True)
         if fault.kind == "kill":
             _die()

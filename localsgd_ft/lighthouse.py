@@ -70,7 +70,8 @@ def claim_port(host: str, port: int, what: str) -> None:
 class SupervisedLighthouse:
     """torchft's lighthouse in a child process that is restarted whenever it dies."""
 
-    def __init__(self, cfg: ExperimentConfig, bind_host: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, bind_host: str, on_start: Callable[[], None] = lambda: None) -> None:
+        self.on_start = on_start  # counts an incarnation before the new lighthouse can form a quorum
         # A lighthouse that cannot be restarted for as long as a group waits for a quorum ends the
         # run with the reason, rather than leaving the groups to time out one by one.
         self.give_up_s = cfg.localsgd.quorum_timeout_s
@@ -88,6 +89,7 @@ class SupervisedLighthouse:
     def start(self, deadline_s: float = 30.0) -> None:
         """Start the child and wait until it accepts connections."""
         claim_port("" if self.bind_host == "::" else self.bind_host, self.port, "torchft lighthouse")
+        self.on_start()
         # The torchft lighthouse dies with this role, however the role dies (SIGKILL included).
         self.proc = subprocess.Popen(self.cmd, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM))
         end = time.monotonic() + deadline_s
@@ -201,7 +203,7 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         raise PortTaken(f"port {cfg.lighthouse.port + 1} (completion service) is already in use on {bind_host} "
                         f"({e.strerror}), probably by another run; stop it, or set lighthouse.port to a free port "
                         f"(this run uses lighthouse.port and lighthouse.port + 1)") from None
-    lighthouse = SupervisedLighthouse(cfg, bind_host)
+    lighthouse = SupervisedLighthouse(cfg, bind_host, on_start=state.new_incarnation)
     try:
         lighthouse.start()
     except RuntimeError:

@@ -80,3 +80,20 @@ def parse_role_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
     except (ConfigError, RuntimeError) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free on loopback right now (a lighthouse.port for a local run)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            if p >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+                return p
+    raise RuntimeError("no free port pair on loopback")

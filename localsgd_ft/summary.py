@@ -34,6 +34,7 @@ def _recoveries(events: List[dict]) -> List[dict]:
         out.append({
             "fault_id": f.get("fault_id"),
             "kind": f.get("fault"),
+            "moment": f.get("moment", "step"),
             "group": None if is_lh else target,
             "step": f.get("step"),
             "recovered": back is not None,

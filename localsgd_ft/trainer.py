@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, lifecycle, roles
+from . import checkpoint, lifecycle, quorums, roles
 from .config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
 from .control import CompletionClient, Refused
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
@@ -186,7 +186,7 @@ def _device(cfg: ExperimentConfig, group: int) -> torch.device:
 
 
 def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.Module,
-             optimizer: torch.optim.Optimizer, progress: Dict[str, int], healed: Dict[str, int]) -> Any:
+             optimizer: torch.optim.Optimizer, progress: Dict[str, int], healed: Dict[str, Any]) -> Any:
     from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
     timeout = timedelta(seconds=cfg.localsgd.timeout_s)
@@ -204,6 +204,8 @@ def _manager(cfg: ExperimentConfig, group: int, device: torch.device, model: nn.
         optimizer.load_state_dict(sd["optim"])
         progress.update(sd["progress"])
         healed["from"] = sd["group"]
+        if healed.get("on_heal"):
+            healed["on_heal"]()  # an armed failure may strike right now (faults.moment: heal)
 
     return Manager(
         pg=pg,
@@ -248,8 +250,11 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     # Committed syncs that trained nothing: each job start in sync mode begins with one
     # alignment sync. Training step = (committed syncs - offset) x sync_every + local steps.
     progress = {"offset": cfg.initial_syncs}
-    healed: Dict[str, int] = {}
+    healed: Dict[str, Any] = {}
     manager = _manager(cfg, group, device, model, optimizer, progress, healed)
+    completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
+    # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
+    quorums.install(manager, lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
 
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
     found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
@@ -267,7 +272,6 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         resumed_from = int(state["step"])
     print(f"LocalSGD: group {group}: {how}", flush=True)
 
-    completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
     metrics: Optional[MetricsLog] = None
     if rank == 0:
         completion.started(group)
@@ -287,6 +291,8 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         return _finished_late(cfg, group, model, eval_data, manager, final, restarts)
     faults = (FaultInjector(cfg, group, manager, completion, completion.status()["fired"], metrics)
               if cfg.fault_plan else None)
+    if faults is not None:
+        healed["on_heal"] = faults.on_heal
     # A restarted group is disrupted until its first committed sync with every group in it.
     monitor = SyncMonitor(group, cfg.replica_groups.count, completion, disrupted=restarts > 0,
                           fingerprint=lambda: params_sha256(model), metrics=metrics,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import yaml
 
 from localsgd_ft.fixture import write_fixture
 from localsgd_ft.lifecycle import processes_of_run
+from localsgd_ft.roles import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHX = str(Path(sys.executable).with_name("torchx"))
@@ -29,23 +29,6 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_fixture(root)
     return root
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p + 1 are both free on loopback right now."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            if p >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                except OSError:
-                    continue
-                return p
-    raise RuntimeError("no free port pair")
 
 
 def deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:

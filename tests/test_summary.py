@@ -28,7 +28,7 @@ def test_recovery_and_survivor_stall_are_paired_with_their_fault():
     ]
     s = build_summary(parse_config({}), _state(events, {0: OK, 1: OK}), 0.0, "c.yaml", 1, 20.0)
     kill, lh = s["recoveries"]
-    assert kill == {"fault_id": 0, "kind": "kill", "group": 1, "step": 100, "recovered": True,
+    assert kill == {"fault_id": 0, "kind": "kill", "moment": "step", "group": 1, "step": 100, "recovered": True,
                     "recovery_s": 4.5, "survivor_stall_s": 1.2}
     assert lh["group"] is None and lh["recovery_s"] == 3.6 and lh["survivor_stall_s"] == 3.5
     assert s["faults"] == {"planned": 0, "injected": 2, "by_kind": {"kill": 1, "lighthouse": 1}}

@@ -1,0 +1,67 @@
+"""Quorum ids that never repeat, even across restarts of the torchft lighthouse.
+
+torchft's lighthouse numbers quorums from 1 each time it starts, and a
+Manager names its process group's rendezvous prefix after the quorum id
+(``<store>/torchft/<quorum_id>/<rank>``) in a store that outlives the
+lighthouse (torchrun's). After a lighthouse restart the groups therefore
+rendezvous again under a prefix the same store has already served, among the
+previous quorum's keys; and a group whose last quorum id equals the new one does
+not reconfigure at all. Both stall the groups for a collective timeout.
+
+:class:`UniqueQuorums` wraps a Manager's client so that every quorum id it
+hands the Manager carries the lighthouse's incarnation (how many times the
+lighthouse role has started it), read from the completion service right after
+each quorum: ``incarnation * STRIDE + id``. All members of a quorum read the
+same incarnation, because the lighthouse role counts a restart before the new
+lighthouse can form any quorum.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("localsgd_ft.quorums")
+
+# Ids per incarnation: far more quorum changes than any run makes between two restarts.
+STRIDE = 1_000_000
+
+
+class _Renumbered:
+    """A torchft quorum result with its id moved into the incarnation's range."""
+
+    def __init__(self, quorum: Any, quorum_id: int) -> None:
+        self._quorum = quorum
+        self.quorum_id = quorum_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._quorum, name)
+
+
+class UniqueQuorums:
+    """Stands in for ``Manager._client``; renumbers the quorums it returns."""
+
+    def __init__(self, client: Any, incarnation: Callable[[], int]) -> None:
+        self._client = client
+        self._incarnation = incarnation
+        self.last = 0  # the incarnation of the last quorum (kept when the service cannot answer)
+
+    def _quorum(self, *args: Any, **kwargs: Any) -> Any:
+        quorum = self._client._quorum(*args, **kwargs)
+        try:
+            self.last = int(self._incarnation())
+        except Exception as e:  # the lighthouse role busy: the last known incarnation is right almost always
+            log.warning("could not read the lighthouse incarnation: %s", e)
+        return _Renumbered(quorum, self.last * STRIDE + int(quorum.quorum_id))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def install(manager: Any, incarnation: Callable[[], int]) -> UniqueQuorums:
+    """Make ``manager``'s quorum ids unique across lighthouse restarts (torchft 0.2.0's ``_client``)."""
+    if not hasattr(manager, "_client") or not hasattr(manager._client, "_quorum"):
+        raise RuntimeError("this torchft's Manager has no _client._quorum; localsgd_ft.quorums needs updating")
+    wrapped = UniqueQuorums(manager._client, incarnation)
+    manager._client = wrapped
+    return wrapped
