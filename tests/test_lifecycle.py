@@ -267,3 +267,24 @@ def test_ctrl_c_stops_everything_keeps_the_checkpoint_and_says_how_to_resume(tmp
     run = torchx_run(path)
     assert run.wait(RUN_TIMEOUT) == 0, run.tail()
     assert _summary(cfg)["resumed_from_step"] == found.step
+
+
+def test_a_second_run_on_the_same_ports_cannot_join_the_first(tmp_path, cifar_root, torchx_run):
+    """The headline of case 1: a second launch must not average its weights with a live run's."""
+    first_cfg = small_config(tmp_path / "a", cifar_root, train={"max_steps": 1200, "eval_every": 0})
+    (tmp_path / "a").mkdir()
+    first = torchx_run(write_config(tmp_path / "a", first_cfg))
+    _wait_step(first, 0, 30)
+    second_cfg = {**first_cfg, "output_dir": str(tmp_path / "b" / "out"),
+                  "lighthouse": {**first_cfg["lighthouse"], "role_timeout_s": 5}}
+    (tmp_path / "b").mkdir()
+    second = torchx_run(write_config(tmp_path / "b", second_cfg))
+    assert second.wait(120) != 0
+    out = "\n".join(second.lines)
+    assert "is already in use" in out and "lighthouse.port" in out, second.tail()
+    assert "refused this run" in out and "LocalSGD: group" not in out  # its groups never trained
+    assert first.wait(RUN_TIMEOUT) == 0, first.tail()
+    sizes = _quorum_sizes(first.lines)
+    assert sizes and max(sizes) <= 2, sizes
+    summary = _summary(first_cfg)
+    assert summary["succeeded"] and summary["params_identical"]
