@@ -24,13 +24,16 @@ def _recoveries(events: List[dict]) -> List[dict]:
     faults = [e for e in events if e.get("kind") == "fault"]
     recovered = [e for e in events if e.get("kind") == "recovered"]
     stalls = [e for e in events if e.get("kind") == "sync_stall"]
+    # A stall belongs to the latest failure before it ended: when failures come closer together
+    # than a recovery takes, each stall is still counted once, for the failure that caused it.
+    cause = {id(s): max((i for i, f in enumerate(faults) if f["time"] <= s["time"]), default=None) for s in stalls}
     out = []
-    for f in faults:
+    for i, f in enumerate(faults):
         t, target, is_lh = f["time"], f.get("target"), f.get("fault") == "lighthouse"
         back = next((r for r in recovered if r["time"] > t and (is_lh or r.get("group") == target)), None)
         end = (back["time"] if back else t + 3600) + STALL_REPORT_SLACK_S
-        survivors = [s["duration_s"] for s in stalls
-                     if t <= s["time"] <= end and (is_lh or s.get("group") != target)]
+        survivors = [s["duration_s"] for s in stalls if cause[id(s)] == i
+                     and s["time"] <= end and (is_lh or s.get("group") != target)]
         out.append({
             "fault_id": f.get("fault_id"),
             "kind": f.get("fault"),

@@ -139,8 +139,10 @@ def test_lighthouse_killed_and_restarted_mid_run(tmp_path, cifar_root, torchx_ru
     assert summary["params_identical"]
     for g in summary["replica_groups"].values():
         assert g["restarts"] == 0 and g["global_syncs"] == 600 // 10 + 1
-        # Nothing lost: every local step went into a committed sync, except syncs that failed outright.
-        assert g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) == 600 - 0
+        # Nothing committed is lost. The restarted lighthouse may form its first quorum with only the
+        # group that asked first; the other then heals from it at the next sync, which replaces at
+        # most one sync of its local steps.
+        assert 600 - 10 <= g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) <= 600
     (rec,) = summary["recoveries"]
     assert rec["kind"] == "lighthouse" and rec["recovered"] and rec["recovery_s"] >= 2.5
 

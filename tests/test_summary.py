@@ -51,3 +51,16 @@ def test_verdicts():
     assert not bad["succeeded"] and "different parameters" in bad["failure_reason"]
     partial = build_summary(cfg, _state([], {0: OK}), 0.0, "c", 0, 1.0)
     assert not partial["succeeded"] and "before every replica group finished" in partial["failure_reason"]
+
+
+def test_a_stall_counts_for_the_latest_failure_before_it_ended():
+    """Failures closer together than a recovery: each stall is charged once, to its own failure."""
+    events = [
+        {"group": 0, "kind": "fault", "fault": "lighthouse", "fault_id": 0, "target": -1, "step": 10, "time": 10.0},
+        {"group": 1, "kind": "recovered", "time": 10.5, "global_sync": 3},
+        {"group": 0, "kind": "fault", "fault": "lighthouse", "fault_id": 1, "target": -1, "step": 30, "time": 12.0},
+        {"group": 0, "kind": "sync_stall", "duration_s": 3.1, "time": 15.1},
+        {"group": 0, "kind": "recovered", "time": 15.1, "global_sync": 5},
+    ]
+    first, second = build_summary(parse_config({}), _state(events, {0: OK, 1: OK}), 0.0, "c", 2, 1.0)["recoveries"]
+    assert first["survivor_stall_s"] == 0.0 and second["survivor_stall_s"] == 3.1
