@@ -311,13 +311,32 @@ def _type_of(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
-def _type_name(tp: Any) -> str:
+_SINGULAR = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+_PLURAL = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How a message names type ``tp``: 'an integer', 'a list of integers', 'a list whose entries are ...'."""
     origin = typing.get_origin(tp)
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        (item,) = typing.get_args(tp)
+        if typing.get_origin(item) is Union:
+            name = f"a list whose entries are each {_type_name(item)}"
+        else:
+            name = f"a list of {_type_name(item, plural=True)}"
+        return f"lists ({name[2:]})" if plural else name
     if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, tp.__name__)
+        return " or ".join(_type_name(a, plural) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "mappings" if plural else "a mapping"
+    return (_PLURAL if plural else _SINGULAR).get(tp, tp.__name__)
+
+
+# What a message adds for a value of the wrong shape, where a natural guess needs another key.
+_SHAPE_HINTS = {
+    "replica_groups.gpus": "one entry per replica group, each a GPU index or a list of indices (e.g. [0, 1] or "
+                           "[[0], [1]]); for a number of GPUs per group use replica_groups.gpus_per_group instead",
+}
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -331,7 +350,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key + ".")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            hint = _SHAPE_HINTS.get(key)
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}" + (f": {hint}" if hint else ""))
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Union:

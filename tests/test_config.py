@@ -52,6 +52,8 @@ def test_sync_mode_begins_with_an_alignment_sync():
         ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
         ({"replica_groups": {"count": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[0]", "GPU index"),
         ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
+        ({"replica_groups": {"gpus": 1}}, "replica_groups.gpus", "use replica_groups.gpus_per_group instead"),
+        ({"faults": {"random_kinds": "kill"}}, "faults.random_kinds", "expected a list of strings, got 'kill'"),
         ({"replica_groups": {"gpus": [0, 0]}}, "replica_groups.gpus", "GPU 0 is given to groups 0 and 1"),
         ({"train": {"max_steps": 105}}, "train.max_steps", "use 100 or 110"),
         ({"localsgd": {"recovery": "lazy"}}, "localsgd.recovery", "'sync' or 'async'"),
@@ -171,3 +173,24 @@ def test_threads_default_to_cpus_per_worker():
     assert parse_config({}).threads == 1
     assert parse_config({"replica_groups": {"cpus": 4}}).threads == 4
     assert parse_config({"replica_groups": {"cpus": 4}, "train": {"threads": 2}}).threads == 2
+
+
+def test_type_names_read_as_english():
+    """Messages built from types never say 'a list of an integer' (every list field, every item type)."""
+    import dataclasses
+    import typing
+
+    from localsgd_ft.config import _type_name
+
+    def fields(cls):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from fields(tp)
+            else:
+                yield tp
+
+    names = [_type_name(tp) for tp in fields(ExperimentConfig)]
+    assert names and not [n for n in names if " of a " in n or " of an " in n], names
+    assert _type_name(typing.List[typing.Union[int, typing.List[int]]]) == \
+        "a list whose entries are each an integer or a list of integers"
