@@ -90,8 +90,9 @@ class SupervisedLighthouse:
         """Start the child and wait until it accepts connections."""
         claim_port("" if self.bind_host == "::" else self.bind_host, self.port, "torchft lighthouse")
         self.on_start()
-        # The torchft lighthouse dies with this role, however the role dies (SIGKILL included).
-        self.proc = subprocess.Popen(self.cmd, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM))
+        # The torchft lighthouse dies with this role, however the role dies (SIGKILL included), and
+        # at once: SIGKILL frees the port for the next run without a grace.
+        self.proc = subprocess.Popen(self.cmd, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -20,7 +20,7 @@ from typing import List, Optional
 from .config import LighthouseConfig
 from .lifecycle import die_with_parent
 
-ORPHAN_POLL_S = 0.5
+ORPHAN_POLL_S = 0.1
 
 
 def torchft_native() -> ModuleType:
@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args(argv)
     # The kernel stops us when the lighthouse role dies, however it died (the poll below is a backstop).
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGKILL)
     server = torchft_native().LighthouseServer(
         bind=args.bind,
         min_replicas=args.min_replicas,

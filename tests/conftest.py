@@ -171,6 +171,22 @@ def wait_no_processes(config: Path, timeout: float = 20.0) -> List[int]:
     return processes_using(config)
 
 
+def wait_gone(run_id: str, timeout: float = 20.0) -> List[Any]:
+    """Poll until no process carries ``run_id`` in its environment; the stragglers (pid, command) if not."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not processes_of_run(run_id):
+            return []
+        time.sleep(0.1)
+    left = []
+    for pid in processes_of_run(run_id):
+        try:
+            left.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:120]))
+        except OSError:
+            pass
+    return left
+
+
 @pytest.fixture
 def torchx_run(tmp_path: Path):
     """Start real ``torchx run``s; every one is killed (by process group) when the test ends."""

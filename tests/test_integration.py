@@ -181,7 +181,7 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, torchx_run, recovery):
-    from conftest import kill_tree
+    from conftest import wait_gone
     from localsgd_ft import checkpoint
     from localsgd_ft.config import parse_config
 
@@ -190,8 +190,8 @@ def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, tor
     path = write_config(tmp_path, cfg)
     first = torchx_run(path)
     first.wait_for_line(lambda line: re.search(r"checkpoint written: .* \(step 400\)", line) is not None, timeout=180)
-    kill_tree(first.proc.pid, path)  # every process of the app, as a preemption would
-    assert wait_no_processes(path) == []
+    first.kill()  # every process of the app, as a preemption would
+    assert wait_no_processes(path) == [] and wait_gone(first.run_id) == []
     ckpt_dir = parse_config(cfg).checkpoint_dir
     steps_on_disk = [f.step for f in checkpoint.list_valid(ckpt_dir)]
     assert steps_on_disk and steps_on_disk[0] >= 400
