@@ -18,7 +18,7 @@ from torchx.specs.finder import ComponentValidationException
 from localsgd_ft.config import ConfigError, embed_config, load_config
 from localsgd_ft.cifar_files import DataError, locate
 from localsgd_ft.checkpoint import resume_point
-from localsgd_ft.client import is_local_launch, say_how_to_resume, watch_for_interrupt
+from localsgd_ft.client import is_dry_run, is_local_launch, say_how_to_resume, watch_for_interrupt
 from localsgd_ft.gpus import check_local_lists
 from localsgd_ft.lifecycle import PARENT_PID_ENV, new_identity
 from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
@@ -63,7 +63,7 @@ def localsgd(
         # once, rather than in every group (each role still checks it before its torchrun starts).
         try:
             # A dry run only plans: it checks data that should be there but fetches nothing.
-            locate(cfg.data, download=cfg.data.download and "--dryrun" not in sys.argv)
+            locate(cfg.data, download=cfg.data.download and not is_dry_run(sys.argv))
         except DataError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
         gpu_problem = check_local_lists(cfg)

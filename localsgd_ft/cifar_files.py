@@ -70,6 +70,7 @@ def read_batch(path: Path) -> dict:
         raise DataError(f"{path}: not a readable CIFAR-10 batch file ({type(e).__name__}: {e})") from None
 
 
+NEEDED = TRAIN_FILES + TEST_FILES + [META_FILE]  # every file of a complete folder
 STALL_TIMEOUT_S = 30.0
 
 
@@ -115,14 +116,14 @@ def fetch(cfg: DataConfig, progress: bool = True) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".cifar10.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several groups on one host share root
-        if all((root / FOLDER / name).is_file() for name, _ in TRAIN_FILES + TEST_FILES + [META_FILE]):
+        if all((root / FOLDER / name).is_file() for name, _ in NEEDED):
             return
         tmp = Path(tempfile.mkdtemp(prefix=".cifar10-download-", dir=root))
         try:
             archive = tmp / ARCHIVE[0]
             try:
                 _fetch(cfg.url, archive, cfg.download_timeout_s, progress)
-            except (OSError, TimeoutError, ValueError, http.client.HTTPException) as e:
+            except (OSError, ValueError, http.client.HTTPException) as e:  # TimeoutError is an OSError
                 why = str(e) or type(e).__name__
                 raise DataError(f"CIFAR-10 download from {cfg.url} failed: {why}. {_by_hand(cfg, root)}") from None
             if cfg.verify and file_digest(archive, "md5") != ARCHIVE[1]:
@@ -152,11 +153,10 @@ def locate(cfg: DataConfig, download: Optional[bool] = None) -> Path:
     allowed = cfg.download if download is None else download
     root = Path(cfg.root)
     folder = root / FOLDER
-    needed = TRAIN_FILES + TEST_FILES + [META_FILE]
-    missing = [name for name, _ in needed if not (folder / name).is_file()]
+    missing = [name for name, _ in NEEDED if not (folder / name).is_file()]
     if missing and allowed:
         fetch(cfg)
-        missing = [name for name, _ in needed if not (folder / name).is_file()]
+        missing = [name for name, _ in NEEDED if not (folder / name).is_file()]
     if missing and cfg.download and not allowed:
         return folder  # fetched later, where it is allowed
     if missing:
@@ -166,7 +166,7 @@ def locate(cfg: DataConfig, download: Optional[bool] = None) -> Path:
             f"'{FOLDER}'."
         )
     if cfg.verify:
-        bad = [name for name, md5 in needed if file_digest(folder / name, "md5") != md5]
+        bad = [name for name, md5 in NEEDED if file_digest(folder / name, "md5") != md5]
         if bad:
             raise DataError(
                 f"{folder.resolve()} is not the official CIFAR-10: checksum mismatch for {', '.join(bad)}. "

@@ -19,7 +19,7 @@ from .checkpoint import resume_point
 from .config import ConfigError, ExperimentConfig
 
 SUMMARY_WAIT_S = 10.0
-_interrupted = {"yes": False}
+_interrupted = False  # set by the hook below when the client ends on a signal
 
 
 def watch_for_interrupt() -> None:
@@ -29,7 +29,8 @@ def watch_for_interrupt() -> None:
     def hook(kind, value, tb):  # type: ignore[no-untyped-def]
         if kind.__name__ in ("SignalException", "KeyboardInterrupt"):
             # An interrupt is what the user asked for, not a crash: one line instead of a traceback.
-            _interrupted["yes"] = True
+            global _interrupted
+            _interrupted = True
             print(f"localsgd: torchx run interrupted ({value or kind.__name__}); every role is being stopped",
                   file=sys.stderr, flush=True)
             return
@@ -54,17 +55,22 @@ def scheduler_from_argv(argv: List[str]) -> str:
         return ""
 
 
+def is_dry_run(argv: List[str]) -> bool:
+    """Whether this torchx command only plans (``--dryrun``): nothing may be fetched or started."""
+    return "--dryrun" in argv
+
+
 def is_local_launch(argv: List[str]) -> bool:
     """Whether this process is a ``torchx run`` (not a dry run) whose roles are its own child processes.
 
     Only local_cwd: local_docker's roles are containers, children of the Docker daemon.
     """
-    return "run" in argv[1:3] and "--dryrun" not in argv and scheduler_from_argv(argv) == "local_cwd"
+    return "run" in argv[1:3] and not is_dry_run(argv) and scheduler_from_argv(argv) == "local_cwd"
 
 
 def say_how_to_resume(cfg: ExperimentConfig, launched_at: float, fresh: bool = False) -> None:
     """At the client's exit after an interrupt: if the run stopped before it finished, say how to resume it."""
-    if not _interrupted["yes"]:
+    if not _interrupted:
         return  # it ended on its own: the lighthouse role already gave the verdict
     path = cfg.run_dir / "summary.json"
     end = time.monotonic() + SUMMARY_WAIT_S

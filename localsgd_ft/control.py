@@ -53,7 +53,7 @@ RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
     "evals": (list,), "train_time_s": (int, float), "samples_per_s": (int, float, type(None)),
     "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
 }
-EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint", "lost"}
+EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint"}
 
 
 class RequestError(ValueError):
@@ -65,7 +65,7 @@ class RequestError(ValueError):
 
 
 class CompletionState:
-    """What the groups have reported so far; thread-safe (read it through the methods, or under ``lock``)."""
+    """What the groups have reported so far; thread-safe (read it through the methods)."""
 
     def __init__(self, expected: int, run: str = "", faults: Optional[Dict[int, str]] = None) -> None:
         self.expected = expected
@@ -82,10 +82,6 @@ class CompletionState:
         self.last_seen: Dict[int, float] = {}  # group -> monotonic time of its role's last heartbeat
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
-
-    @property
-    def lock(self) -> threading.Condition:
-        return self._cond
 
     def open(self) -> None:
         with self._cond:
@@ -141,37 +137,34 @@ class CompletionState:
     def declare_silent_lost(self, timeout_s: float) -> List[Tuple[int, float]]:
         """Groups whose role has heartbeated before but not for ``timeout_s``: mark them finished as lost."""
         now = time.monotonic()
-        lost = []
         with self._cond:
-            for g, seen in sorted(self.last_seen.items()):
-                if g not in self.finished and now - seen > timeout_s:
-                    silent = now - seen
-                    self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True,
-                                        "result": {"error": f"role lost: no heartbeat for {silent:.0f} s"}}
-                    lost.append((g, silent))
-            if lost:
-                self._cond.notify_all()
-        return lost
+            silent = [(g, now - seen) for g, seen in sorted(self.last_seen.items())
+                      if g not in self.finished and now - seen > timeout_s]
+            self._mark_lost({g: f"role lost: no heartbeat for {s:.0f} s" for g, s in silent})
+        return silent
 
     def declare_never_seen_lost(self, after_s: float) -> List[int]:
         """Groups whose role never made contact (no heartbeat, no report): mark them finished as lost."""
-        lost = []
         with self._cond:
-            for g in range(self.expected):
-                if g not in self.last_seen and g not in self.finished:
-                    self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True,
-                                        "result": {"error": f"role lost: it never reached the lighthouse role "
-                                                            f"in {after_s:.0f} s"}}
-                    lost.append(g)
-            if lost:
-                self._cond.notify_all()
-        return lost
+            unseen = [g for g in range(self.expected) if g not in self.last_seen and g not in self.finished]
+            self._mark_lost({g: f"role lost: it never reached the lighthouse role in {after_s:.0f} s" for g in unseen})
+        return unseen
 
-    def set_abort(self, reason: str) -> None:
-        with self._cond:
-            if self.abort is None:
-                self.abort = reason
+    def _mark_lost(self, reasons: Dict[int, str]) -> None:
+        """Record groups as lost by inference (caller holds the lock); a later report of theirs replaces it."""
+        for g, reason in reasons.items():
+            self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True, "result": {"error": reason}}
+        if reasons:
             self._cond.notify_all()
+
+    def set_abort(self, reason: str) -> bool:
+        """Abort the run with ``reason``; False if it was already aborted (the first reason stands)."""
+        with self._cond:
+            if self.abort is not None:
+                return False
+            self.abort = reason
+            self._cond.notify_all()
+            return True
 
     def status(self) -> dict:
         with self._cond:
@@ -179,11 +172,15 @@ class CompletionState:
                     "fired": sorted(self.fired), "finished": sorted(self.finished), "abort": self.abort,
                     "completed": self.completed, "lighthouse_incarnation": self.incarnation}
 
-    def snapshot(self) -> dict:
-        """Copies of everything reported, taken under the lock (for the summary and the verdict)."""
+    def snapshot(self, events: bool = True) -> dict:
+        """Copies of what was reported, taken under the lock (for the summary and the verdict).
+
+        ``events=False`` leaves the event log out (it grows with every failure; the checks the
+        lighthouse role makes twice a second do not need it).
+        """
         with self._cond:
             return {"finished": {g: dict(r) for g, r in self.finished.items()},
-                    "events": [dict(e) for e in self.events], "abort": self.abort,
+                    "events": [dict(e) for e in self.events] if events else [], "abort": self.abort,
                     "completed": dict(self.completed) if self.completed else None}
 
     def wait(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
@@ -365,7 +362,7 @@ class CompletionClient:
         while True:
             try:
                 return self._call(path, body, timeout_s=min(self.timeout_s, max(0.5, end - time.monotonic())))
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            except OSError:  # unreachable, timed out, or starting (URLError, ConnectionError, TimeoutError)
                 if time.monotonic() >= end:
                     raise
                 time.sleep(0.2)

@@ -52,6 +52,18 @@ class PortTaken(RuntimeError):
     """A port this role must own is held by another process (often another run)."""
 
 
+def listen_host(bind_host: str) -> str:
+    """The host to bind a server to: '' (every interface) for roles.bind_address's '::'."""
+    return "" if bind_host == "::" else bind_host
+
+
+def port_taken(host: str, port: int, what: str, e: OSError) -> PortTaken:
+    """The one-line error for a port this role cannot bind, naming the fix."""
+    return PortTaken(f"port {port} ({what}) is already in use on {host or 'all interfaces'} ({e.strerror}), "
+                     "probably by another run; stop it, or set lighthouse.port to a free port (this run uses "
+                     "lighthouse.port and lighthouse.port + 1)")
+
+
 def claim_port(host: str, port: int, what: str) -> None:
     """Fail at once, naming the fix, if ``host:port`` cannot be bound (e.g. another run holds it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -61,10 +73,7 @@ def claim_port(host: str, port: int, what: str) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise PortTaken(
-                f"port {port} ({what}) is already in use on {host or 'all interfaces'} ({e.strerror}), probably by "
-                f"another run; stop it, or set lighthouse.port to a free port (this run uses lighthouse.port "
-                f"and lighthouse.port + 1)") from None
+            raise port_taken(host, port, what, e) from None
 
 
 class SupervisedLighthouse:
@@ -88,7 +97,7 @@ class SupervisedLighthouse:
 
     def start(self, deadline_s: float = 30.0) -> None:
         """Start the child and wait until it accepts connections."""
-        claim_port("" if self.bind_host == "::" else self.bind_host, self.port, "torchft lighthouse")
+        claim_port(listen_host(self.bind_host), self.port, "torchft lighthouse")
         self.on_start()
         # The torchft lighthouse dies with this role, however the role dies (SIGKILL included), and
         # at once: SIGKILL frees the port for the next run without a grace.
@@ -153,7 +162,7 @@ class SupervisedLighthouse:
 
 def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None:
     """Abort when too few groups are left to form a quorum (lighthouse.min_replicas)."""
-    reports = state.snapshot()
+    reports = state.snapshot(events=False)
     finished = reports["finished"]
     lost = [g for g, rep in finished.items() if rep.get("exit_code") != 0]
     if not lost or reports["abort"]:
@@ -165,8 +174,8 @@ def _check_losses(cfg: ExperimentConfig, state: control.CompletionState) -> None
         why = "; ".join(errors) if errors else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})"
         reason = (f"replica group(s) {sorted(lost)} failed ({why}); {alive} group(s) left, fewer than "
                   f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
-        print(f"lighthouse: ABORT: {reason}", flush=True)
-        state.set_abort(reason)
+        if state.set_abort(reason):
+            print(f"lighthouse: ABORT: {reason}", flush=True)
 
 
 def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callable[[dict], None]:
@@ -199,11 +208,9 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     # role at once with one line, and the replica roles, refused by that run's service, stop too.
     state = control.CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan})
     try:
-        completion = control.serve("" if bind_host == "::" else bind_host, cfg.lighthouse.port + 1, state, token)
+        completion = control.serve(listen_host(bind_host), cfg.lighthouse.port + 1, state, token)
     except OSError as e:
-        raise PortTaken(f"port {cfg.lighthouse.port + 1} (completion service) is already in use on {bind_host} "
-                        f"({e.strerror}), probably by another run; stop it, or set lighthouse.port to a free port "
-                        f"(this run uses lighthouse.port and lighthouse.port + 1)") from None
+        raise port_taken(listen_host(bind_host), cfg.lighthouse.port + 1, "completion service", e) from None
     lighthouse = SupervisedLighthouse(cfg, bind_host, on_start=state.new_incarnation)
     try:
         lighthouse.start()
@@ -225,9 +232,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         state.on_event = _on_fault(lighthouse, cfg)
         state.open()
         opened = time.monotonic()
-        # A role that never reaches us (it died at start, its pod was never scheduled) is lost too;
-        # on a cluster roles may start minutes apart.
-        first_contact_s = cfg.lighthouse.role_timeout_s * 2 if bind_host != "::" else max(300.0, cfg.lighthouse.role_timeout_s * 2)
+        # A role that never reaches us (it died at start, its pod was never scheduled) is lost too.
+        never_seen = roles.never_seen_s(cfg, local=bind_host != "::")
         print(f"lighthouse: run {run_id}: serving {roles.lighthouse_url(cfg, host)}, bound to {bind_host}; "
               f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
         print(f"lighthouse: dashboard: {roles.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
@@ -238,16 +244,15 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
                   flush=True)
         while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
             failure = lighthouse.watch()
-            if failure and not state.snapshot()["abort"]:
+            if failure and state.set_abort(failure):
                 print(f"lighthouse: ABORT: {failure}", flush=True)
-                state.set_abort(failure)
             for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
                 print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
                       f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
-            if time.monotonic() - opened > first_contact_s:
-                for g in state.declare_never_seen_lost(first_contact_s):
+            if time.monotonic() - opened > never_seen:
+                for g in state.declare_never_seen_lost(never_seen):
                     print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
-                          f"{first_contact_s:.0f} s", flush=True)
+                          f"{never_seen:.0f} s", flush=True)
             _check_losses(cfg, state)
     except Exception as e:  # never end without a verdict: the summary says what went wrong
         role_error = f"lighthouse role error: {type(e).__name__}: {e}"

@@ -39,7 +39,7 @@ class MetricsLog:
         self.path = Path(path)
         self.group = group
         self.buffer: List[Dict[str, Any]] = []
-        self.failed = False  # a write failed: warned once, later events are dropped quietly
+        self.failed = False  # a write failed and was warned about; later failures stay quiet (each still tries)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

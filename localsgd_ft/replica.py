@@ -15,9 +15,10 @@ finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro) and:
    train_localsgd.py``; torchrun dies with this role (parent-death signal)
    and its workers die with torchrun, so nothing outlives the role even when
    it is SIGKILLed;
-4. heartbeats every second while it waits; stops torchrun when the run is
-   aborted, when the lighthouse role has been unreachable for
-   ``lighthouse.role_timeout_s``, or when the trainer reports a permanent error;
+4. heartbeats every second (from a thread); stops torchrun when the run is
+   aborted or the lighthouse role has been unreachable for
+   ``lighthouse.role_timeout_s`` (a trainer that meets a permanent error
+   records it in its result and ends torchrun itself, so it is never retried);
 5. posts torchrun's exit code and the trainer's result, then exits 0 (the
    lighthouse role's exit code is the run's verdict); if it cannot report, it
    exits with torchrun's code.
@@ -124,17 +125,13 @@ class Heartbeat:
                     self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
 
 
-def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, result_file: Path, group: int) -> int:
-    """Wait for torchrun; stop it early when the heartbeat says so or the trainer hit a permanent error."""
+def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> int:
+    """Wait for torchrun; stop it early when the heartbeat says so (a trainer's permanent error ends it itself)."""
     while True:
         try:
             return proc.wait(HEARTBEAT_S)
         except subprocess.TimeoutExpired:
             pass
-        if beat.stop_reason is None:
-            result = read_result(result_file, group)
-            if result and result.get("permanent"):
-                beat.stop_reason = f"permanent error (not retried): {result.get('error')}"
         if beat.stop_reason:
             print(f"replica {group}: stopping torchrun: {beat.stop_reason}", file=sys.stderr, flush=True)
             return stop_torchrun(proc)
@@ -170,9 +167,8 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
 
     # The lighthouse role may still be starting (on a cluster its pod or node may come up later
     # than ours); a stranger on its port refuses us at once.
-    first_contact_s = cfg.lighthouse.role_timeout_s if roles.is_loopback(host) else max(120.0, cfg.lighthouse.role_timeout_s)
     try:
-        client.heartbeat(group, deadline_s=first_contact_s)
+        client.heartbeat(group, deadline_s=roles.first_contact_s(cfg, local=roles.is_loopback(host)))
     except Refused as e:
         print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
               "another run holds lighthouse.port + 1: stop it, or set lighthouse.port to a free port",
@@ -206,7 +202,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
     proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
                             start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
-    code = wait_for_torchrun(proc, beat, result_file, group)
+    code = wait_for_torchrun(proc, beat, group)
     if proc.poll() is None:
         code = stop_torchrun(proc)
     beat.stop()

@@ -55,6 +55,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def first_contact_s(cfg: ExperimentConfig, local: bool) -> float:
+    """How long a replica role waits for the lighthouse role's first answer before it gives up.
+
+    The roles of a local run start together; on a cluster pods or nodes may come up minutes apart.
+    """
+    return cfg.lighthouse.role_timeout_s if local else max(120.0, cfg.lighthouse.role_timeout_s)
+
+
+def never_seen_s(cfg: ExperimentConfig, local: bool) -> float:
+    """After how long the lighthouse role declares lost a replica role that never made contact.
+
+    Longer than any replica role waits for it (:func:`first_contact_s`): a role that gave up has exited.
+    """
+    twice = 2 * cfg.lighthouse.role_timeout_s
+    return twice if local else max(300.0, twice)
+
+
 def lighthouse_url(cfg: ExperimentConfig, host: str) -> str:
     return f"http://{host}:{cfg.lighthouse.port}"
 

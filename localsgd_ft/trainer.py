@@ -285,12 +285,11 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     if metrics is not None:
         metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
                     max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
-    final = completion.status().get("completed")
-    if final is not None:
+    status = completion.status()
+    if status["completed"] is not None:
         # The others already committed the final sync: training alone from here would only diverge.
-        return _finished_late(cfg, group, model, eval_data, manager, final, restarts)
-    faults = (FaultInjector(cfg, group, manager, completion, completion.status()["fired"], metrics)
-              if cfg.fault_plan else None)
+        return _finished_late(cfg, group, model, eval_data, manager, status["completed"], restarts)
+    faults = FaultInjector(cfg, group, manager, completion, status["fired"], metrics) if cfg.fault_plan else None
     if faults is not None:
         healed["on_heal"] = faults.on_heal
     # A restarted group is disrupted until its first committed sync with every group in it.
@@ -513,12 +512,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
             result = train(cfg, group)
         except (ConfigError, DataError, ForeignQuorum, Refused) as e:
-            # No restart can fix these: tell the replica role, which stops torchrun instead of retrying.
+            # No restart can fix these: leave the reason for the replica role, then end torchrun (and with
+            # it every worker, this one included) before it can restart us.
             print(f"error: {e}", file=sys.stderr, flush=True)
             if cfg is not None and rank0:
                 write_json_atomic(result_path(cfg, group), {"error": str(e), "permanent": True})
-                if os.environ.get("TORCHELASTIC_RUN_ID"):  # our parent is torchrun: stop it restarting us
-                    os.kill(os.getppid(), signal.SIGTERM)
+                if os.environ.get("TORCHELASTIC_RUN_ID"):  # our parent is torchrun
+                    os.kill(os.getppid(), signal.SIGKILL)
             return 2
         if rank0:
             write_json_atomic(result_path(cfg, group), result)

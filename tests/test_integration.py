@@ -128,7 +128,7 @@ def test_too_few_groups_left_fails_fast_with_the_reason(tmp_path, cifar_root, to
 
 
 def test_lighthouse_killed_and_restarted_mid_run(tmp_path, cifar_root, torchx_run):
-    cfg = small_config(tmp_path, cifar_root, localsgd={"quorum_retries": 10}, train={"max_steps": 600},
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 600},  # automatic quorum retries, every 0.5 s
                        faults={"enabled": True, "schedule": [{"kind": "lighthouse", "at_step": 200, "duration_s": 3}]})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
@@ -140,9 +140,9 @@ def test_lighthouse_killed_and_restarted_mid_run(tmp_path, cifar_root, torchx_ru
     for g in summary["replica_groups"].values():
         assert g["restarts"] == 0 and g["global_syncs"] == 600 // 10 + 1
         # Nothing committed is lost. The restarted lighthouse may form its first quorum with only the
-        # group that asked first; the other then heals from it at the next sync, which replaces at
-        # most one sync of its local steps.
-        assert 600 - 10 <= g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) <= 600
+        # group that asked first; until the other's next quorum try (0.5 s later) the first commits a
+        # sync or two alone, and the other heals from it, skipping those syncs' local steps.
+        assert 600 - 30 <= g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) <= 600
     (rec,) = summary["recoveries"]
     assert rec["kind"] == "lighthouse" and rec["recovered"] and rec["recovery_s"] >= 2.5
 

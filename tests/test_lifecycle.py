@@ -280,3 +280,19 @@ def test_a_second_run_on_the_same_ports_cannot_join_the_first(tmp_path, cifar_ro
     assert sizes and max(sizes) <= 2, sizes
     summary = _summary(first_cfg)
     assert summary["succeeded"] and summary["params_identical"]
+
+
+def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root, torchx_run, fake_gpus):
+    """The roles see GPUs (nvidia-smi says so) but CUDA is unusable: each trainer starts once, then stops its torchrun."""
+    fake_gpus(2)
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"gpus": [0, 1], "max_restarts": 2})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert run.wait(RUN_TIMEOUT) != 0
+    summary = _summary(cfg)
+    assert not summary["succeeded"] and "CUDA is not available" in summary["failure_reason"], summary
+    assert sorted(summary["lost_groups"]) == [0, 1]
+    # One start per group, not 1 + max_restarts: torchrun was ended before it could retry.
+    starts = [line for line in run.lines if re.match(r"replica_\d/0 error: replica group \d is configured", line)]
+    assert len(starts) == 2, run.tail()
+    assert wait_gone(run.run_id, 15) == []
