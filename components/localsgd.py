@@ -1,7 +1,7 @@
 """torchx component: an experiment YAML -> AppDef (a lighthouse role + one role per replica group).
 
-The same AppDef runs on local_cwd, Slurm and Kubernetes (see the README's
-scheduler sections). Every role gets the YAML's text embedded (base64, in
+The same AppDef runs on local_cwd, Slurm and Kubernetes (see
+docs/clusters.md). Every role gets the YAML's text embedded (base64, in
 ``--config-b64``), so no role needs the file: pods on Kubernetes share no
 filesystem with the machine that ran ``torchx run``.
 """
@@ -34,7 +34,7 @@ def localsgd(
 
     Everything about the experiment (replica groups, sync_every, recovery mode,
     GPUs, model, data, steps, timeouts, output directory) lives in the YAML file;
-    see configs/ and the README's config reference. The lighthouse role ends
+    see configs/ and docs/config.md. The lighthouse role ends
     on its own once every group has finished, writing OUTPUT_DIR/summary.json;
     the app SUCCEEDS only if every replica group trained to the end.
 

@@ -3,7 +3,7 @@
 Both sides read the YAML through :func:`load_config`: the torchx component
 (to plan the roles) and every trainer process (to train), so the launch plan
 and the training can never disagree. Every field carries its one-line doc in
-``metadata["doc"]``; the README's config reference is generated from them
+``metadata["doc"]``; the config reference (docs/config.md) is generated from them
 (``python -m localsgd_ft.config --reference``).
 
 Bad input raises :class:`ConfigError` whose message names the file, the key,
@@ -152,6 +152,12 @@ class CheckpointConfig:
     enabled: bool = doc(True, "Write durable checkpoints, so a whole-job restart resumes instead of starting over.")
     dir: str = doc("", "Checkpoint directory. Empty: <output_dir>/checkpoints.")
     every_syncs: int = doc(50, "Write one every this many committed syncs (by the lowest-ranked live group).")
+    every_s: float = doc(
+        300.0,
+        "Also write one at the first committed sync after this many seconds since the writing group's last "
+        "one (or its start): with both cadences a whole-job crash loses at most this long or every_syncs "
+        "syncs of training, whichever is less. 0: by sync count only. The final sync always writes one.",
+    )
     keep: int = doc(3, "Keep this many of the newest valid checkpoints; older ones are deleted.")
     resume: bool = doc(
         True,
@@ -466,12 +472,14 @@ def _check(cfg: ExperimentConfig) -> None:
     ck = cfg.checkpoint
     need(ck.every_syncs >= 1, "checkpoint.every_syncs", ck.every_syncs, "expected an integer >= 1")
     need(ck.keep >= 1, "checkpoint.keep", ck.keep, "expected an integer >= 1")
-    if ck.enabled and ck.every_syncs > cfg.training_syncs:
+    need(ck.every_s >= 0, "checkpoint.every_s", ck.every_s, "expected a number of seconds >= 0 (0: off)")
+    if ck.enabled and ck.every_syncs > cfg.training_syncs and not ck.every_s:
         raise ConfigError(
             f"checkpoint.every_syncs: got {ck.every_syncs}, but the run has only {cfg.training_syncs} syncs "
-            f"(train.max_steps {tr.max_steps} / localsgd.sync_every {ls.sync_every}), so no checkpoint would be "
-            f"written before the end and a crash would lose all the work; use at most {cfg.training_syncs} "
-            f"(e.g. {max(1, cfg.training_syncs // 4)}), or checkpoint.enabled: false"
+            f"(train.max_steps {tr.max_steps} / localsgd.sync_every {ls.sync_every}) and checkpoint.every_s is 0, "
+            f"so no checkpoint would be written before the end and a crash would lose all the work; use "
+            f"every_syncs at most {cfg.training_syncs} (e.g. {max(1, cfg.training_syncs // 4)}), a time cadence "
+            "(checkpoint.every_s, e.g. 300), or checkpoint.enabled: false"
         )
     fl = cfg.faults
     for i, x in enumerate(fl.schedule):
@@ -556,7 +564,7 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 
 def reference_markdown() -> str:
-    """The config reference table (every key, its default and its doc) for the README."""
+    """The config reference table (every key, its default and its doc) for docs/config.md."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
 
     def walk(cls: type, prefix: str) -> None:

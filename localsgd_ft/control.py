@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -40,6 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .lifecycle import TOKEN_HEADER
+
+log = logging.getLogger("localsgd_ft.control")
 
 MAX_BODY = 1 << 20
 SOCKET_TIMEOUT_S = 10.0
@@ -52,6 +55,7 @@ RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
     "checkpoints_written": (list,), "params_sha256": (str,), "final_test_accuracy": (int, float),
     "evals": (list,), "train_time_s": (int, float), "samples_per_s": (int, float, type(None)),
     "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
+    "algorithm": (str,),
 }
 EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint"}
 
@@ -388,6 +392,13 @@ class CompletionClient:
     def event(self, group: int, kind: str, deadline_s: float = 10.0, **fields: Any) -> bool:
         """Report an event; returns False if its ``fault_id`` had already fired."""
         return self._call_retrying("/event", {"group": group, "kind": kind, **fields}, deadline_s)["first"]
+
+    def report(self, group: int, kind: str, **fields: Any) -> None:
+        """Report an event from training: a failure to report is a warning, never a stopped trainer."""
+        try:
+            self.event(group, kind, **fields)
+        except Exception as e:
+            log.warning("could not report %s: %s", kind, e)
 
     def completed(self, group: int, global_sync: int, params_sha256: str, deadline_s: float = 10.0) -> None:
         self._call_retrying("/completed", {"group": group, "global_sync": global_sync,

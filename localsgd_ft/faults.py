@@ -32,13 +32,19 @@ class FaultInjector:
             f for f in cfg.fault_plan
             if f.id not in already_fired and (f.group == group or f.kind == "lighthouse")
         ]
-        self.hung = False  # set when this process was stopped; cleared by the trainer once it recovered
+        self.hung = False  # set when this process was stopped; after_step hands it to the trainer once
         # Lighthouse failures waiting for their moment (quorum, allreduce; heal at once: a recovering
         # group does not know the run's step before it has healed).
         self.armed: List[Fault] = [f for f in self.pending if f.moment == "heal"]
         self.pending = [f for f in self.pending if f.moment != "heal"]
         self.step = 0
         self._wrap_manager()
+
+    def after_step(self, step: int) -> bool:
+        """Fire what is due at training step ``step``; True if this process was frozen meanwhile (a hang)."""
+        self.maybe_inject(step)
+        hung, self.hung = self.hung, False
+        return hung
 
     def maybe_inject(self, step: int) -> None:
         self.step = step

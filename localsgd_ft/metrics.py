@@ -1,7 +1,7 @@
 """Per-group metrics: structured events as JSON lines in ``output_dir/metrics/group_<g>.jsonl``.
 
 Each line is one event: ``{"t": wall time, "kind": ..., "group": g, "step": training step, ...}``
-(the schema is in the README, section "Progress, metrics and the report").
+(the schema is in docs/metrics.md).
 Writing is best-effort: a failed write (disk full, folder not writable) is
 one warning on stderr, never a crashed worker. Events are buffered and appended at the progress cadence and at once for
 events a person looks for (start, evaluation, fault, recovery, end), so the

@@ -19,7 +19,8 @@ lighthouse can form any quorum.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("localsgd_ft.quorums")
 
@@ -45,11 +46,26 @@ class UniqueQuorums:
         self._client = client
         self._incarnation = incarnation
         self.last = 0  # the incarnation of the last quorum (kept when the service cannot answer)
+        self._known = False  # whether ``last`` was read from the service at least once
+        self._restart_seen_at: Optional[float] = None
+
+    def take_restart(self) -> Optional[float]:
+        """If the lighthouse restarted since this was last asked: when (monotonic) the quorum request that
+        found the new lighthouse began (the group waited on the outage from then at the latest); else None."""
+        seen_at, self._restart_seen_at = self._restart_seen_at, None
+        return seen_at
 
     def _quorum(self, *args: Any, **kwargs: Any) -> Any:
+        asked_at = time.monotonic()
+        # torchft's manager server retries a failed request itself (quorum_retries): this returns once a
+        # lighthouse, the old one or a restarted one, has formed a quorum.
         quorum = self._client._quorum(*args, **kwargs)
+        before = self.last
         try:
             self.last = int(self._incarnation())
+            if self._known and self.last != before:
+                self._restart_seen_at = asked_at
+            self._known = True
         except Exception as e:  # the lighthouse role busy: the last known incarnation is right almost always
             log.warning("could not read the lighthouse incarnation: %s", e)
         return _Renumbered(quorum, self.last * STRIDE + int(quorum.quorum_id))

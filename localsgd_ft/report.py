@@ -3,8 +3,8 @@
 ``python -m localsgd_ft.report OUTPUT_DIR`` (the lighthouse role runs it at the
 end of every run) writes into ``OUTPUT_DIR/report/``:
 
-- ``loss.png``: training loss against training step, per group;
-- ``accuracy.png``: test accuracy against training step, per group;
+- ``loss.png``: training loss against training step (0 to ``train.max_steps``), per group;
+- ``accuracy.png``: test accuracy against training step (the same axis), per group;
 - ``quorum.png``: quorum size over time per group, with failure, restart and
   recovery markers;
 - ``throughput.png``: samples/s over time per group, with the same markers;
@@ -171,6 +171,132 @@ def _incarnations(events: List[dict]) -> List[List[dict]]:
     return out
 
 
+def value_at(points: Sequence[Tuple[float, float]], t: float) -> Optional[float]:
+    """A series' value at time ``t``: its latest point at or before ``t``, else its earliest after it.
+
+    A marker placed before its group's first value (a restart before the new process's first sync)
+    takes that first value: 0 would read as "no quorum" or "stalled". None when there are no points.
+    """
+    ordered = sorted(points, key=lambda p: p[0])  # stable: of points at the same time, the last one written wins
+    before = [y for x, y in ordered if x <= t]
+    if before:
+        return before[-1]
+    return ordered[0][1] if ordered else None
+
+
+def _marker_y(series: Dict[int, List[Tuple[float, float]]], group: int, t: float, default: float) -> float:
+    """Height of a group's marker at time ``t`` on a time plot: on the group's own line; for a group
+    with no values at all, at the other groups' mean value then, else at ``default`` (mid-axis)."""
+    own = value_at(series.get(group, []), t)
+    if own is not None:
+        return own
+    others = [v for g, pts in series.items() if g != group for v in [value_at(pts, t)] if v is not None]
+    return sum(others) / len(others) if others else default
+
+
+def _colors(metrics: Dict[int, List[dict]]) -> Dict[int, str]:
+    return {g: f"C{i}" for i, g in enumerate(sorted(metrics))}
+
+
+def _start_time(metrics: Dict[int, List[dict]]) -> float:
+    """The first event's time: time axes count seconds from it."""
+    return min(e["t"] for events in metrics.values() for e in events)
+
+
+def last_step(metrics: Dict[int, List[dict]], summary: dict) -> int:
+    """The right end of the step axes, so that they span the whole run (one evaluation does not fill the
+    axis, a run cut short shows how far it got): ``train.max_steps`` from summary.json's config; without
+    it, the largest of the ``start`` events' ``max_steps`` and the steps recorded."""
+    configured = ((summary.get("config") or {}).get("train") or {}).get("max_steps")
+    if configured is not None:
+        return int(configured)
+    steps = [e.get("max_steps") if e["kind"] == "start" else e.get("step")
+             for events in metrics.values() for e in events]
+    return int(max([s for s in steps if s is not None], default=0))
+
+
+def _step_axis(ax: Any, end: int) -> None:
+    ax.set_xlim(0, max(end, 1))  # a zero-width axis draws nothing useful and warns
+
+
+def _plot_loss(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], end: int) -> None:
+    """Training loss against step, one line per group (named even without a loss point)."""
+    colors = _colors(metrics)
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series(events, "train", "loss", "step")
+        ax.plot(xs, ys, color=colors[g], label=f"group {g}" if xs else f"group {g} (no loss recorded)")
+    _mark_faults_at_steps(ax, markers)
+    losses = [e["loss"] for ev in metrics.values() for e in ev if e["kind"] == "train" and e.get("loss")]
+    if losses and max(losses) > 100 * min(losses):
+        ax.set_yscale("log")  # a loss that falls by orders of magnitude is flat on a linear axis
+    _step_axis(ax, end)
+
+
+def _plot_accuracy(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], end: int) -> None:
+    """Test accuracy against step: evaluations as a line, each final evaluation as a star."""
+    colors = _colors(metrics)
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series([e for e in events if e["kind"] != "start"], "eval", "test_accuracy", "step")
+        ax.plot(xs, ys, color=colors[g], marker="o",
+                label=f"group {g}: evaluations" if xs else f"group {g} (no evaluation recorded)")
+        for e in events:
+            if e["kind"] == "end" and e.get("test_accuracy") is not None:
+                ax.plot([e["step"]], [e["test_accuracy"]], color=colors[g], marker="*", markersize=14,
+                        linestyle="none", label=f"group {g}: final ({e['test_accuracy']:.4f})")
+    _mark_faults_at_steps(ax, markers)
+    ax.set_ylim(0, 1.05)
+    _step_axis(ax, end)
+
+
+def _plot_quorum(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], t0: float,
+                 n_groups: int) -> None:
+    """Quorum size over time, one line per group and process lifetime, with the failure markers."""
+    colors = _colors(metrics)
+    # Groups usually share the quorum size; a small offset per group keeps every line visible.
+    offset = {g: 0.04 * (i - (len(metrics) - 1) / 2) for i, g in enumerate(sorted(metrics))}
+    for g, events in sorted(metrics.items()):
+        label: Optional[str] = f"group {g}"  # on the group's first line, whichever lifetime draws it
+        # One line per process lifetime, ending at its last event: a dead group draws nothing.
+        for life in _incarnations(events):
+            pts = [(e["t"], e["quorum_size"]) for e in life if e.get("quorum_size") is not None]
+            if not pts:
+                continue
+            pts.append((life[-1]["t"], pts[-1][1]))
+            ax.step([x - t0 for x, _ in pts], [y + offset[g] for _, y in pts], where="post", color=colors[g],
+                    label=label)
+            label = None
+        if label:
+            ax.plot([], [], color=colors[g], label=f"group {g} (no sync recorded)")
+    quorum_at = {g: [(e["t"], e["quorum_size"]) for e in ev if e.get("quorum_size") is not None]
+                 for g, ev in metrics.items()}
+
+    def y_quorum(e: dict) -> float:
+        g = e["group"]
+        size = e.get("participants")
+        if size is None:
+            size = _marker_y(quorum_at, g, e["t"], n_groups / 2)
+        return size + offset.get(g, 0)
+
+    _mark_events_in_time(ax, markers, t0, y_quorum)
+    ax.set_ylim(-0.2, n_groups + 0.6)
+    ax.set_yticks(range(0, n_groups + 1))
+
+
+def _plot_throughput(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], t0: float) -> None:
+    """Samples/s over time, one line per group, with the failure markers."""
+    colors = _colors(metrics)
+    rate_at = {}
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series(events, "train", "samples_per_s", "t")
+        ax.plot([x - t0 for x in xs], ys, color=colors[g], marker=".",
+                label=f"group {g}" if xs else f"group {g} (no progress recorded)")
+        rate_at[g] = [(x, y) for x, y in zip(xs, ys) if x == x]  # without the NaN restart breaks
+    rates = [y for pts in rate_at.values() for _, y in pts]
+    middle = max(rates) / 2 if rates else 1.0
+    _mark_events_in_time(ax, markers, t0, lambda e: _marker_y(rate_at, e["group"], e["t"], middle))
+    ax.set_ylim(bottom=0)
+
+
 def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -193,84 +319,28 @@ def write_plots(run_dir: Path, summary: dict, out: Path) -> List[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     markers = _markers(metrics, summary)
-    t0 = min(e["t"] for events in metrics.values() for e in events)
+    t0 = _start_time(metrics)
+    end = last_step(metrics, summary)
     name = summary.get("name", "")
-    colors = {g: f"C{i}" for i, g in enumerate(sorted(metrics))}
     n_groups = len(summary.get("replica_groups") or metrics)
+    plots = [
+        ("loss.png", lambda ax: _plot_loss(ax, metrics, markers, end),
+         f"{name}: training loss (mean over each progress interval)", "training step", "cross-entropy loss"),
+        ("accuracy.png", lambda ax: _plot_accuracy(ax, metrics, markers, end),
+         f"{name}: test accuracy", "training step", "top-1 accuracy"),
+        ("quorum.png", lambda ax: _plot_quorum(ax, metrics, markers, t0, n_groups),
+         f"{name}: quorum size (replica groups in the last sync's quorum)", "time since start (s)",
+         "groups in quorum"),
+        ("throughput.png", lambda ax: _plot_throughput(ax, metrics, markers, t0),
+         f"{name}: training throughput per group (between progress lines)", "time since start (s)", "samples/s"),
+    ]
     paths = []
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for g, events in sorted(metrics.items()):
-        xs, ys = _series(events, "train", "loss", "step")
-        ax.plot(xs, ys, color=colors[g], label=f"group {g}")
-    _mark_faults_at_steps(ax, markers)
-    losses = [e["loss"] for ev in metrics.values() for e in ev if e["kind"] == "train" and e.get("loss")]
-    if losses and max(losses) > 100 * min(losses):
-        ax.set_yscale("log")  # a loss that falls by orders of magnitude is flat on a linear axis
-    _finish(fig, ax, out / "loss.png", f"{name}: training loss (mean over each progress interval)",
-            "training step", "cross-entropy loss")
-    paths.append(out / "loss.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for g, events in sorted(metrics.items()):
-        xs, ys = _series([e for e in events if e["kind"] != "start"], "eval", "test_accuracy", "step")
-        ends = [e for e in events if e["kind"] == "end"]
-        ax.plot(xs, ys, color=colors[g], marker="o", label=f"group {g}: evaluations")
-        for e in ends:
-            ax.plot([e["step"]], [e["test_accuracy"]], color=colors[g], marker="*", markersize=14,
-                    linestyle="none", label=f"group {g}: final ({e['test_accuracy']:.4f})")
-    _mark_faults_at_steps(ax, markers)
-    ax.set_ylim(0, 1.05)
-    _finish(fig, ax, out / "accuracy.png", f"{name}: test accuracy", "training step", "top-1 accuracy")
-    paths.append(out / "accuracy.png")
-    plt.close(fig)
-
-    # Groups usually share the quorum size; a small offset per group keeps every line visible.
-    offset = {g: 0.04 * (i - (len(metrics) - 1) / 2) for i, g in enumerate(sorted(metrics))}
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for g, events in sorted(metrics.items()):
-        # One line per process lifetime, ending at its last event: a dead group draws nothing.
-        for n, life in enumerate(_incarnations(events)):
-            pts = [(e["t"], e["quorum_size"]) for e in life if e.get("quorum_size") is not None]
-            if not pts:
-                continue
-            pts.append((life[-1]["t"], pts[-1][1]))
-            ax.step([x - t0 for x, _ in pts], [y + offset[g] for _, y in pts], where="post", color=colors[g],
-                    label=f"group {g}" if n == 0 else None)
-    quorum_at = {g: [(e["t"], e["quorum_size"]) for e in ev if e.get("quorum_size") is not None]
-                 for g, ev in metrics.items()}
-
-    def y_quorum(e: dict) -> float:
-        g = e["group"]
-        before = [q for t, q in quorum_at.get(g, []) if t <= e["t"]]
-        return (e.get("participants") or (before[-1] if before else 0)) + offset.get(g, 0)
-
-    _mark_events_in_time(ax, markers, t0, y_quorum)
-    ax.set_ylim(-0.2, n_groups + 0.6)
-    ax.set_yticks(range(0, n_groups + 1))
-    _finish(fig, ax, out / "quorum.png", f"{name}: quorum size (replica groups in the last sync's quorum)",
-            "time since start (s)", "groups in quorum")
-    paths.append(out / "quorum.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    rate_at = {}
-    for g, events in sorted(metrics.items()):
-        xs, ys = _series(events, "train", "samples_per_s", "t")
-        ax.plot([x - t0 for x in xs], ys, color=colors[g], marker=".", label=f"group {g}")
-        rate_at[g] = [(x, y) for x, y in zip(xs, ys) if x == x]
-
-    def y_rate(e: dict) -> float:
-        before = [y for t, y in rate_at.get(e["group"], []) if t <= e["t"]]
-        return before[-1] if before else 0.0
-
-    _mark_events_in_time(ax, markers, t0, y_rate)
-    ax.set_ylim(bottom=0)
-    _finish(fig, ax, out / "throughput.png", f"{name}: training throughput per group (between progress lines)",
-            "time since start (s)", "samples/s")
-    paths.append(out / "throughput.png")
-    plt.close(fig)
+    for filename, draw, title, xlabel, ylabel in plots:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        draw(ax)
+        _finish(fig, ax, out / filename, title, xlabel, ylabel)
+        plt.close(fig)
+        paths.append(out / filename)
     return paths
 
 

@@ -107,3 +107,42 @@ def test_cli_refuses_an_incompatible_resume_and_touches_nothing(tmp_path, cifar_
     assert res.returncode != 0 and "cannot resume from checkpoint" in res.stderr, res.stderr
     assert "model.width was 16, the config says 24" in res.stderr and "Traceback" not in res.stderr
     assert _digests(cfg.checkpoint_dir) == before
+
+
+def test_cadence_by_syncs_by_time_and_always_at_the_end():
+    from localsgd_ft.checkpointer import CheckpointPolicy
+
+    policy = CheckpointPolicy(every_syncs=50, every_s=300.0, now=0.0)
+    assert policy.due(50, final=False, now=10.0) and policy.due(7, final=True, now=10.0)
+    assert not policy.due(7, final=False, now=299.0)
+    assert policy.due(7, final=False, now=300.0)  # five minutes of work at stake: write one
+    policy.wrote(now=300.0)
+    assert not policy.due(8, final=False, now=301.0)
+    assert not CheckpointPolicy(every_syncs=50, every_s=0.0, now=0.0).due(7, final=False, now=1e9)
+
+
+def test_a_run_shorter_than_every_syncs_is_accepted_with_a_time_cadence(tmp_path):
+    cfg = _cfg(tmp_path, train={"max_steps": 200}, checkpoint={"every_syncs": 50})  # 20 syncs; every_s 300
+    assert cfg.training_syncs == 20 and cfg.checkpoint.every_s == 300.0
+
+
+def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, torchx_run):
+    """every_syncs beyond the run's 60 syncs, every_s 1: checkpoints come by the clock, and at the end."""
+    import json
+
+    from conftest import wait_no_processes
+
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 600, "eval_every": 0},
+                       checkpoint={"every_syncs": 1000, "every_s": 1.0, "keep": 100})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert run.wait(240) == 0, run.tail()
+    assert wait_no_processes(path) == []
+    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    written = [e for e in summary["events"] if e["kind"] == "checkpoint"]
+    steps = [e["step"] for e in written]
+    assert steps[-1] == 600 and len(steps) >= 3 and steps == sorted(steps), steps
+    # By the clock: at least a second apart (the final one comes whenever the run ends).
+    times = [e["time"] for e in written[:-1]]
+    assert all(b - a >= 0.9 for a, b in zip(times, times[1:])), times
+    assert [f.step for f in checkpoint.list_valid(Path(cfg["output_dir"]) / "checkpoints")][0] == 600

@@ -68,7 +68,8 @@ def test_sync_mode_begins_with_an_alignment_sync():
          "step, quorum, allreduce, heal"),
         ({"faults": {"schedule": [{"kind": "kill", "moment": "quorum"}]}}, "faults.schedule[0].moment",
          "only 'lighthouse' failures take a moment"),
-        ({"train": {"max_steps": 200}}, "checkpoint.every_syncs", "only 20 syncs"),
+        ({"train": {"max_steps": 200}, "checkpoint": {"every_s": 0}}, "checkpoint.every_syncs", "only 20 syncs"),
+        ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", ">= 0"),
         ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
         ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
         ([1, 2], "", "mapping of keys at the top level"),
@@ -112,9 +113,9 @@ def test_reference_lists_every_key_with_its_doc():
         assert f"| `{key}` |" in table
 
 
-def test_readme_reference_is_current():
-    """The README's config reference is the generated table (regenerate: python -m localsgd_ft.config --reference)."""
-    assert reference_markdown() in (REPO / "README.md").read_text()
+def test_config_doc_reference_is_current():
+    """docs/config.md's config reference is the generated table (regenerate: python -m localsgd_ft.config --reference)."""
+    assert reference_markdown() in (REPO / "docs" / "config.md").read_text()
 
 
 def test_round_trip_through_yaml():

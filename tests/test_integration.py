@@ -140,9 +140,11 @@ def test_lighthouse_killed_and_restarted_mid_run(tmp_path, cifar_root, torchx_ru
     for g in summary["replica_groups"].values():
         assert g["restarts"] == 0 and g["global_syncs"] == 600 // 10 + 1
         # Nothing committed is lost. The restarted lighthouse may form its first quorum with only the
-        # group that asked first; until the other's next quorum try (0.5 s later) the first commits a
-        # sync or two alone, and the other heals from it, skipping those syncs' local steps.
-        assert 600 - 30 <= g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) <= 600
+        # group that asked first; until the other is back (its next quorum try 0.5 s later, or its
+        # manager reconnecting) the first commits syncs alone, and the other heals from it, skipping
+        # those syncs' local steps. This tiny model does about ten syncs a second on a loaded CI host
+        # (a clean CI run once skipped 11), so the bound is a few seconds' worth, not a count of tries.
+        assert 600 - 200 <= g["steps"] - 10 * (g["syncs_attempted"] - g["syncs_committed"]) <= 600
     (rec,) = summary["recoveries"]
     assert rec["kind"] == "lighthouse" and rec["recovered"] and rec["recovery_s"] >= 2.5
 

@@ -42,3 +42,16 @@ def test_an_unanswered_incarnation_keeps_the_last_one():
     wrapped = UniqueQuorums(_Client([4, 5]), incarnation)
     first, second = wrapped._quorum().quorum_id, wrapped._quorum()
     assert (first, second.quorum_id, second.max_step) == (3 * STRIDE + 4, 3 * STRIDE + 5, 7)
+
+
+def test_a_quorum_from_a_restarted_lighthouse_is_reported_once():
+    incarnation = {"n": 1}
+    wrapped = UniqueQuorums(_Client([1, 2, 1, 2]), lambda: incarnation["n"])
+    wrapped._quorum()
+    assert wrapped.take_restart() is None  # the first incarnation seen is no restart
+    wrapped._quorum()
+    incarnation["n"] = 2
+    wrapped._quorum()
+    assert wrapped.take_restart() is not None and wrapped.take_restart() is None
+    wrapped._quorum()
+    assert wrapped.take_restart() is None

@@ -1,0 +1,98 @@
+"""A training group's durable checkpoints: when to write one, what goes in it, and resuming from one.
+
+Exactly one group writes: the one ranked 0 in the quorum that just
+committed, so every checkpoint holds state all live groups agreed on. It
+writes at every ``checkpoint.every_syncs``-th committed sync, at the first
+committed sync ``checkpoint.every_s`` seconds after its last checkpoint (or
+its start), and always at the final sync, so that a group restarted after the
+end finds the final state. The files themselves (atomic, checksummed) are
+``localsgd_ft.checkpoint``'s business.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import ExperimentConfig
+from .control import CompletionClient
+from .data import ShardedBatches
+from .metrics import MetricsLog
+from .position import Position
+
+
+class CheckpointPolicy:
+    """The cadence, apart from any I/O: ``due`` says whether a committed sync should be saved."""
+
+    def __init__(self, every_syncs: int, every_s: float, now: float) -> None:
+        self.every_syncs, self.every_s = every_syncs, every_s
+        self.last = now  # when the last checkpoint was written (or the clock started)
+
+    def due(self, syncs: int, final: bool, now: float) -> bool:
+        return (final or syncs % self.every_syncs == 0
+                or (self.every_s > 0 and now - self.last >= self.every_s))
+
+    def wrote(self, now: float) -> None:
+        self.last = now
+
+
+class Checkpointer:
+    def __init__(self, cfg: ExperimentConfig, group: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 algorithm: Any, position: Position, batches: ShardedBatches, completion: CompletionClient,
+                 metrics: Optional[MetricsLog], clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.group = cfg, group
+        self.model, self.optimizer, self.algorithm = model, optimizer, algorithm
+        self.position, self.batches = position, batches
+        self.completion, self.metrics = completion, metrics
+        self.clock = clock
+        self.policy = CheckpointPolicy(cfg.checkpoint.every_syncs, cfg.checkpoint.every_s, clock())
+        self.written: List[int] = []  # training steps of the checkpoints this process wrote
+
+    def restore(self, found: checkpoint.Found, device: torch.device) -> int:
+        """Load ``found`` into model, optimizer, algorithm and Manager; returns its training step."""
+        state = checkpoint.load(found, device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state.get("algorithm", {}))
+        manager = self.position.manager
+        # Re-enter one alignment sync before the checkpoint (sync mode): after a whole-job restart
+        # that sync brings every group back to the saved count; a group that restarts while
+        # others still train is then behind them, so it heals from them rather than trusting
+        # a checkpoint they have already moved past.
+        manager.load_state_dict({**state["manager"], "step": state["manager"]["step"] - self.cfg.initial_syncs})
+        self.position.offset = int(state["offset"])
+        return int(state["step"])
+
+    def after_commit(self) -> None:
+        """Called after every committed sync: write a checkpoint if this group should, now."""
+        pos = self.position
+        if not self.cfg.checkpoint.enabled or pos.manager.participating_rank() != 0:
+            return
+        now = self.clock()
+        if not self.policy.due(pos.syncs, pos.done(), now):
+            return
+        step = pos.step()
+        path = checkpoint.save(self.cfg, self._payload(step), step, pos.global_syncs)
+        self.policy.wrote(self.clock())
+        self.written.append(step)
+        print(f"LocalSGD: checkpoint written: {path} (step {step})", flush=True)
+        self.completion.report(self.group, "checkpoint", step=step, sync=pos.global_syncs)
+        if self.metrics is not None:
+            self.metrics.add("checkpoint", step, global_sync=pos.global_syncs)
+
+    def _payload(self, step: int) -> Dict[str, Any]:
+        epoch, batch_in_epoch = self.batches.position(step)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "manager": self.position.manager.state_dict(),
+            "step": step,
+            "offset": self.position.offset,
+            # Every group's data position and augmentation randomness follow from (seed, group, step).
+            "data": {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": self.cfg.train.seed},
+        }

@@ -1,0 +1,84 @@
+"""What a training group tells its user as it goes: progress lines, evaluations, and their metrics.
+
+Every ``train.log_every`` local steps a group prints the line users know from
+torchft's example (``LocalSGD: Number of local optimizer steps completed: N``)
+and one line of its own (training step, loss, accuracy, samples/s, quorum,
+committed syncs, ETA), and appends a ``train`` event to its metrics file.
+Every ``train.eval_every`` local steps it evaluates on the test set; the time
+spent evaluating is left out of samples/s. The loss stays on the device and is
+read once per progress line: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import ExperimentConfig
+from .metrics import MetricsLog
+from .position import Position
+from .sync_monitor import SyncMonitor
+
+
+class Progress:
+    def __init__(self, cfg: ExperimentConfig, group: int, position: Position, monitor: SyncMonitor,
+                 optimizer: torch.optim.Optimizer, evaluate: Callable[[], float], metrics: Optional[MetricsLog],
+                 device: torch.device) -> None:
+        self.cfg, self.group, self.position, self.monitor = cfg, group, position, monitor
+        self.optimizer, self.evaluate, self.metrics = optimizer, evaluate, metrics
+        self.loss_sum = torch.zeros((), device=device)
+        self.evals: List[Dict[str, float]] = []
+        self.started = time.monotonic()
+        # The measuring window since the last progress line (evaluations excluded).
+        self._t, self._steps, self._paused_s = self.started, 0, 0.0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+
+    def after_step(self) -> None:
+        steps, tr = self.position.local_steps, self.cfg.train
+        if tr.eval_every and steps % tr.eval_every == 0:
+            self._evaluate(steps)
+        if steps % tr.log_every == 0:
+            self._line(steps)
+
+    def _evaluate(self, steps: int) -> None:
+        t = time.monotonic()
+        acc = self.evaluate()
+        self._paused_s += time.monotonic() - t
+        self.evals.append({"step": steps, "test_accuracy": acc})
+        print(f"LocalSGD: group {self.group} step {steps} test_accuracy {acc:.4f}", flush=True)
+        if self.metrics is not None:
+            self.metrics.add("eval", self.position.step(), flush=True, local_step=steps, test_accuracy=acc)
+
+    def _line(self, steps: int) -> None:
+        cfg, pos, monitor = self.cfg, self.position, self.monitor
+        loss = self.loss_sum.item() / cfg.train.log_every  # the one host sync for the loss
+        self.loss_sum.zero_()
+        now = time.monotonic()
+        busy = max(now - self._t - self._paused_s, 1e-9)
+        steps_per_s = (steps - self._steps) / busy
+        samples_per_s = steps_per_s * cfg.data.batch_size
+        step, max_steps = pos.step(), cfg.train.max_steps
+        eta = _duration(max(max_steps - step, 0) / steps_per_s) if steps_per_s > 0 else "?"
+        acc = f"{self.evals[-1]['test_accuracy']:.4f}" if self.evals else "-"
+        global_sync = pos.global_syncs
+        print(f"LocalSGD: Number of local optimizer steps completed: {steps}", flush=True)
+        print(f"LocalSGD: group {self.group} step {steps} train_step {step}/{max_steps} "
+              f"({100 * step // max_steps}%) loss {loss:.4f} acc {acc} samples/s {samples_per_s:.0f} "
+              f"quorum {monitor.quorum[1]}/{cfg.replica_groups.count} committed_syncs {global_sync} eta {eta}",
+              flush=True)
+        if self.metrics is not None:
+            self.metrics.add("train", step, flush=True, local_step=steps, loss=round(loss, 5),
+                             lr=self.optimizer.param_groups[0]["lr"], samples_per_s=round(samples_per_s, 1),
+                             quorum_id=monitor.quorum[0], quorum_size=monitor.quorum[1], global_sync=global_sync,
+                             syncs_committed=monitor.committed, syncs_attempted=monitor.attempted)
+        self._t, self._steps, self._paused_s = now, steps, 0.0
+
+
+def _duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``: short enough for a progress line."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
