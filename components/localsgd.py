@@ -25,6 +25,7 @@ from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
 
 
 def localsgd(
+    *overrides: str,
     config: str = "configs/default.yaml",
     image: str = "",
     script: str = "train_localsgd.py",
@@ -38,15 +39,20 @@ def localsgd(
     on its own once every group has finished, writing OUTPUT_DIR/summary.json;
     the app SUCCEEDS only if every replica group trained to the end.
 
+    Trailing dotted.key=value arguments override the file's keys, each value
+    parsed as YAML (e.g. ``localsgd.sync_every=50 train.max_steps=4000``); the
+    run records its resolved config as OUTPUT_DIR/config.yaml.
+
     Args:
+        overrides: dotted.key=value settings applied over the YAML file, validated like it
         config: the experiment YAML file, relative to the working directory; its text is embedded in every role
         image: container image (Kubernetes, local_docker); leave empty for local_cwd and Slurm (roles use this Python)
         script: the script torchrun runs in every replica group
         fresh: start over instead of resuming from the newest checkpoint (old ones are moved aside)
     """
     try:
-        cfg = load_config(config)
-        embedded = embed_config(config)
+        cfg = load_config(config, overrides=overrides)
+        embedded = embed_config(config, overrides)
     except ConfigError as e:
         # torchx prints this one message and exits 1 (a plain exception would print a traceback).
         raise ComponentValidationException(str(e)) from None

@@ -1,23 +1,42 @@
-"""The cross-group sync algorithm: one object, chosen from the YAML, that the training loop steps.
+"""The cross-group sync algorithm: one object, chosen by ``localsgd.algorithm``, that the training loop steps.
 
 An algorithm owns what happens at an optimizer step: the step itself and, at
-the end of each ``sync_every`` interval, the fault-tolerant sync across
-replica groups (quorum, allreduce, commit or roll back). It reports each sync
-as a :class:`Sync` and carries any state of its own that must travel with
-live recovery and checkpoints (``state_dict``), so neither the loop nor the
-checkpoint code has to know which algorithm runs.
+the end of each interval of ``ExperimentConfig.steps_per_sync`` steps, the
+fault-tolerant sync across replica groups (quorum, allreduce, commit or roll
+back). It reports each sync as a :class:`Sync`, counts the bytes it hands to
+allreduce, and carries its own state for durable checkpoints
+(``state_dict``), so neither the loop nor the checkpoint code has to know
+which algorithm runs. Live recovery of that state needs nothing from us:
+torchft's DiLoCo registers it with the Manager.
+
+- ``localsgd`` (:class:`LocalSGDSync`): torchft's LocalSGD averages the
+  parameters of every live group every ``sync_every`` steps.
+- ``diloco`` (:class:`DiLoCoSync`): torchft's DiLoCo averages the change
+  since the last sync (a pseudo-gradient) and applies it with an outer SGD;
+  with ``fragments`` > 1 (Streaming DiLoCo) the model is synced one fragment
+  at a time, one every ``sync_every / fragments`` steps, each fragment's
+  allreduce overlapping ``fragment_sync_delay`` steps of training.
+
+The end of a run is "the same sync" for every algorithm: the sync that
+completes ``train.max_steps`` (a multiple of ``sync_every``, so with fragments
+every fragment has been synced equally often). LocalSGD's model is then the
+average. DiLoCo's result is the synced (outer) model: each fragment as of its
+own last sync, so with fragments the local steps a fragment trained after its
+last sync, and any local mix-in (``fragment_update_alpha``), are not part of
+it. Those are what differ between groups; the synced model does not.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
+from .model import split_into_fragments
 from .position import Position
 
 
@@ -25,11 +44,53 @@ from .position import Position
 class Sync:
     """One sync as the training loop sees it."""
 
-    duration_s: float
+    duration_s: float  # time spent in the optimizer steps that synced (quorum, allreduce, commit)
     committed: bool
 
 
-class LocalSGDSync:
+class _Algorithm:
+    """What every algorithm shares: the step, its timing, and counting what is sent."""
+
+    name = ""
+
+    def __init__(self, manager: Any, optimizer: torch.optim.Optimizer, position: Position) -> None:
+        self.manager, self.optimizer, self.position = manager, optimizer, position
+        self.sync_bytes = 0  # bytes of tensors handed to allreduce by this process
+        self._count_allreduce_bytes()
+
+    def _count_allreduce_bytes(self) -> None:
+        allreduce = self.manager.allreduce
+
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sync_bytes += tensor.numel() * tensor.element_size()
+            return allreduce(tensor, *args, **kwargs)
+
+        self.manager.allreduce = counted
+
+    def _timed(self, fn: Callable[[], None]) -> Sync:
+        before, t = self.manager.current_step(), time.monotonic()
+        fn()
+        return Sync(time.monotonic() - t, self.manager.current_step() > before)
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()  # the algorithm's hook syncs when an interval ends
+        self.position.local_steps += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> "_Algorithm":
+        self._impl.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._impl.__exit__(*exc)
+
+
+class LocalSGDSync(_Algorithm):
     """torchft's LocalSGD: every ``sync_every`` steps, average the parameters of every live group."""
 
     name = "localsgd"
@@ -38,16 +99,8 @@ class LocalSGDSync:
                  position: Position) -> None:
         from torchft.local_sgd import LocalSGD
 
-        self.manager, self.optimizer, self.position = manager, optimizer, position
-        # LocalSGD registers an optimizer-step hook that syncs on every sync_every-th step.
+        super().__init__(manager, optimizer, position)
         self._impl = LocalSGD(manager, model, optimizer, sync_every=cfg.localsgd.sync_every)
-
-    def __enter__(self) -> "LocalSGDSync":
-        self._impl.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._impl.__exit__(*exc)
 
     def initial_sync(self) -> Sync:
         """A sync before the first step: a joining group takes the live weights; at a fresh start
@@ -56,25 +109,97 @@ class LocalSGDSync:
 
     def step(self) -> Optional[Sync]:
         """One optimizer step, and the sync if it ended an interval (None otherwise)."""
-        def step() -> None:
-            self.optimizer.step()
-            self.position.local_steps += 1
-
-        sync = self._timed(step)
+        sync = self._timed(self._optimizer_step)
         return sync if self.position.at_sync() else None
 
+
+class DiLoCoSync(_Algorithm):
+    """torchft's DiLoCo (Streaming DiLoCo with fragments > 1), with one outer SGD per fragment."""
+
+    name = "diloco"
+
+    def __init__(self, cfg: ExperimentConfig, manager: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 position: Position) -> None:
+        from torchft.local_sgd import DiLoCo
+
+        super().__init__(manager, optimizer, position)
+        ls, oo = cfg.localsgd, cfg.localsgd.outer_optimizer
+        if ls.quantize:
+            _require_triton()
+        fragments = split_into_fragments(model, ls.fragments)
+        self.outer = [torch.optim.SGD(f.parameters(), lr=oo.lr, momentum=oo.momentum,
+                                      nesterov=oo.nesterov and oo.momentum > 0) for f in fragments]
+        self._impl = DiLoCo(
+            manager, fragments, optimizer, self.outer, sync_every=ls.sync_every,
+            use_bucketization=ls.bucket_cap_mb > 0, bucket_cap_mb=ls.bucket_cap_mb or None,
+            should_quantize=ls.quantize, fragment_sync_delay=ls.fragment_sync_delay,
+            fragment_update_alpha=ls.fragment_update_alpha,
+        )
+        # Each fragment's outer-optimizer state and last synced parameters, as torchft registered them with
+        # the Manager for live recovery: the same functions give a durable checkpoint the same state.
+        self._keys = [f"StreamingDiLoCoFragment_{i}" for i in range(len(fragments))]
+        saves, loads = getattr(manager, "_user_state_dicts", {}), getattr(manager, "_load_state_dict_fns", {})
+        if not all(k in saves and k in loads for k in self._keys):
+            raise RuntimeError("this torchft's DiLoCo registers no per-fragment state with the Manager; "
+                               "localsgd_ft.algorithms needs updating")
+        self._save = [saves[k] for k in self._keys]
+        self._load = [loads[k] for k in self._keys]
+        if not hasattr(self._impl, "_restore_parameters"):
+            raise RuntimeError("this torchft's DiLoCo cannot restore the synced parameters; "
+                               "localsgd_ft.algorithms needs updating")
+        # The quorum and the allreduce start this many steps before the sync completes.
+        self._prepare_at = cfg.steps_per_sync - ls.fragment_sync_delay
+        self._prepare_s = 0.0
+
+    def initial_sync(self) -> Sync:
+        raise RuntimeError("DiLoCo has no alignment sync: a joining group heals at its first quorum")
+
+    def step(self) -> Optional[Sync]:
+        """One optimizer step, and the fragment sync if it ended an interval (None otherwise).
+
+        A sync's duration is that of the step that started it (quorum and
+        allreduce) plus the step that completed it (wait, outer step, commit).
+        """
+        in_interval = self.position.local_steps % self.position.steps_per_sync + 1
+        sync = self._timed(self._optimizer_step)
+        if in_interval == self._prepare_at:
+            self._prepare_s = sync.duration_s
+        if not self.position.at_sync():
+            return None
+        if self._prepare_at != self.position.steps_per_sync:
+            sync.duration_s += self._prepare_s
+        if sync.committed and self.position.done():
+            # The run's result is the synced model: every fragment as of its own last sync. With fragments
+            # the others trained locally since theirs, and with fragment_update_alpha > 0 the local
+            # parameters were mixed in: both differ between groups, the synced parameters do not.
+            self._impl._restore_parameters()
+        return sync
+
     def state_dict(self) -> Dict[str, Any]:
-        return {}  # LocalSGD keeps nothing beyond the model and the inner optimizer
+        return {"fragments": [save() for save in self._save]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
+        saved: List[Dict[str, Any]] = state.get("fragments", [])
+        if len(saved) != len(self._load):
+            raise ConfigError(f"the checkpoint holds DiLoCo state for {len(saved)} fragment(s), the config asks "
+                              f"for {len(self._load)}; restore localsgd.fragments or start over (--fresh True)")
+        for load, fragment_state in zip(self._load, saved):
+            load(fragment_state)
 
-    def _timed(self, fn: Any) -> Sync:
-        before, t = self.manager.current_step(), time.monotonic()
-        fn()
-        return Sync(time.monotonic() - t, self.manager.current_step() > before)
+
+def _require_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ConfigError("localsgd.quantize: true, but triton is not installed here; torchft quantizes with "
+                          "triton kernels (without them it silently sends the data unquantized): install "
+                          "triton, or set localsgd.quantize: false") from None
+
+
+ALGORITHM_CLASSES = {"localsgd": LocalSGDSync, "diloco": DiLoCoSync}
 
 
 def build_algorithm(cfg: ExperimentConfig, manager: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    position: Position) -> LocalSGDSync:
-    return LocalSGDSync(cfg, manager, model, optimizer, position)
+                    position: Position) -> _Algorithm:
+    """The algorithm ``localsgd.algorithm`` names, wrapped around ``model`` and its inner ``optimizer``."""
+    return ALGORITHM_CLASSES[cfg.localsgd.algorithm](cfg, manager, model, optimizer, position)

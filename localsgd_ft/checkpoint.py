@@ -38,7 +38,9 @@ INCOMPATIBLE_KEYS = [
     "model.arch",
     "model.width",
     "optimizer.name",
+    "localsgd.algorithm",
     "localsgd.sync_every",
+    "localsgd.fragments",
     "localsgd.recovery",
     "data.batch_size",
     "train.seed",
@@ -57,16 +59,25 @@ class Found:
         return int(self.meta["step"])
 
 
+_ABSENT = object()
+
+
 def _lookup(d: Dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
+        d = d.get(part, _ABSENT) if isinstance(d, dict) else _ABSENT
     return d
 
 
 def check_compatible(cfg: ExperimentConfig, found: Found) -> None:
     """Raise ConfigError if ``cfg`` cannot continue from ``found``."""
-    now, then = to_dict(cfg), found.meta.get("config", {})
-    changed = [(k, _lookup(then, k), _lookup(now, k)) for k in INCOMPATIBLE_KEYS if _lookup(then, k) != _lookup(now, k)]
+    now, then, defaults = to_dict(cfg), found.meta.get("config", {}), to_dict(ExperimentConfig())
+
+    def saved(key: str) -> Any:
+        # A key the checkpoint's config lacks came later, with a default that keeps the old meaning.
+        value = _lookup(then, key)
+        return _lookup(defaults, key) if value is _ABSENT else value
+
+    changed = [(k, saved(k), _lookup(now, k)) for k in INCOMPATIBLE_KEYS if saved(k) != _lookup(now, k)]
     if changed:
         what = "; ".join(f"{k} was {old!r}, the config says {new!r}" for k, old, new in changed)
         raise ConfigError(

@@ -13,13 +13,14 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import random
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import yaml
 
@@ -32,6 +33,8 @@ def doc(default: Any, text: str) -> Any:
     """A dataclass field with a default and its one-line documentation."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"doc": text})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
 
 
@@ -55,9 +58,25 @@ class ReplicaGroupsConfig:
     memory_mb: int = doc(2048, "Memory requested per group from the scheduler, in MiB.")
 
 
+ALGORITHMS = ("localsgd", "diloco")
+
+
+@dataclass
+class OuterOptimizerConfig:
+    lr: float = doc(0.7, "DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
+    momentum: float = doc(0.9, "Outer momentum.")
+    nesterov: bool = doc(True, "Nesterov momentum for the outer step.")
+
+
 @dataclass
 class LocalSGDConfig:
-    sync_every: int = doc(10, "Local optimizer steps between two fault-tolerant parameter averages.")
+    algorithm: str = doc(
+        "localsgd",
+        "'localsgd': average the parameters every sync_every steps; 'diloco': average the change since the "
+        "last sync (a pseudo-gradient) and apply it with an outer optimizer (DiLoCo; Streaming DiLoCo with "
+        "fragments > 1). Needs recovery: sync.",
+    )
+    sync_every: int = doc(10, "Local optimizer steps between two fault-tolerant syncs of the whole model.")
     recovery: str = doc(
         "sync",
         "How a joining group recovers: 'sync' restores the live weights before its first step; "
@@ -73,6 +92,26 @@ class LocalSGDConfig:
         "Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / (retries + 1) "
         "between them, so they ride through a lighthouse restart. -1: one try every 0.5 s, so an outage costs "
         "little more than its own length; 0: none (a lighthouse restart crashes every group).",
+    )
+    outer_optimizer: OuterOptimizerConfig = doc(OuterOptimizerConfig(), "DiLoCo only: the outer optimizer.")
+    fragments: int = doc(
+        1,
+        "DiLoCo only: split the model into this many fragments of consecutive layers, synced one after another "
+        "(Streaming DiLoCo): one fragment every sync_every / fragments steps. 1: plain DiLoCo.",
+    )
+    fragment_sync_delay: int = doc(
+        0,
+        "DiLoCo only: local steps a fragment's allreduce overlaps with training before it is waited for; "
+        "less than sync_every / fragments.",
+    )
+    fragment_update_alpha: float = doc(
+        0.0, "DiLoCo only: weight of the local parameters mixed into the synced ones, in [0, 1] (0: synced only)."
+    )
+    quantize: bool = doc(
+        False, "DiLoCo only: quantize pseudo-gradients for the allreduce (torchft's triton kernels: GPUs only)."
+    )
+    bucket_cap_mb: int = doc(
+        0, "DiLoCo only: allreduce pseudo-gradients in buckets of this many MiB; 0: one allreduce per parameter."
     )
 
 
@@ -151,7 +190,8 @@ class TrainConfig:
 class CheckpointConfig:
     enabled: bool = doc(True, "Write durable checkpoints, so a whole-job restart resumes instead of starting over.")
     dir: str = doc("", "Checkpoint directory. Empty: <output_dir>/checkpoints.")
-    every_syncs: int = doc(50, "Write one every this many committed syncs (by the lowest-ranked live group).")
+    every_syncs: int = doc(50, "Write one every this many committed syncs (by the lowest-ranked live group; with "
+                               "Streaming DiLoCo each fragment's sync counts).")
     every_s: float = doc(
         300.0,
         "Also write one at the first committed sync after this many seconds since the writing group's last "
@@ -255,9 +295,15 @@ class ExperimentConfig:
         return [[g] if isinstance(g, int) else list(g) for g in self.replica_groups.gpus]
 
     @property
+    def steps_per_sync(self) -> int:
+        """Local steps between two syncs: sync_every, or one fragment's share of it (Streaming DiLoCo)."""
+        ls = self.localsgd
+        return ls.sync_every // ls.fragments if ls.algorithm == "diloco" else ls.sync_every
+
+    @property
     def training_syncs(self) -> int:
         """Syncs of training after which every group stops."""
-        return self.train.max_steps // self.localsgd.sync_every
+        return self.train.max_steps // self.steps_per_sync
 
     @property
     def gpus_per_group(self) -> int:
@@ -281,8 +327,9 @@ class ExperimentConfig:
 
     @property
     def initial_syncs(self) -> int:
-        """Syncs before the first step at each job start: sync mode begins with one that aligns every group."""
-        return 1 if self.localsgd.recovery == "sync" else 0
+        """Syncs before the first step at each job start: LocalSGD in sync mode begins with one that aligns every
+        group. DiLoCo needs none: its first quorum heals a joining group before any pseudo-gradient is sent."""
+        return 1 if self.localsgd.recovery == "sync" and self.localsgd.algorithm == "localsgd" else 0
 
     @property
     def fault_plan(self) -> List[Fault]:
@@ -391,6 +438,54 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_algorithm(cfg: ExperimentConfig) -> None:
+    """The sync algorithm's keys: what torchft would reject at start or silently mishandle, refused here."""
+    ls = cfg.localsgd
+    if ls.algorithm not in ALGORITHMS:
+        raise ConfigError(f"localsgd.algorithm: got {ls.algorithm!r}, expected one of {', '.join(ALGORITHMS)}")
+    if ls.algorithm == "localsgd":
+        plain = LocalSGDConfig()
+        for key in ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_update_alpha", "quantize",
+                    "bucket_cap_mb"):
+            if getattr(ls, key) != getattr(plain, key):
+                raise ConfigError(
+                    f"localsgd.{key}: set to {getattr(ls, key)!r}, but it is a DiLoCo setting and "
+                    "localsgd.algorithm is 'localsgd', which would ignore it; set localsgd.algorithm: diloco, "
+                    f"or remove localsgd.{key}")
+        return
+    oo = ls.outer_optimizer
+    if ls.recovery != "sync":
+        raise ConfigError(
+            f"localsgd.recovery: got {ls.recovery!r}, but DiLoCo needs a synchronous quorum (torchft's DiLoCo "
+            "refuses an asynchronous one); use recovery: sync, or algorithm: localsgd")
+    if ls.fragments < 1 or ls.sync_every % ls.fragments:
+        raise ConfigError(
+            f"localsgd.fragments: got {ls.fragments}, expected an integer >= 1 that divides localsgd.sync_every "
+            f"({ls.sync_every}): each fragment is synced once every sync_every steps, one every "
+            "sync_every / fragments steps")
+    per_fragment = ls.sync_every // ls.fragments
+    if not 0 <= ls.fragment_sync_delay < per_fragment:
+        raise ConfigError(
+            f"localsgd.fragment_sync_delay: got {ls.fragment_sync_delay}, expected 0..{per_fragment - 1}: a "
+            f"fragment's allreduce must finish before the next fragment's starts (sync_every {ls.sync_every} / "
+            f"fragments {ls.fragments} = {per_fragment} steps apart)")
+    if not 0 <= ls.fragment_update_alpha <= 1:
+        raise ConfigError(f"localsgd.fragment_update_alpha: got {ls.fragment_update_alpha}, expected a number "
+                          "in [0, 1] (0: take the synced parameters; 1: keep the local ones)")
+    if oo.lr <= 0 or not 0 <= oo.momentum < 1:
+        key, value = ("lr", oo.lr) if oo.lr <= 0 else ("momentum", oo.momentum)
+        raise ConfigError(f"localsgd.outer_optimizer.{key}: got {value}, expected "
+                          + ("a number > 0" if key == "lr" else "0 <= momentum < 1"))
+    if ls.quantize and not cfg.uses_gpus:
+        raise ConfigError(
+            "localsgd.quantize: true, but the groups train on CPU: torchft quantizes with triton kernels on "
+            "CUDA GPUs only (without them it silently sends the data unquantized); set "
+            "localsgd.quantize: false, or give the groups GPUs")
+    if ls.bucket_cap_mb < 0:
+        raise ConfigError(f"localsgd.bucket_cap_mb: got {ls.bucket_cap_mb}, expected an integer >= 0 "
+                          "(0: one allreduce per parameter)")
+
+
 def _check(cfg: ExperimentConfig) -> None:
     """Reject impossible values; each message names the key, the value and what is allowed."""
 
@@ -438,6 +533,7 @@ def _check(cfg: ExperimentConfig) -> None:
          f"expected more than lighthouse.heartbeat_timeout_ms ({lh.heartbeat_timeout_ms} ms) plus one sync interval")
     need(ls.quorum_retries >= -1, "localsgd.quorum_retries", ls.quorum_retries,
          "expected an integer >= 0, or -1 (automatic)")
+    _check_algorithm(cfg)
     need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
     need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
          f"expected 1..replica_groups.count ({rg.count})")
@@ -529,22 +625,75 @@ def _read_text(p: Path) -> str:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
 
 
-def embed_config(path: Union[str, Path]) -> str:
-    """The config file's text as base64, for roles that cannot read the file (no shared filesystem).
+def embed_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> str:
+    """The config's text (with overrides merged) as base64, for roles that cannot read the file.
 
     Base64 has no commas, quotes or spaces, so it survives Slurm's ``--export``
     (which splits on commas), shells and Kubernetes manifests unchanged.
     """
-    return base64.b64encode(_read_text(Path(path)).encode()).decode("ascii")
+    return base64.b64encode(resolved_text(path, overrides).encode()).decode("ascii")
 
 
-def load_config(path: Union[str, Path], embedded: Optional[str] = None) -> ExperimentConfig:
-    """Read and validate the experiment YAML at ``path``.
+def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "<config>") -> Any:
+    """``raw`` (a parsed YAML document) with each ``dotted.key=value`` set; values are parsed as YAML.
+
+    Only the shape is checked here; the schema checks keys and values afterwards,
+    with the same messages as for the file.
+    """
+    if not overrides:
+        return raw
+    merged = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(merged, dict):
+        return merged  # parse_config says what is wrong with the file itself
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{source}: override {item!r}: expected dotted.key=value, e.g. localsgd.sync_every=50")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML: {e}") from None
+        *parents, leaf = key.split(".")
+        node = merged
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"{source}: override {item!r}: {where} is {child!r}, not a mapping of keys")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def describe_source(path: Union[str, Path], overrides: Sequence[str]) -> str:
+    """How messages name a config: its file, and the overrides applied to it."""
+    return f"{path} with {' '.join(overrides)}" if overrides else str(path)
+
+
+def resolved_text(path: Union[str, Path], overrides: Sequence[str] = ()) -> str:
+    """The YAML text the roles run: the file's own text, or with overrides the merged document."""
+    text = _read_text(Path(path))
+    if not overrides:
+        return text
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    merged = apply_overrides(raw, overrides, describe_source(path, overrides))
+    return f"# {path} with overrides: {' '.join(overrides)}\n" + yaml.safe_dump(merged, sort_keys=False)
+
+
+def load_config(path: Union[str, Path], embedded: Optional[str] = None,
+                overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate the experiment YAML at ``path``, with ``overrides`` (``dotted.key=value``) applied.
 
     With ``embedded`` (from :func:`embed_config`) the text comes from there and
     ``path`` only names it in messages: the file need not exist here.
     """
     p = Path(path)
+    source = describe_source(p, overrides)
     if embedded is None:
         text = _read_text(p)
     else:
@@ -556,7 +705,14 @@ def load_config(path: Union[str, Path], embedded: Optional[str] = None) -> Exper
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: malformed YAML: {e}") from None
-    return parse_config(raw, str(p))
+    return parse_config(apply_overrides(raw, overrides, source), source)
+
+
+def resolved_yaml(cfg: ExperimentConfig, source: str) -> str:
+    """Every key of ``cfg`` as YAML, defaults included: what a run records as ``output_dir/config.yaml``."""
+    return (f"# The resolved config of this run: {source}, every default filled in.\n"
+            f"# Rerun it exactly: torchx run -- --config <this file>\n"
+            + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
@@ -586,15 +742,17 @@ def reference_markdown() -> str:
 
 
 def main(argv: List[str]) -> int:
-    """``python -m localsgd_ft.config FILE`` checks a config; ``--reference`` prints the key table."""
+    """``python -m localsgd_ft.config FILE [key=value ...]`` checks a config and prints it resolved;
+    ``--reference`` prints the key table."""
     if argv == ["--reference"]:
         print(reference_markdown())
         return 0
-    if len(argv) != 1:
-        print("usage: python -m localsgd_ft.config CONFIG.yaml | --reference", file=sys.stderr)
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m localsgd_ft.config CONFIG.yaml [dotted.key=value ...] | --reference",
+              file=sys.stderr)
         return 2
     try:
-        cfg = load_config(argv[0])
+        cfg = load_config(argv[0], overrides=argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

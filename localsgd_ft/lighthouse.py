@@ -39,8 +39,8 @@ from typing import Callable, List, Optional
 
 from . import control, lifecycle, roles
 from .checkpoint import move_aside
-from .config import ExperimentConfig
-from .files import peak_rss_mb, write_json_atomic
+from .config import ExperimentConfig, resolved_yaml
+from .files import peak_rss_mb, write_json_atomic, write_text_atomic
 from .lighthouse_server import command as lighthouse_command
 from .metrics import metrics_dir
 from .summary import build_summary
@@ -229,6 +229,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         old_metrics = move_aside(metrics_dir(cfg.run_dir))
         if old_metrics:
             print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
+        # What this run ran, every default filled in (overrides included): rerunnable as it is.
+        write_text_atomic(cfg.run_dir / "config.yaml", resolved_yaml(cfg, config_path))
         state.on_event = _on_fault(lighthouse, cfg)
         state.open()
         opened = time.monotonic()
@@ -314,8 +316,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--print-summary", action="store_true", help="also print summary.json to the log")
     args, cfg, host = roles.parse_role_args(parser, argv, "lighthouse")
-    # Locally the role follows the `torchx run` client (SIGTERM: it still writes its verdict);
-    # on Slurm its step process. Its own children follow it in turn.
     try:
         return run(cfg, host, args.config, args.print_summary)
     except RuntimeError as e:

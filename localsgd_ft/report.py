@@ -60,18 +60,20 @@ def _columns(rows: Sequence[Sequence[str]]) -> List[str]:
 def summary_table(summary: dict) -> str:
     """The end-of-run table, every number taken from ``summary``."""
     verdict = "SUCCEEDED" if summary.get("succeeded") else "FAILED"
-    lines = [f"run {summary.get('name')}: {verdict}"
+    lines = [f"run {summary.get('name')} ({summary.get('algorithm', 'localsgd')}): {verdict}"
              + (f" ({summary['failure_reason']})" if summary.get("failure_reason") else "")
              + f"; final test accuracy {_fmt(summary.get('final_test_accuracy'), '.4f')}"
              + f"; parameters identical: {'yes' if summary.get('params_identical') else 'no'}"
              + f"; wall time {_fmt(summary.get('wall_time_s'), '.1f')} s"]
-    rows = [["group", "accuracy", "steps", "syncs_committed", "syncs_failed", "restarts", "samples/s", "status"]]
+    rows = [["group", "accuracy", "steps", "syncs_committed", "syncs_failed", "restarts", "samples/s", "sent_MB",
+             "status"]]
     for g, rep in sorted(summary.get("replica_groups", {}).items(), key=lambda kv: int(kv[0])):
         attempted, committed = rep.get("syncs_attempted"), rep.get("syncs_committed")
         failed = attempted - committed if attempted is not None and committed is not None else None
         status = "ok" if rep.get("succeeded") else "lost" if rep.get("lost") else "unfinished"
         rows.append([g, _fmt(rep.get("final_test_accuracy"), ".4f"), _fmt(rep.get("steps")), _fmt(committed),
-                     _fmt(failed), _fmt(rep.get("restarts")), _fmt(rep.get("samples_per_s"), ".1f"), status])
+                     _fmt(failed), _fmt(rep.get("restarts")), _fmt(rep.get("samples_per_s"), ".1f"),
+                     _fmt(None if rep.get("sync_bytes") is None else rep["sync_bytes"] / 2**20, ".1f"), status])
     lines += _columns(rows)
     faults = summary.get("faults") or {}
     by_kind = ", ".join(f"{k}: {n}" for k, n in sorted((faults.get("by_kind") or {}).items())) or "none"

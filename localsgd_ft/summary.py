@@ -86,6 +86,7 @@ def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, confi
     resumed = [e["step"] for e in events if e.get("kind") == "resumed"]
     return {
         "name": cfg.name,
+        "algorithm": cfg.localsgd.algorithm,
         "run_id": run_id,
         "config_path": config_path,
         "succeeded": reason is None,

@@ -168,7 +168,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     # Syncs, checkpoints and recovery use `model`; only the forward pass goes through `forward`.
     forward = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    position = Position(cfg.localsgd.sync_every, cfg.training_syncs, offset=cfg.initial_syncs)
+    position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
     live = LiveState(group, model, optimizer, position)
     manager = position.manager = _manager(cfg, group, device, live)
     algorithm = build_algorithm(cfg, manager, model, optimizer, position)
@@ -252,6 +252,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
                     global_sync=committed_total, samples_per_s=samples_per_s, train_time_s=round(train_time, 3))
     return {
         "algorithm": algorithm.name,
+        "sync_bytes": algorithm.sync_bytes,
         "steps": steps,
         "syncs_attempted": monitor.attempted,
         "syncs_committed": monitor.committed,

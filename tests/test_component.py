@@ -129,3 +129,21 @@ def test_fresh_is_passed_to_every_role_and_skips_the_resume_check(tmp_path, cifa
     assert {r.env["LOCALSGD_FT_FRESH"] for r in app.roles} == {"0"}
     app = appdef(write_config(tmp_path, raw), fresh=True)
     assert {r.env["LOCALSGD_FT_FRESH"] for r in app.roles} == {"1"}
+
+
+def test_cli_overrides_reach_every_role_and_bad_ones_are_refused(tmp_path, cifar_root):
+    import base64
+
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    res = subprocess.run([TORCHX, "run", "--dryrun", "--", "--config", str(path), "localsgd.sync_every=20",
+                          "train.max_steps=400"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    app = get_component(str(REPO / "components/localsgd.py") + ":localsgd").fn(
+        "localsgd.sync_every=20", "train.max_steps=400", config=str(path))
+    for role in app.roles:
+        text = base64.b64decode(role.args[role.args.index("--config-b64") + 1]).decode()
+        assert "sync_every: 20" in text and "max_steps: 400" in text
+    res = subprocess.run([TORCHX, "run", "--", "--config", str(path), "localsgd.sync_evry=20"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "localsgd.sync_evry: unknown key; allowed keys here:" in res.stderr and "sync_every" in res.stderr

@@ -195,3 +195,87 @@ def test_type_names_read_as_english():
     assert names and not [n for n in names if " of a " in n or " of an " in n], names
     assert _type_name(typing.List[typing.Union[int, typing.List[int]]]) == \
         "a list whose entries are each an integer or a list of integers"
+
+
+DILOCO = {"algorithm": "diloco"}
+
+
+@pytest.mark.parametrize(
+    "localsgd, key, words",
+    [
+        ({"algorithm": "adam"}, "localsgd.algorithm", "localsgd, diloco"),
+        ({**DILOCO, "recovery": "async"}, "localsgd.recovery", "synchronous quorum"),
+        ({**DILOCO, "fragments": 3}, "localsgd.fragments", "divides localsgd.sync_every (10)"),
+        ({**DILOCO, "fragments": 0}, "localsgd.fragments", ">= 1"),
+        ({**DILOCO, "fragments": 2, "fragment_sync_delay": 5}, "localsgd.fragment_sync_delay", "expected 0..4"),
+        ({**DILOCO, "fragment_update_alpha": 1.5}, "localsgd.fragment_update_alpha", "in [0, 1]"),
+        ({**DILOCO, "outer_optimizer": {"lr": 0}}, "localsgd.outer_optimizer.lr", "> 0"),
+        ({**DILOCO, "outer_optimizer": {"momentum": 1.0}}, "localsgd.outer_optimizer.momentum", "< 1"),
+        ({**DILOCO, "outer_optimizer": {"lrr": 1}}, "localsgd.outer_optimizer.lrr", "unknown key"),
+        ({**DILOCO, "quantize": True}, "localsgd.quantize", "GPUs only"),
+        ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", ">= 0"),
+        ({"fragments": 2}, "localsgd.fragments", "localsgd.algorithm is 'localsgd'"),
+        ({"outer_optimizer": {"lr": 0.5}}, "localsgd.outer_optimizer", "set localsgd.algorithm: diloco"),
+        ({"fragment_update_alpha": 0.5}, "localsgd.fragment_update_alpha", "a DiLoCo setting"),
+    ],
+)
+def test_diloco_settings_that_torchft_would_reject_or_mishandle_are_refused(localsgd, key, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"localsgd": localsgd}, "exp.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"exp.yaml: {key}") and words in msg, msg
+
+
+def test_streaming_diloco_syncs_one_fragment_per_share_of_sync_every():
+    cfg = parse_config({"localsgd": {**DILOCO, "sync_every": 10, "fragments": 2}, "train": {"max_steps": 100}})
+    assert (cfg.steps_per_sync, cfg.training_syncs, cfg.initial_syncs) == (5, 20, 0)
+    plain = parse_config({"localsgd": {"sync_every": 10}, "train": {"max_steps": 100}})
+    assert (plain.steps_per_sync, plain.training_syncs, plain.initial_syncs) == (10, 10, 1)
+
+
+def test_model_fragments_are_consecutive_balanced_and_cover_every_parameter():
+    from localsgd_ft.model import build_model, split_into_fragments
+
+    model = build_model(parse_config({"model": {"arch": "resnet", "width": 16}}).model)
+    for n in (1, 2, 3, 4):
+        fragments = split_into_fragments(model, n)
+        params = [p for f in fragments for p in f.parameters()]
+        assert len(fragments) == n and [id(p) for p in params] == [id(p) for p in model.parameters()]
+    sizes = [sum(p.numel() for p in f.parameters()) for f in split_into_fragments(model, 2)]
+    assert max(sizes) < 0.7 * sum(sizes)
+    with pytest.raises(ConfigError, match="localsgd.fragments: got 13, .* at most 12 fragments"):
+        split_into_fragments(model, 13)
+
+
+def test_overrides_are_merged_before_validation_and_checked_like_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\ntrain: {max_steps: 105}\nlocalsgd: {sync_every: 10}\n")  # 105: not a multiple of 10
+    with pytest.raises(ConfigError, match="use 100 or 110"):
+        load_config(path)
+    cfg = load_config(path, overrides=["train.max_steps=200", "localsgd.outer_optimizer.lr=0.5",
+                                       "localsgd.algorithm=diloco", "replica_groups.gpus=[]"])
+    assert (cfg.train.max_steps, cfg.localsgd.algorithm, cfg.localsgd.outer_optimizer.lr) == (200, "diloco", 0.5)
+    for override, words in [("localsgd.sync_evry=5", "localsgd.sync_evry: unknown key; allowed keys here:"),
+                            ("localsgd.sync_every=ten", "localsgd.sync_every: expected an integer, got 'ten'"),
+                            ("sync_every", "expected dotted.key=value"),
+                            ("name.first=x", "name is"),
+                            ("train.max_steps=[1", "not valid YAML")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides=["train.max_steps=200", override])
+        assert str(e.value).startswith(f"{path} with train.max_steps=200 {override}") and words in str(e.value)
+
+
+def test_config_cli_prints_the_resolved_config_with_overrides(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\n")
+    res = subprocess.run([sys.executable, "-m", "localsgd_ft.config", str(path), "localsgd.sync_every=25",
+                          "train.max_steps=100"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout)
+    assert resolved["localsgd"]["sync_every"] == 25 and resolved["lighthouse"]["port"] == 29510
+    res = subprocess.run([sys.executable, "-m", "localsgd_ft.config", str(path), "train.max_steps=99"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 1 and "train.max_steps: got 99" in res.stderr

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_using, small_config, wait_no_processes, write_config
+from localsgd_ft.config import parse_config
+from localsgd_ft.model import build_model
 
 pytestmark = pytest.mark.integration
 
@@ -65,9 +67,12 @@ def test_two_groups_train_and_agree(tmp_path, cifar_root, torchx_run, recovery):
     assert summary["succeeded"] and summary["params_identical"]
     assert groups["0"]["params_sha256"] == groups["1"]["params_sha256"]
     assert summary["final_test_accuracy"] > 0.5, summary  # chance is 0.1
+    assert summary["algorithm"] == "localsgd"
+    model_bytes = sum(p.numel() * p.element_size() for p in build_model(parse_config(cfg).model).parameters())
     for g in groups.values():
         assert g["steps"] == 200 and g["restarts"] == 0
         assert g["syncs_committed"] == 200 // 10 + (1 if recovery == "sync" else 0)
+        assert g["sync_bytes"] == g["syncs_attempted"] * model_bytes  # every parameter, once per sync
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
@@ -185,7 +190,6 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
 def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, torchx_run, recovery):
     from conftest import wait_gone
     from localsgd_ft import checkpoint
-    from localsgd_ft.config import parse_config
 
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1000},
                        checkpoint={"every_syncs": 10, "keep": 3})

@@ -36,11 +36,12 @@ def _assert_table_matches(table: str, summary: dict) -> None:
     rows = _group_rows(table)
     assert set(rows) == set(summary["replica_groups"])
     for g, rep in summary["replica_groups"].items():
-        _, acc, steps, committed, failed, restarts, rate, _status = rows[g]
+        _, acc, steps, committed, failed, restarts, rate, sent, _status = rows[g]
         assert float(acc) == round(rep["final_test_accuracy"], 4)
         assert int(steps) == rep["steps"] and int(committed) == rep["syncs_committed"]
         assert int(failed) == rep["syncs_attempted"] - rep["syncs_committed"]
         assert int(restarts) == rep["restarts"] and float(rate) == rep["samples_per_s"]
+        assert sent == ("-" if rep.get("sync_bytes") is None else f"{rep['sync_bytes'] / 2**20:.1f}")
     for r in summary["recoveries"]:
         row = next(line.split() for line in table.splitlines() if line.startswith(f"#{r['fault_id']} "))
         assert row[1] == r["kind"] and float(row[5]) == round(r["recovery_s"], 2)
@@ -150,7 +151,7 @@ def test_table_of_a_failed_run_with_a_lost_group():
     summary["replica_groups"]["1"] = {"exit_code": 1, "succeeded": False, "lost": True}
     table = summary_table(summary)
     assert "FAILED (too few groups)" in table
-    assert _group_rows(table)["1"] == ["1", "-", "-", "-", "-", "-", "-", "lost"]
+    assert _group_rows(table)["1"] == ["1", "-", "-", "-", "-", "-", "-", "-", "lost"]
 
 
 # ---------------------------------------------------------------------------- the plots, one Axes at a time
