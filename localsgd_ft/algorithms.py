@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import ConfigError, ExperimentConfig
 from .model import split_into_fragments
+from .optim import apply_settings
 from .position import Position
 
 
@@ -56,21 +57,31 @@ class _Algorithm:
     def __init__(self, manager: Any, optimizer: torch.optim.Optimizer, position: Position) -> None:
         self.manager, self.optimizer, self.position = manager, optimizer, position
         self.sync_bytes = 0  # bytes of tensors handed to allreduce by this process
-        self._count_allreduce_bytes()
+        self._committed: Optional[bool] = None  # the last commit decision (None: none since asked)
+        self._watch_manager()
 
-    def _count_allreduce_bytes(self) -> None:
-        allreduce = self.manager.allreduce
+    def _watch_manager(self) -> None:
+        """Count what is handed to allreduce, and record every commit decision.
+
+        A commit cannot be read from the step count: healing raises it too, and a group that heals
+        and then fails to commit in the same sync would look committed.
+        """
+        allreduce, should_commit = self.manager.allreduce, self.manager.should_commit
 
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.sync_bytes += tensor.numel() * tensor.element_size()
             return allreduce(tensor, *args, **kwargs)
 
-        self.manager.allreduce = counted
+        def recorded(*args: Any, **kwargs: Any) -> bool:
+            self._committed = bool(should_commit(*args, **kwargs))
+            return self._committed
+
+        self.manager.allreduce, self.manager.should_commit = counted, recorded
 
     def _timed(self, fn: Callable[[], None]) -> Sync:
-        before, t = self.manager.current_step(), time.monotonic()
+        self._committed, t = None, time.monotonic()
         fn()
-        return Sync(time.monotonic() - t, self.manager.current_step() > before)
+        return Sync(time.monotonic() - t, self._committed is True)
 
     def _optimizer_step(self) -> None:
         self.optimizer.step()  # the algorithm's hook syncs when an interval ends
@@ -127,8 +138,8 @@ class DiLoCoSync(_Algorithm):
         if ls.quantize:
             _require_triton()
         fragments = split_into_fragments(model, ls.fragments)
-        self.outer = [torch.optim.SGD(f.parameters(), lr=oo.lr, momentum=oo.momentum,
-                                      nesterov=oo.nesterov and oo.momentum > 0) for f in fragments]
+        self._outer_settings = {"lr": oo.lr, "momentum": oo.momentum, "nesterov": oo.nesterov and oo.momentum > 0}
+        self.outer = [torch.optim.SGD(f.parameters(), **self._outer_settings) for f in fragments]
         self._impl = DiLoCo(
             manager, fragments, optimizer, self.outer, sync_every=ls.sync_every,
             use_bucketization=ls.bucket_cap_mb > 0, bucket_cap_mb=ls.bucket_cap_mb or None,
@@ -185,6 +196,8 @@ class DiLoCoSync(_Algorithm):
                               f"for {len(self._load)}; restore localsgd.fragments or start over (--fresh True)")
         for load, fragment_state in zip(self._load, saved):
             load(fragment_state)
+        for outer in self.outer:  # the config's outer settings, not the saved ones
+            apply_settings(outer, self._outer_settings)
 
 
 def _require_triton() -> None:

@@ -22,6 +22,7 @@ from .config import ExperimentConfig
 from .control import CompletionClient
 from .data import ShardedBatches
 from .metrics import MetricsLog
+from .optim import apply_settings, settings
 from .position import Position
 
 
@@ -57,6 +58,7 @@ class Checkpointer:
         state = checkpoint.load(found, device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        apply_settings(self.optimizer, settings(self.cfg.optimizer))  # the config's lr, not the saved one
         self.algorithm.load_state_dict(state.get("algorithm", {}))
         manager = self.position.manager
         # Re-enter one alignment sync before the checkpoint (sync mode): after a whole-job restart

@@ -16,6 +16,7 @@ import base64
 import copy
 import dataclasses
 import random
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -572,7 +573,7 @@ def _check(cfg: ExperimentConfig) -> None:
     if ck.enabled and ck.every_syncs > cfg.training_syncs and not ck.every_s:
         raise ConfigError(
             f"checkpoint.every_syncs: got {ck.every_syncs}, but the run has only {cfg.training_syncs} syncs "
-            f"(train.max_steps {tr.max_steps} / localsgd.sync_every {ls.sync_every}) and checkpoint.every_s is 0, "
+            f"(train.max_steps {tr.max_steps} / {cfg.steps_per_sync} steps per sync) and checkpoint.every_s is 0, "
             f"so no checkpoint would be written before the end and a crash would lose all the work; use "
             f"every_syncs at most {cfg.training_syncs} (e.g. {max(1, cfg.training_syncs // 4)}), a time cadence "
             "(checkpoint.every_s, e.g. 300), or checkpoint.enabled: false"
@@ -634,6 +635,9 @@ def embed_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> str:
     return base64.b64encode(resolved_text(path, overrides).encode()).decode("ascii")
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "<config>") -> Any:
     """``raw`` (a parsed YAML document) with each ``dotted.key=value`` set; values are parsed as YAML.
 
@@ -647,12 +651,17 @@ def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "<config>"
         return merged  # parse_config says what is wrong with the file itself
     for item in overrides:
         key, sep, text = item.partition("=")
+        if item.startswith("-"):
+            raise ConfigError(f"{source}: override {item!r}: options such as --fresh go before the "
+                              "dotted.key=value overrides (torchx hands everything after the first one to them)")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{source}: override {item!r}: expected dotted.key=value, e.g. localsgd.sync_every=50")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML: {e}") from None
+        if isinstance(value, str) and _EXPONENT.fullmatch(text.strip()):
+            value = float(text)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
         *parents, leaf = key.split(".")
         node = merged
         for i, part in enumerate(parents):

@@ -25,7 +25,10 @@ commas (a value cannot hold a comma).
 - ``-s slurm`` (or another scheduler, with ``--scheduler-args``) submits each
   point and waits for it (``torchx run --wait``); with ``--detach`` it only
   submits them all and records their app handles (compare them later with
-  ``python -m localsgd_ft.compare``).
+  ``python -m localsgd_ft.compare``). Running a detached sweep again submits
+  only the points it has not submitted yet (``--resubmit``: those too).
+- A point's verdict is its ``summary.json`` (torchx's own state says FAILED
+  whenever a replica role was SIGKILLed, even if the run finished without it).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +48,7 @@ import yaml
 from .compare import compare, flatten
 from .config import ConfigError, load_config, to_dict
 from .files import write_json_atomic
+from .report import ReportError
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -106,23 +111,44 @@ def check_not_reused(todo: Sequence[Dict[str, Any]], config: Path) -> None:
                 "that directory away")
 
 
-def _succeeded(run_dir: Path) -> bool:
+def _verdict(run_dir: Path, since: float = 0.0) -> Optional[bool]:
+    """Whether the run in ``run_dir`` SUCCEEDED per its summary.json (None: none written since ``since``).
+
+    The summary is the run's verdict: torchx's own app state says FAILED when a replica role was
+    SIGKILLed, even where the run finished without that group.
+    """
+    path = run_dir / "summary.json"
     try:
-        return bool(json.loads((run_dir / "summary.json").read_text()).get("succeeded"))
+        if path.stat().st_mtime < since:
+            return None
+        return bool(json.loads(path.read_text()).get("succeeded"))
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def _torchx(config: Path, overrides: Sequence[str], scheduler: str, scheduler_args: str,
-            detach: bool) -> Tuple[int, str]:
-    """Run one point; its output streams to ours. Returns the exit code and the app handle (if printed)."""
-    torchx = str(Path(sys.executable).with_name("torchx"))
-    cmd = [torchx, "run", "-s", scheduler]
+def _previous_submissions(out: Path) -> Dict[str, str]:
+    """Points an earlier --detach sweep into ``out`` submitted: name -> app handle."""
+    try:
+        record = json.loads((out / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {p["name"]: p.get("app_handle") or "?" for p in record.get("points", []) if p.get("status") == "SUBMITTED"}
+
+
+def torchx_command(config: Path, overrides: Sequence[str], scheduler: str, scheduler_args: str,
+                   detach: bool) -> List[str]:
+    """The ``torchx run`` of one point: local runs wait by themselves; on a cluster wait (with its log)
+    unless detached."""
+    cmd = [str(Path(sys.executable).with_name("torchx")), "run", "-s", scheduler]
     if scheduler_args:
         cmd += ["-cfg", scheduler_args]
     if scheduler != "local_cwd" and not detach:
-        cmd.append("--wait")
-    cmd += ["--", "--config", str(config), *overrides]
+        cmd += ["--wait", "--log"]
+    return cmd + ["--", "--config", str(config), *overrides]
+
+
+def _torchx(cmd: List[str]) -> Tuple[int, str]:
+    """Run one point; its output streams to ours. Returns the exit code and the app handle (if printed)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     handle = ""
     try:
@@ -134,28 +160,44 @@ def _torchx(config: Path, overrides: Sequence[str], scheduler: str, scheduler_ar
             if m and not handle:
                 handle = m.group(1)
         return proc.wait(), handle
-    except BaseException:
-        proc.kill()  # Ctrl-C: the point's own client passes it on to its run (see localsgd_ft.client)
-        proc.wait()
+    except KeyboardInterrupt:
+        # The terminal interrupted the point's torchx client too: let it stop its run and keep the
+        # checkpoint (see localsgd_ft.client), then stop the sweep.
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
 
 
 def run_sweep(config: Path, grid: List[Tuple[str, List[str]]], fixed: Sequence[str], out: Path,
-              scheduler: str = "local_cwd", scheduler_args: str = "", detach: bool = False) -> int:
+              scheduler: str = "local_cwd", scheduler_args: str = "", detach: bool = False,
+              resubmit: bool = False) -> int:
     todo = points(config, grid, fixed, out)
     check_not_reused(todo, config)
+    submitted = {} if resubmit else _previous_submissions(out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": str(config), "grid": {k: v for k, v in grid}, "overrides": list(fixed), "points": todo}
     failed = 0
     for i, p in enumerate(todo, 1):
         run_dir = Path(p["output_dir"])
-        if _succeeded(run_dir):
+        if _verdict(run_dir):
             p.update(status="SUCCEEDED", exit_code=0, skipped=True)
             print(f"sweep: point {i}/{len(todo)} {p['name']}: already SUCCEEDED in {run_dir}; skipped", flush=True)
             continue
+        if p["name"] in submitted:
+            # Submitting again would start a second job into the same directory, checkpoints and port.
+            p.update(status="SUBMITTED", app_handle=submitted[p["name"]], skipped=True)
+            print(f"sweep: point {i}/{len(todo)} {p['name']}: submitted earlier ({submitted[p['name']]}) and not "
+                  "finished; not submitted again (--resubmit to do so once it has ended)", flush=True)
+            continue
         print(f"sweep: point {i}/{len(todo)} {p['name']}: {' '.join(p['overrides'])}", flush=True)
-        code, handle = _torchx(config, p["overrides"], scheduler, scheduler_args, detach)
-        status = "SUBMITTED" if detach and code == 0 else "SUCCEEDED" if code == 0 else "FAILED"
+        launched = time.time()
+        code, handle = _torchx(torchx_command(config, p["overrides"], scheduler, scheduler_args, detach))
+        verdict = None if detach else _verdict(run_dir, since=launched)
+        ok = code == 0 if verdict is None else verdict
+        status = "SUBMITTED" if detach and code == 0 else "SUCCEEDED" if ok else "FAILED"
         p.update(status=status, exit_code=code, skipped=False, app_handle=handle or None)
         failed += status == "FAILED"
         print(f"sweep: point {i}/{len(todo)} {p['name']}: {status} (exit {code})", flush=True)
@@ -181,6 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-s", "--scheduler", default="local_cwd", help="torchx scheduler (default local_cwd)")
     parser.add_argument("--scheduler-args", default="", help="torchx -cfg for the scheduler")
     parser.add_argument("--detach", action="store_true", help="submit every point and exit (not on local_cwd)")
+    parser.add_argument("--resubmit", action="store_true",
+                        help="submit again points an earlier --detach sweep submitted and that have not finished")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.detach and args.scheduler == "local_cwd":
         parser.error("--detach needs a cluster scheduler (-s slurm, -s kubernetes): local runs end with the sweep")
@@ -190,8 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError("no --grid given: name at least one swept key, e.g. --grid localsgd.sync_every=10,50")
         name = load_config(args.config, overrides=args.overrides).name
         out = args.out or Path("outputs") / "sweeps" / name
-        return run_sweep(args.config, grid, args.overrides, out, args.scheduler, args.scheduler_args, args.detach)
-    except ConfigError as e:
+        return run_sweep(args.config, grid, args.overrides, out, args.scheduler, args.scheduler_args, args.detach,
+                         args.resubmit)
+    except (ConfigError, ReportError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
 

@@ -29,25 +29,19 @@ from torch import nn
 from . import checkpoint, lifecycle, quorums, roles
 from .algorithms import Sync, build_algorithm
 from .checkpointer import Checkpointer
-from .config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
+from .config import ConfigError, ExperimentConfig, load_config
 from .control import CompletionClient, Refused
 from .data import DataError, ShardedBatches, eval_batches, load_cifar10
 from .faults import FaultInjector
 from .files import peak_rss_mb, write_json_atomic
 from .metrics import MetricsLog, metrics_path
 from .model import build_model
+from .optim import build_optimizer
 from .position import Position
 from .progress import Progress
 from .sync_monitor import ForeignQuorum, SyncMonitor
 
 log = logging.getLogger("localsgd_ft.trainer")
-
-
-def build_optimizer(cfg: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def backward(forward: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,

@@ -146,3 +146,28 @@ def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, tor
     times = [e["time"] for e in written[:-1]]
     assert all(b - a >= 0.9 for a, b in zip(times, times[1:])), times
     assert [f.step for f in checkpoint.list_valid(Path(cfg["output_dir"]) / "checkpoints")][0] == 600
+
+
+def test_a_resume_trains_with_the_configs_optimizer_settings_not_the_saved_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from localsgd_ft.checkpointer import Checkpointer
+    from localsgd_ft.optim import build_optimizer
+    from localsgd_ft.position import Position
+
+    before = _cfg(tmp_path, optimizer={"lr": 0.05, "momentum": 0.9})
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(before.optimizer, model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    checkpoint.save(before, {"model": model.state_dict(), "optimizer": opt.state_dict(), "algorithm": {},
+                             "manager": {"step": 3}, "step": 20, "offset": 1}, 20, 3)
+    now = _cfg(tmp_path, optimizer={"lr": 0.01, "momentum": 0.5})  # e.g. optimizer.lr=0.01 on the command line
+    fresh = build_optimizer(now.optimizer, model.parameters())
+    position = Position(10, 10, offset=1)
+    position.manager = SimpleNamespace(load_state_dict=lambda sd: None)
+    algorithm = SimpleNamespace(load_state_dict=lambda sd: None)
+    ckpt = Checkpointer(now, 0, model, fresh, algorithm, position, None, None, None)
+    assert ckpt.restore(checkpoint.latest(now.checkpoint_dir), torch.device("cpu")) == 20
+    assert (fresh.param_groups[0]["lr"], fresh.param_groups[0]["momentum"]) == (0.01, 0.5)
+    assert fresh.state  # the momentum buffers came back

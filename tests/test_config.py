@@ -255,11 +255,13 @@ def test_overrides_are_merged_before_validation_and_checked_like_the_file(tmp_pa
     cfg = load_config(path, overrides=["train.max_steps=200", "localsgd.outer_optimizer.lr=0.5",
                                        "localsgd.algorithm=diloco", "replica_groups.gpus=[]"])
     assert (cfg.train.max_steps, cfg.localsgd.algorithm, cfg.localsgd.outer_optimizer.lr) == (200, "diloco", 0.5)
+    assert load_config(path, overrides=["train.max_steps=200", "optimizer.lr=1e-3"]).optimizer.lr == 0.001
     for override, words in [("localsgd.sync_evry=5", "localsgd.sync_evry: unknown key; allowed keys here:"),
                             ("localsgd.sync_every=ten", "localsgd.sync_every: expected an integer, got 'ten'"),
                             ("sync_every", "expected dotted.key=value"),
                             ("name.first=x", "name is"),
-                            ("train.max_steps=[1", "not valid YAML")]:
+                            ("train.max_steps=[1", "not valid YAML"),
+                            ("--fresh", "options such as --fresh go before")]:
         with pytest.raises(ConfigError) as e:
             load_config(path, overrides=["train.max_steps=200", override])
         assert str(e.value).startswith(f"{path} with train.max_steps=200 {override}") and words in str(e.value)

@@ -98,3 +98,32 @@ def test_a_point_directory_holding_another_config_is_refused_before_anything_run
     (Path(todo[0]["output_dir"]) / "config.yaml").write_text(resolved_yaml(earlier, str(path)))
     with pytest.raises(ConfigError, match=r"holds a run of another config \(it differs in train.eval_every\)"):
         check_not_reused(todo, path)
+
+
+def test_cluster_points_are_waited_for_unless_detached(tmp_path):
+    from localsgd_ft.sweep import main, torchx_command
+
+    local = torchx_command(Path("x.yaml"), ["a.b=1"], "local_cwd", "", detach=False)
+    assert local[1:] == ["run", "-s", "local_cwd", "--", "--config", "x.yaml", "a.b=1"]
+    slurm = torchx_command(Path("x.yaml"), ["a.b=1"], "slurm", "partition=p", detach=False)
+    assert slurm[1:] == ["run", "-s", "slurm", "-cfg", "partition=p", "--wait", "--log", "--", "--config",
+                         "x.yaml", "a.b=1"]
+    assert "--wait" not in torchx_command(Path("x.yaml"), [], "slurm", "", detach=True)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x.yaml"), "--grid", "a.b=1", "--detach"])  # local runs cannot be detached
+
+
+def test_a_detached_sweep_run_again_does_not_submit_its_points_twice(tmp_path, cifar_root, monkeypatch):
+    from localsgd_ft import sweep
+
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    calls = []
+    monkeypatch.setattr(sweep, "_torchx", lambda cmd: calls.append(cmd) or (0, f"slurm://torchx/{len(calls)}"))
+    grid = parse_grid(["localsgd.sync_every=10,20"])
+    args = dict(scheduler="slurm", detach=True)
+    assert sweep.run_sweep(path, grid, [], tmp_path / "sweep", **args) == 0 and len(calls) == 2
+    assert "--wait" not in calls[0]
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [p["status"] for p in record["points"]] == ["SUBMITTED", "SUBMITTED"]
+    assert sweep.run_sweep(path, grid, [], tmp_path / "sweep", **args) == 0 and len(calls) == 2  # not again
+    assert sweep.run_sweep(path, grid, [], tmp_path / "sweep", resubmit=True, **args) == 0 and len(calls) == 4
