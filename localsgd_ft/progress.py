@@ -6,11 +6,13 @@ and one line of its own (training step, loss, accuracy, samples/s, quorum,
 committed syncs, ETA), and appends a ``train`` event to its metrics file.
 Every ``train.eval_every`` local steps it evaluates on the test set; the time
 spent evaluating is left out of samples/s. The loss stays on the device and is
-read once per progress line: no host sync per step.
+read once per progress line: no host sync per step. A loss that is not a
+finite number there stops the run (:class:`Diverged`, a permanent error).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -20,6 +22,10 @@ from .config import ExperimentConfig
 from .metrics import MetricsLog
 from .position import Position
 from .sync_monitor import SyncMonitor
+
+
+class Diverged(RuntimeError):
+    """The loss is no longer a number: every further step is wasted (and with averaging, every group's)."""
 
 
 class Progress:
@@ -57,6 +63,12 @@ class Progress:
         cfg, pos, monitor = self.cfg, self.position, self.monitor
         loss = self.loss_sum.item() / cfg.train.log_every  # the one host sync for the loss
         self.loss_sum.zero_()
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"training diverged: the mean loss of local steps {steps - cfg.train.log_every + 1}..{steps} is "
+                f"{loss} (train_step {pos.step()}). Lower optimizer.lr" + (" or localsgd.outer_optimizer.lr / momentum"
+                                        if cfg.localsgd.algorithm == "diloco" else "")
+                + " and start over (torchx run -- --fresh True ...)")
         now = time.monotonic()
         busy = max(now - self._t - self._paused_s, 1e-9)
         steps_per_s = (steps - self._steps) / busy

@@ -38,7 +38,7 @@ from .metrics import MetricsLog, metrics_path
 from .model import build_model
 from .optim import build_optimizer
 from .position import Position
-from .progress import Progress
+from .progress import Diverged, Progress
 from .sync_monitor import ForeignQuorum, SyncMonitor
 
 log = logging.getLogger("localsgd_ft.trainer")
@@ -329,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not 0 <= group < cfg.replica_groups.count:
                 raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
             result = train(cfg, group)
-        except (ConfigError, DataError, ForeignQuorum, Refused) as e:
+        except (ConfigError, DataError, Diverged, ForeignQuorum, Refused) as e:
             # No restart can fix these: leave the reason for the replica role, then end torchrun (and with
             # it every worker, this one included) before it can restart us.
             print(f"error: {e}", file=sys.stderr, flush=True)

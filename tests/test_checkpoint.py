@@ -126,6 +126,7 @@ def test_a_run_shorter_than_every_syncs_is_accepted_with_a_time_cadence(tmp_path
     assert cfg.training_syncs == 20 and cfg.checkpoint.every_s == 300.0
 
 
+@pytest.mark.integration
 def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, torchx_run):
     """every_syncs beyond the run's 60 syncs, every_s 1: checkpoints come by the clock, and at the end."""
     import json
@@ -142,9 +143,10 @@ def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, tor
     written = [e for e in summary["events"] if e["kind"] == "checkpoint"]
     steps = [e["step"] for e in written]
     assert steps[-1] == 600 and len(steps) >= 3 and steps == sorted(steps), steps
-    # By the clock: at least a second apart (the final one comes whenever the run ends).
+    # By the clock, a second apart (the final one comes whenever the run ends); stamped on arrival at the
+    # lighthouse role, so allow for the reports' own delays. By sync count they would be ~0.1 s apart.
     times = [e["time"] for e in written[:-1]]
-    assert all(b - a >= 0.9 for a, b in zip(times, times[1:])), times
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:])), times
     assert [f.step for f in checkpoint.list_valid(Path(cfg["output_dir"]) / "checkpoints")][0] == 600
 
 

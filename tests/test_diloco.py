@@ -116,3 +116,18 @@ def test_a_checkpoint_holds_the_outer_optimizer_state(tmp_path, cifar_root, torc
         assert fragment["original_parameters"]
         momentum = [s["momentum_buffer"] for s in fragment["outer_optimizer"]["state"].values()]
         assert momentum and all(m.abs().sum() > 0 for m in momentum)
+
+
+def test_a_diverging_run_stops_with_the_reason_instead_of_succeeding(tmp_path, cifar_root, torchx_run):
+    """The paper's outer momentum at sync_every 10 drives the fixture's loss to NaN within about 110 steps."""
+    cfg = small_config(tmp_path, cifar_root, localsgd={"algorithm": "diloco", "sync_every": 10},
+                       replica_groups={"max_restarts": 2}, train={"max_steps": 400, "eval_every": 0, "log_every": 10})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert _finish(run, path) != 0
+    summary = _summary(cfg)
+    assert not summary["succeeded"] and "training diverged" in summary["failure_reason"]
+    assert "outer_optimizer" in summary["failure_reason"]
+    for g in summary["replica_groups"].values():
+        assert g["permanent"] and g.get("restarts") is None  # stopped at once: no restart can help
+    assert summary["wall_time_s"] < 60
