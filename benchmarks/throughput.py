@@ -47,7 +47,8 @@ from localsgd_ft.config import DataConfig, ModelConfig, OptimizerConfig  # noqa:
 from localsgd_ft.data import MEAN, STD, ShardedBatches, load_cifar10  # noqa: E402
 from localsgd_ft.fixture import write_fixture  # noqa: E402
 from localsgd_ft.model import build_model  # noqa: E402
-from localsgd_ft.trainer import backward, build_optimizer  # noqa: E402
+from localsgd_ft.optim import build_optimizer  # noqa: E402
+from localsgd_ft.trainer import backward  # noqa: E402
 
 
 def _timed(step: Callable[[int], None], steps: int, warmup: int) -> float:
