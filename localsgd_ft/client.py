@@ -83,8 +83,10 @@ def say_how_to_resume(cfg: ExperimentConfig, launched_at: float, fresh: bool = F
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
-    if summary is not None and not summary.get("stopped"):
-        return  # it had ended before the interrupt
+    # The summary says SUCCEEDED only if training had ended before the interrupt. Its "stopped" flag is not
+    # enough: a replica role stopped by the same interrupt may report before the lighthouse role sees it.
+    if summary is not None and summary.get("succeeded"):
+        return
     again = "the same command again" + (" without --fresh" if fresh else "")
     where = "no checkpoint was written yet, so it starts over"
     if not cfg.checkpoint.resume:

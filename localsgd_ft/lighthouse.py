@@ -267,7 +267,7 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     reports = state.snapshot()
     summary = build_summary(cfg, reports, started_at, config_path, lighthouse.restarts, peak_rss_mb(),
                             run_id=run_id, role_error=role_error,
-                            stopped=stop.is_set() and len(reports["finished"]) < cfg.replica_groups.count)
+                            stopped=stop.is_set() and not _all_trained(cfg, reports))
     write_json_atomic(cfg.run_dir / "summary.json", summary)
     for g, rep in summary["replica_groups"].items():
         print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
@@ -307,6 +307,12 @@ def _run_report(cfg: ExperimentConfig) -> bool:
     if code != 0:
         print(f"lighthouse: the report exited with {code} (see above); summary.json is complete", flush=True)
     return code == 0
+
+
+def _all_trained(cfg: ExperimentConfig, reports: dict) -> bool:
+    """Whether every group ended well (a group the same signal stopped first reports a failed exit)."""
+    finished = reports["finished"]
+    return len(finished) == cfg.replica_groups.count and all(r.get("exit_code") == 0 for r in finished.values())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -297,3 +297,24 @@ def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root,
     starts = [line for line in run.lines if re.match(r"replica_\d/0 error: replica group \d is configured", line)]
     assert len(starts) == 2, run.tail()
     assert wait_gone(run.run_id, 15) == []
+
+
+def test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first(tmp_path, monkeypatch, capsys):
+    """CI once saw a replica role stopped by the Ctrl-C report before the lighthouse role saw the signal:
+    summary.json then said FAILED but not "stopped", and the client printed no way back."""
+    import json
+    import time
+
+    from localsgd_ft import client
+    from localsgd_ft.config import parse_config
+
+    cfg = parse_config({"output_dir": str(tmp_path / "out")})
+    cfg.run_dir.mkdir(parents=True)
+    monkeypatch.setattr(client, "_interrupted", True)
+    launched = time.time() - 1
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"succeeded": False, "stopped": False}))
+    client.say_how_to_resume(cfg, launched)
+    assert "to resume, run the same command again" in capsys.readouterr().err
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"succeeded": True, "stopped": False}))
+    client.say_how_to_resume(cfg, launched)
+    assert capsys.readouterr().err == ""  # training had ended: nothing to resume
