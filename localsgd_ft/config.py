@@ -470,29 +470,27 @@ def _check_algorithm(cfg: ExperimentConfig) -> None:
             f"localsgd.fragment_sync_delay: got {ls.fragment_sync_delay}, expected 0..{per_fragment - 1}: a "
             f"fragment's allreduce must finish before the next fragment's starts (sync_every {ls.sync_every} / "
             f"fragments {ls.fragments} = {per_fragment} steps apart)")
-    if not 0 <= ls.fragment_update_alpha <= 1:
-        raise ConfigError(f"localsgd.fragment_update_alpha: got {ls.fragment_update_alpha}, expected a number "
-                          "in [0, 1] (0: take the synced parameters; 1: keep the local ones)")
-    if oo.lr <= 0 or not 0 <= oo.momentum < 1:
-        key, value = ("lr", oo.lr) if oo.lr <= 0 else ("momentum", oo.momentum)
-        raise ConfigError(f"localsgd.outer_optimizer.{key}: got {value}, expected "
-                          + ("a number > 0" if key == "lr" else "0 <= momentum < 1"))
+    need(0 <= ls.fragment_update_alpha <= 1, "localsgd.fragment_update_alpha", ls.fragment_update_alpha,
+         "expected a number in [0, 1] (0: take the synced parameters; 1: keep the local ones)")
+    need(oo.lr > 0, "localsgd.outer_optimizer.lr", oo.lr, "expected a number > 0")
+    need(0 <= oo.momentum < 1, "localsgd.outer_optimizer.momentum", oo.momentum, "expected 0 <= momentum < 1")
     if ls.quantize and not cfg.uses_gpus:
         raise ConfigError(
             "localsgd.quantize: true, but the groups train on CPU: torchft quantizes with triton kernels on "
             "CUDA GPUs only (without them it silently sends the data unquantized); set "
             "localsgd.quantize: false, or give the groups GPUs")
-    if ls.bucket_cap_mb < 0:
-        raise ConfigError(f"localsgd.bucket_cap_mb: got {ls.bucket_cap_mb}, expected an integer >= 0 "
-                          "(0: one allreduce per parameter)")
+    need(ls.bucket_cap_mb >= 0, "localsgd.bucket_cap_mb", ls.bucket_cap_mb,
+         "expected an integer >= 0 (0: one allreduce per parameter)")
+
+
+def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Refuse ``value`` of ``key`` unless ``ok``: one line naming the key, the value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, {allowed}")
 
 
 def _check(cfg: ExperimentConfig) -> None:
     """Reject impossible values; each message names the key, the value and what is allowed."""
-
-    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: got {value!r}, {allowed}")
 
     rg, ls, lh, tr = cfg.replica_groups, cfg.localsgd, cfg.lighthouse, cfg.train
     need(bool(cfg.name) and all(c.isalnum() or c in "-_" for c in cfg.name), "name", cfg.name,

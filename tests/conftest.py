@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -221,3 +222,35 @@ def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[int]
         return bin_dir
 
     return install
+
+
+def read_summary(cfg: Dict[str, Any]) -> dict:
+    """The summary.json of a run made from config dict ``cfg``."""
+    return json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+
+
+def finish(run: "TorchxRun", config: Path, timeout: float = 240) -> int:
+    """Wait for ``run`` to end; assert nothing of it is left running; return its exit code."""
+    code = run.wait(timeout)
+    assert wait_no_processes(config) == [], "processes left running after the app ended"
+    return code
+
+
+def trainer_pid(config: Path, group: int) -> int:
+    """PID of group ``group``'s torchrun worker (not torchrun itself, not the replica wrapper)."""
+    for pid in processes_using(config):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train_localsgd.py" in cmd and b"torch.distributed.run" not in cmd \
+                and f"REPLICA_GROUP_ID={group}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
+            return pid
+    raise AssertionError(f"no trainer process for group {group}")
+
+
+def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int) -> None:
+    """SIGKILL group ``group``'s worker once it has logged local step ``step`` (a machine loss)."""
+    run.wait_for_line(lambda line: re.search(rf"group {group} step {step} ", line) is not None, timeout=120)
+    os.kill(trainer_pid(config, group), signal.SIGKILL)

@@ -129,9 +129,7 @@ def test_a_run_shorter_than_every_syncs_is_accepted_with_a_time_cadence(tmp_path
 @pytest.mark.integration
 def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, torchx_run):
     """every_syncs beyond the run's 60 syncs, every_s 1: checkpoints come by the clock, and at the end."""
-    import json
-
-    from conftest import wait_no_processes
+    from conftest import read_summary, wait_no_processes
 
     cfg = small_config(tmp_path, cifar_root, train={"max_steps": 600, "eval_every": 0},
                        checkpoint={"every_syncs": 1000, "every_s": 1.0, "keep": 100})
@@ -139,7 +137,7 @@ def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, tor
     run = torchx_run(path)
     assert run.wait(240) == 0, run.tail()
     assert wait_no_processes(path) == []
-    summary = json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
+    summary = read_summary(cfg)
     written = [e for e in summary["events"] if e["kind"] == "checkpoint"]
     steps = [e["step"] for e in written]
     assert steps[-1] == 600 and len(steps) >= 3 and steps == sorted(steps), steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,10 +139,11 @@ def test_cli_overrides_reach_every_role_and_bad_ones_are_refused(tmp_path, cifar
     res = subprocess.run([TORCHX, "run", "--dryrun", "--", "--config", str(path), "localsgd.sync_every=20",
                           "train.max_steps=400"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    app = get_component(str(REPO / "components/localsgd.py") + ":localsgd").fn(
-        "localsgd.sync_every=20", "train.max_steps=400", config=str(path))
-    for role in app.roles:
-        text = base64.b64decode(role.args[role.args.index("--config-b64") + 1]).decode()
+    # What the real CLI handed every role (the dry run prints each role's arguments).
+    request = res.stdout.split("SCHEDULER REQUEST")[0]
+    texts = [base64.b64decode(b).decode() for b in re.findall(r"--config-b64\W+([A-Za-z0-9+/=]{20,})", request)]
+    assert len(texts) == 3, request  # the lighthouse and both replica groups
+    for text in texts:
         assert "sync_every: 20" in text and "max_steps: 400" in text
     res = subprocess.run([TORCHX, "run", "--", "--config", str(path), "localsgd.sync_evry=20"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

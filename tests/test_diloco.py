@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import small_config, wait_gone, wait_no_processes, write_config
-from test_integration import _finish, _kill_trainer_at, _summary
+from conftest import finish, kill_trainer_at, read_summary, small_config, wait_gone, wait_no_processes, write_config
 
 # The paper's outer momentum (0.9) assumes hundreds of inner steps per sync; at sync_every 10 it diverges on
 # the fixture (benchmarks/algorithms.py measures it), 0.5 trains.
@@ -31,8 +30,8 @@ def test_two_groups_train_to_the_end_with_identical_parameters(tmp_path, cifar_r
     cfg = small_config(tmp_path, cifar_root, localsgd=localsgd, train={"max_steps": 300, "eval_every": 0})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    assert _finish(run, path) == 0, run.tail()
-    summary = _summary(cfg)
+    assert finish(run, path) == 0, run.tail()
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["params_identical"] and summary["algorithm"] == "diloco"
     assert summary["final_test_accuracy"] > 0.5, summary["final_test_accuracy"]  # chance is 0.1
     syncs = 300 // (10 // localsgd.get("fragments", 1))  # one fragment per sync
@@ -50,9 +49,9 @@ def test_a_killed_worker_rejoins_and_every_group_ends_identical(tmp_path, cifar_
                        checkpoint={"every_syncs": 1000})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    _kill_trainer_at(run, path, group=1, step=200)
-    assert _finish(run, path) == 0, run.tail()
-    summary = _summary(cfg)
+    kill_trainer_at(run, path, group=1, step=200)
+    assert finish(run, path) == 0, run.tail()
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g1["restarts"] == 1 and g0["restarts"] == 0 and g0["global_syncs"] == g1["global_syncs"]
@@ -68,8 +67,8 @@ def _killed_at_step_200_and_resumed(tmp_path, cifar_root, torchx_run, **over) ->
     first.kill()  # every process of the app, as a preemption would
     assert wait_no_processes(path) == [] and wait_gone(first.run_id) == []
     second = torchx_run(path)
-    assert _finish(second, path) == 0, second.tail()
-    summary = _summary(cfg)
+    assert finish(second, path) == 0, second.tail()
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["params_identical"] and summary["resumed_from_step"] >= 200
     return summary
 
@@ -86,8 +85,8 @@ def test_resume_restores_the_outer_optimizer_bit_for_bit(tmp_path, cifar_root, t
     calm = small_config(tmp_path / "calm", cifar_root, **over)
     path = write_config(tmp_path, calm, "calm.yaml")
     run = torchx_run(path)
-    assert _finish(run, path) == 0, run.tail()
-    expected = _summary(calm)["replica_groups"]["0"]["params_sha256"]
+    assert finish(run, path) == 0, run.tail()
+    expected = read_summary(calm)["replica_groups"]["0"]["params_sha256"]
     summary = _killed_at_step_200_and_resumed(tmp_path, cifar_root, torchx_run, **over)
     assert {g["params_sha256"] for g in summary["replica_groups"].values()} == {expected}
 
@@ -108,7 +107,7 @@ def test_a_checkpoint_holds_the_outer_optimizer_state(tmp_path, cifar_root, torc
     cfg = small_config(tmp_path, cifar_root, localsgd=STREAMING, train={"max_steps": 100, "eval_every": 0})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    assert _finish(run, path) == 0, run.tail()
+    assert finish(run, path) == 0, run.tail()
     (newest, *_) = checkpoint.list_valid(tmp_path / "out" / "checkpoints")
     state = checkpoint.load(newest, torch.device("cpu"))["algorithm"]
     assert len(state["fragments"]) == 2
@@ -124,8 +123,8 @@ def test_a_diverging_run_stops_with_the_reason_instead_of_succeeding(tmp_path, c
                        replica_groups={"max_restarts": 2}, train={"max_steps": 400, "eval_every": 0, "log_every": 10})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    assert _finish(run, path) != 0
-    summary = _summary(cfg)
+    assert finish(run, path) != 0
+    summary = read_summary(cfg)
     assert not summary["succeeded"] and "training diverged" in summary["failure_reason"]
     assert "outer_optimizer" in summary["failure_reason"]
     for g in summary["replica_groups"].values():

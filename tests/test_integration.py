@@ -2,51 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-from pathlib import Path
 
 import pytest
 
-from conftest import processes_using, small_config, wait_no_processes, write_config
+from conftest import finish, kill_trainer_at, read_summary, small_config, wait_no_processes, write_config
 from localsgd_ft.config import parse_config
 from localsgd_ft.model import build_model
 
 pytestmark = pytest.mark.integration
-
-RUN_TIMEOUT = 240
-
-
-def _summary(cfg: dict) -> dict:
-    return json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
-
-
-def _finish(run, cfg_path: Path) -> int:
-    code = run.wait(RUN_TIMEOUT)
-    assert wait_no_processes(cfg_path) == [], "processes left running after the app ended"
-    return code
-
-
-def _trainer_pid(config: Path, group: int) -> int:
-    """PID of group ``group``'s torchrun worker (not torchrun itself, not the replica wrapper)."""
-    for pid in processes_using(config):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"train_localsgd.py" in cmd and b"torch.distributed.run" not in cmd \
-                and f"REPLICA_GROUP_ID={group}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
-            return pid
-    raise AssertionError(f"no trainer process for group {group}")
-
-
-def _kill_trainer_at(run, config: Path, group: int, step: int) -> None:
-    """SIGKILL group ``group``'s worker once it has logged local step ``step`` (a machine loss)."""
-    run.wait_for_line(lambda line: re.search(rf"group {group} step {step} ", line) is not None, timeout=120)
-    os.kill(_trainer_pid(config, group), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
@@ -54,14 +18,14 @@ def test_two_groups_train_and_agree(tmp_path, cifar_root, torchx_run, recovery):
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    code = _finish(run, path)
+    code = finish(run, path)
     assert code == 0, run.tail()
     assert any("Job finished: SUCCEEDED" in line for line in run.lines), run.tail()
     # The log lines users of torchft's example know.
     assert any("LocalSGD: Number of local optimizer steps completed: 100" in line for line in run.lines)
     assert any("got lighthouse quorum" in line for line in run.lines)
 
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     groups = summary["replica_groups"]
     assert set(groups) == {"0", "1"}
     assert summary["succeeded"] and summary["params_identical"]
@@ -83,11 +47,11 @@ def test_killed_worker_is_restarted_and_rejoins(tmp_path, cifar_root, torchx_run
                        checkpoint={"every_syncs": 1})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    _kill_trainer_at(run, path, group=1, step=100)
-    code = _finish(run, path)
+    kill_trainer_at(run, path, group=1, step=100)
+    code = finish(run, path)
     assert code == 0, run.tail()
 
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g1["restarts"] == 1 and g0["restarts"] == 0
     assert g0["params_sha256"] == g1["params_sha256"]
@@ -109,10 +73,10 @@ def test_group_out_of_restarts_is_lost_and_the_rest_finish(tmp_path, cifar_root,
     cfg = small_config(tmp_path, cifar_root, replica_groups={"max_restarts": 0}, train={"max_steps": 600})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    _kill_trainer_at(run, path, group=1, step=50)
-    code = _finish(run, path)
+    kill_trainer_at(run, path, group=1, step=50)
+    code = finish(run, path)
     assert code == 0, run.tail()  # min_replicas 1: group 0 may finish alone
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["lost_groups"] == [1]
     assert summary["replica_groups"]["1"]["exit_code"] != 0 and summary["replica_groups"]["0"]["succeeded"]
     assert any("lost replica groups: [1]" in line for line in run.lines)
@@ -123,10 +87,10 @@ def test_too_few_groups_left_fails_fast_with_the_reason(tmp_path, cifar_root, to
                        train={"max_steps": 1200})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    _kill_trainer_at(run, path, group=1, step=50)
-    code = _finish(run, path)
+    kill_trainer_at(run, path, group=1, step=50)
+    code = finish(run, path)
     assert code != 0 and any("Job finished: FAILED" in line for line in run.lines), run.tail()
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert not summary["succeeded"] and "lighthouse.min_replicas (2)" in summary["failure_reason"]
     assert summary["replica_groups"]["0"]["exit_code"] != 0  # stopped, not left waiting for a quorum
     assert summary["wall_time_s"] < 60  # well before its 1200 steps (quorum timeout 30 s) could pass
@@ -137,9 +101,9 @@ def test_lighthouse_killed_and_restarted_mid_run(tmp_path, cifar_root, torchx_ru
                        faults={"enabled": True, "schedule": [{"kind": "lighthouse", "at_step": 200, "duration_s": 3}]})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    code = _finish(run, path)
+    code = finish(run, path)
     assert code == 0, run.tail()
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert summary["faults"]["by_kind"] == {"lighthouse": 1} and summary["lighthouse_restarts"] == 1
     assert summary["params_identical"]
     for g in summary["replica_groups"].values():
@@ -175,8 +139,8 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
         (tmp_path / name).mkdir()
         path = write_config(tmp_path / name, cfg)
         run = torchx_run(path)
-        assert _finish(run, path) == 0, run.tail()
-        results[name] = _summary(cfg)
+        assert finish(run, path) == 0, run.tail()
+        results[name] = read_summary(cfg)
     s = results["chaos"]
     assert s["succeeded"] and s["params_identical"], s["replica_groups"]
     assert s["faults"] == {"planned": 7, "injected": 7, "by_kind": {"kill": 5, "hang": 1, "kill_during_sync": 1}}
@@ -208,11 +172,11 @@ def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, tor
         expected = steps_on_disk[1]
 
     second = torchx_run(path)  # the same command again
-    assert _finish(second, path) == 0, second.tail()
+    assert finish(second, path) == 0, second.tail()
     assert any("resuming from checkpoint" in line and f"(step {expected})" in line for line in second.lines)
     if recovery == "sync":
         assert any("WARNING: skipping checkpoint" in line for line in second.lines)
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["params_identical"] and summary["resumed_from_step"] == expected
     for g in summary["replica_groups"].values():
         assert g["resumed_from_step"] == expected
@@ -228,7 +192,7 @@ def test_gpu_path_options_run_on_cpu(tmp_path, cifar_root, torchx_run):
                                                     "bf16": True})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
-    assert _finish(run, path) == 0, run.tail()
-    summary = _summary(cfg)
+    assert finish(run, path) == 0, run.tail()
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["params_identical"]
     assert summary["final_test_accuracy"] > 0.3, summary["final_test_accuracy"]

@@ -21,16 +21,12 @@ from typing import List
 
 import pytest
 
-from conftest import TORCHX, REPO, small_config, wait_gone, write_config
-from localsgd_ft.lifecycle import RUN_ID_ENV, processes_of_run
+from conftest import TORCHX, REPO, read_summary, small_config, wait_gone, write_config
+from localsgd_ft.lifecycle import processes_of_run
 
 pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT = 240
-
-
-def _summary(cfg: dict) -> dict:
-    return json.loads((Path(cfg["output_dir"]) / "summary.json").read_text())
 
 
 def _run_id(run) -> str:
@@ -83,7 +79,7 @@ def _rerun_is_clean(torchx_run, path: Path, cfg: dict) -> None:
     assert code == 0, run.tail()
     sizes = _quorum_sizes(run.lines)
     assert sizes and max(sizes) <= cfg["replica_groups"]["count"], sizes
-    assert _summary(cfg)["succeeded"]
+    assert read_summary(cfg)["succeeded"]
     assert wait_gone(run.run_id, 20) == []
 
 
@@ -116,7 +112,7 @@ def test_2_3_a_lost_replica_role_is_noticed_and_the_rest_finish(tmp_path, cifar_
         os.kill(pid, signal.SIGKILL)
     assert _gone_group(run_id, 1, 15) == []  # torchrun and trainer follow the wrapper
     run.wait(RUN_TIMEOUT)  # torchx says FAILED (a role died of SIGKILL); the verdict is the lighthouse's
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert summary["succeeded"], summary["failure_reason"]
     assert summary["lost_groups"] == [1] and summary["lost_reasons"]["1"].startswith("role lost: no heartbeat")
     g0 = summary["replica_groups"]["0"]
@@ -164,7 +160,7 @@ def test_5_a_group_restarted_after_the_final_sync_takes_the_final_state(tmp_path
     run = torchx_run(path)
     code = run.wait(RUN_TIMEOUT)
     assert code == 0, run.tail()
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
     assert g1["restarts"] == 1 and g1["finished_late"] and g1["steps"] == 0  # it did not train alone
@@ -195,7 +191,7 @@ def test_7_lighthouse_that_cannot_be_restarted_ends_the_run_with_the_reason(tmp_
         holder.listen()
         code = run.wait(RUN_TIMEOUT)
     assert code != 0
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert not summary["succeeded"] and "could not be restarted" in summary["failure_reason"], summary
     assert wait_gone(run_id, 15) == []
 
@@ -210,7 +206,7 @@ def test_8_a_full_disk_for_metrics_is_a_warning_not_a_crash(tmp_path, cifar_root
     (metrics / "group_1.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
     code = run.wait(RUN_TIMEOUT)
     assert code == 0, run.tail()
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert summary["succeeded"] and summary["replica_groups"]["1"]["restarts"] == 0
     assert any("WARNING: metrics: cannot write" in line and "No space left" in line for line in run.lines)
     assert (metrics / "group_0.jsonl").stat().st_size > 0
@@ -230,7 +226,7 @@ def test_9_an_aborted_run_stops_every_trainer(tmp_path, cifar_root, torchx_run):
     t0 = time.monotonic()
     assert run.wait(RUN_TIMEOUT) != 0
     assert time.monotonic() - t0 < 60
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert not summary["succeeded"] and "fewer than lighthouse.min_replicas" in summary["failure_reason"]
     assert wait_gone(run_id, 10) == []
 
@@ -259,7 +255,7 @@ def test_ctrl_c_stops_everything_keeps_the_checkpoint_and_says_how_to_resume(tmp
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
     assert run.wait(RUN_TIMEOUT) == 0, run.tail()
-    assert _summary(cfg)["resumed_from_step"] == found.step
+    assert read_summary(cfg)["resumed_from_step"] == found.step
 
 
 def test_a_second_run_on_the_same_ports_cannot_join_the_first(tmp_path, cifar_root, torchx_run):
@@ -279,7 +275,7 @@ def test_a_second_run_on_the_same_ports_cannot_join_the_first(tmp_path, cifar_ro
     assert first.wait(RUN_TIMEOUT) == 0, first.tail()
     sizes = _quorum_sizes(first.lines)
     assert sizes and max(sizes) <= 2, sizes
-    summary = _summary(first_cfg)
+    summary = read_summary(first_cfg)
     assert summary["succeeded"] and summary["params_identical"]
 
 
@@ -290,7 +286,7 @@ def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root,
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
     assert run.wait(RUN_TIMEOUT) != 0
-    summary = _summary(cfg)
+    summary = read_summary(cfg)
     assert not summary["succeeded"] and "CUDA is not available" in summary["failure_reason"], summary
     assert sorted(summary["lost_groups"]) == [0, 1]
     # One start per group, not 1 + max_restarts: torchrun was ended before it could retry.
@@ -302,9 +298,6 @@ def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root,
 def test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first(tmp_path, monkeypatch, capsys):
     """CI once saw a replica role stopped by the Ctrl-C report before the lighthouse role saw the signal:
     summary.json then said FAILED but not "stopped", and the client printed no way back."""
-    import json
-    import time
-
     from localsgd_ft import client
     from localsgd_ft.config import parse_config
 
