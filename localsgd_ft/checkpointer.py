@@ -1,7 +1,8 @@
 """A training group's durable checkpoints: when to write one, what goes in it, and resuming from one.
 
-Exactly one group writes: the one ranked 0 in the quorum that just
-committed, so every checkpoint holds state all live groups agreed on. It
+Exactly one process writes: worker 0 of the group ranked 0 in the quorum that
+just committed, so every checkpoint holds state all live groups agreed on (a
+group's workers hold identical state, so one worker's is the group's). It
 writes at every ``checkpoint.every_syncs``-th committed sync, at the first
 committed sync ``checkpoint.every_s`` seconds after its last checkpoint (or
 its start), and always at the final sync, so that a group restarted after the
@@ -44,12 +45,14 @@ class CheckpointPolicy:
 class Checkpointer:
     def __init__(self, cfg: ExperimentConfig, group: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                  algorithm: Any, position: Position, batches: ShardedBatches, completion: CompletionClient,
-                 metrics: Optional[MetricsLog], clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: Optional[MetricsLog], clock: Callable[[], float] = time.monotonic,
+                 writer: bool = True) -> None:
         self.cfg, self.group = cfg, group
         self.model, self.optimizer, self.algorithm = model, optimizer, algorithm
         self.position, self.batches = position, batches
         self.completion, self.metrics = completion, metrics
         self.clock = clock
+        self.writer = writer  # worker 0 of the group: DDP keeps every worker's state identical
         self.policy = CheckpointPolicy(cfg.checkpoint.every_syncs, cfg.checkpoint.every_s, clock())
         self.written: List[int] = []  # training steps of the checkpoints this process wrote
 
@@ -72,7 +75,7 @@ class Checkpointer:
     def after_commit(self) -> None:
         """Called after every committed sync: write a checkpoint if this group should, now."""
         pos = self.position
-        if not self.cfg.checkpoint.enabled or pos.manager.participating_rank() != 0:
+        if not self.cfg.checkpoint.enabled or not self.writer or pos.manager.participating_rank() != 0:
             return
         now = self.clock()
         if not self.policy.due(pos.syncs, pos.done(), now):

@@ -42,7 +42,12 @@ def doc(default: Any, text: str) -> Any:
 @dataclass
 class ReplicaGroupsConfig:
     count: int = doc(2, "Number of replica groups (torchx roles replica_0..N-1), each a separate torchrun.")
-    workers: int = doc(1, "Processes per replica group (torchrun --nproc_per_node). Only 1 is supported yet.")
+    workers: int = doc(
+        1,
+        "Worker processes per replica group (torchrun --nproc_per_node), one per GPU on GPUs. Inside a group "
+        "DDP averages gradients every step, so its workers stay identical; across groups worker r syncs with "
+        "worker r of the others. data.batch_size is per worker.",
+    )
     gpus: List[Union[int, List[int]]] = doc(
         [],
         "GPUs per group on the machine you launch from: one entry per group, a GPU index or a list of "
@@ -55,7 +60,7 @@ class ReplicaGroupsConfig:
         "nvidia.com/gpu); the scheduler picks the devices. Use this on clusters; exclusive with gpus.",
     )
     max_restarts: int = doc(3, "How often torchrun restarts a group's crashed workers before the group gives up.")
-    cpus: int = doc(1, "CPUs requested per group from the scheduler (torchx resource).")
+    cpus: int = doc(1, "CPUs requested per group from the scheduler (torchx resource); at least one per worker.")
     memory_mb: int = doc(2048, "Memory requested per group from the scheduler, in MiB.")
 
 
@@ -222,6 +227,8 @@ class FaultConfig:
         "lighthouse and restart it after duration_s.",
     )
     group: int = doc(-1, "Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for 'lighthouse'.")
+    worker: int = doc(-1, "Which worker (rank) of the group to hit; -1: one chosen at random (0 with one worker). "
+                          "Unused for 'lighthouse'.")
     at_step: int = doc(1, "Training step (committed syncs x sync_every + local steps since) at which it happens.")
     duration_s: float = doc(3.0, "How long a 'hang' lasts, or how long the lighthouse stays down.")
     moment: str = doc(
@@ -252,6 +259,7 @@ class Fault:
     at_step: int
     duration_s: float
     moment: str = "step"
+    worker: int = 0  # rank inside the group (0 for the lighthouse)
 
 
 @dataclass
@@ -282,6 +290,16 @@ class ExperimentConfig:
     def threads(self) -> int:
         """Intra-op threads per worker process."""
         return self.train.threads or max(1, self.replica_groups.cpus // self.replica_groups.workers)
+
+    @property
+    def group_size(self) -> int:
+        """Worker processes per replica group."""
+        return self.replica_groups.workers
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per training step across every worker of every group."""
+        return self.data.batch_size * self.group_size * self.replica_groups.count
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -340,20 +358,24 @@ class ExperimentConfig:
             return []
         rng = random.Random(f.seed)
         count = self.replica_groups.count
-        planned = [(x.kind, x.group, x.at_step, x.duration_s, x.moment) for x in f.schedule]
+        workers = self.group_size
+        planned = [(x.kind, x.group, x.at_step, x.duration_s, x.moment, x.worker) for x in f.schedule]
         step = 0
         for _ in range(f.max_random if f.mtbf_steps else 0):
             step += max(1, round(rng.expovariate(1 / f.mtbf_steps)))
             if step >= self.train.max_steps:
                 break
-            planned.append((rng.choice(f.random_kinds), -1, step, 3.0, "step"))
+            planned.append((rng.choice(f.random_kinds), -1, step, 3.0, "step", -1))
         plan = []
-        for i, (kind, group, at_step, duration, moment) in enumerate(sorted(planned, key=lambda p: p[2])):
+        for i, (kind, group, at_step, duration, moment, worker) in enumerate(sorted(planned, key=lambda p: p[2])):
             if kind == "lighthouse":
-                group = -1
-            elif group < 0:
-                group = rng.randrange(count)
-            plan.append(Fault(i, kind, group, at_step, duration, moment))
+                group, worker = -1, 0
+            else:
+                if group < 0:
+                    group = rng.randrange(count)
+                if worker < 0:  # one worker draws nothing, so such plans stay what they were
+                    worker = rng.randrange(workers) if workers > 1 else 0
+            plan.append(Fault(i, kind, group, at_step, duration, moment, worker))
         return plan
 
 
@@ -496,10 +518,11 @@ def _check(cfg: ExperimentConfig) -> None:
     need(bool(cfg.name) and all(c.isalnum() or c in "-_" for c in cfg.name), "name", cfg.name,
          "expected letters, digits, '-' or '_' (it names the torchx app)")
     need(rg.count >= 1, "replica_groups.count", rg.count, "expected an integer >= 1")
-    need(rg.workers == 1, "replica_groups.workers", rg.workers,
-         "only 1 worker per replica group is supported yet; use more replica groups instead")
+    need(rg.workers >= 1, "replica_groups.workers", rg.workers, "expected an integer >= 1")
     need(rg.max_restarts >= 0, "replica_groups.max_restarts", rg.max_restarts, "expected an integer >= 0")
-    need(rg.cpus >= 1, "replica_groups.cpus", rg.cpus, "expected an integer >= 1")
+    need(rg.cpus >= rg.workers, "replica_groups.cpus", rg.cpus,
+         f"expected at least one CPU per worker (replica_groups.workers: {rg.workers}); raise "
+         "replica_groups.cpus or lower replica_groups.workers")
     need(rg.memory_mb >= 256, "replica_groups.memory_mb", rg.memory_mb, "expected at least 256")
     if rg.gpus:
         need(len(rg.gpus) == rg.count, "replica_groups.gpus", rg.gpus,
@@ -581,6 +604,9 @@ def _check(cfg: ExperimentConfig) -> None:
         key = f"faults.schedule[{i}]"
         need(x.kind in FAULT_KINDS, f"{key}.kind", x.kind, f"expected one of {', '.join(FAULT_KINDS)}")
         need(-1 <= x.group < rg.count, f"{key}.group", x.group, f"expected -1 (random) or 0..{rg.count - 1}")
+        need(-1 <= x.worker < cfg.group_size, f"{key}.worker", x.worker,
+             f"expected -1 (random) or 0..{cfg.group_size - 1} (a rank of the group's "
+             f"{cfg.group_size} worker(s))")
         need(1 <= x.at_step < tr.max_steps, f"{key}.at_step", x.at_step,
              f"expected 1..{tr.max_steps - 1} (inside train.max_steps)")
         need(x.duration_s > 0, f"{key}.duration_s", x.duration_s, "expected a number > 0")

@@ -55,7 +55,7 @@ RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
     "checkpoints_written": (list,), "params_sha256": (str,), "final_test_accuracy": (int, float),
     "evals": (list,), "train_time_s": (int, float), "samples_per_s": (int, float, type(None)),
     "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
-    "algorithm": (str,), "sync_bytes": (int,),
+    "algorithm": (str,), "sync_bytes": (int,), "worker_params_sha256": (list,),
 }
 EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint"}
 

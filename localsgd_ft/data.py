@@ -83,30 +83,33 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class ShardedBatches:
-    """One replica group's training batches, addressed by training step.
+    """One worker's training batches, addressed by training step.
 
-    Same semantics as torchft's DistributedSampler with one worker per group:
-    each epoch a permutation seeded by (seed, epoch) is shared by all groups and
-    group g takes every ``num_groups``-th index starting at g, so shards are
-    disjoint and every group sees the same number of samples per epoch.
+    Every worker of the run (``shards`` = groups x workers per group) has a
+    shard of its own, as with torchft's DistributedSampler: each epoch a
+    permutation seeded by (seed, epoch) is shared by all and shard s takes every
+    ``num_shards``-th index starting at s, so no two workers see the same sample
+    in an epoch and all see equally many. Worker w of group g has shard
+    ``g * workers + w`` (:func:`shard_of`).
 
-    ``batch(step)`` depends only on (seed, group, step), augmentation included,
+    ``batch(step)`` depends only on (seed, shard, step), augmentation included,
     so the data position needs no state of its own: a group that heals or
     resumes at step S simply continues with batch S (``position(S)`` says which
     epoch and offset that is).
     """
 
-    def __init__(self, split: Split, group: int, num_groups: int, batch_size: int, seed: int, augment: bool,
+    def __init__(self, split: Split, shard: int, num_shards: int, batch_size: int, seed: int, augment: bool,
                  channels_last: bool = False) -> None:
         self.split = split
         self.channels_last = channels_last
-        self.group, self.num_groups = group, num_groups
+        self.shard, self.num_shards = shard, num_shards
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
-        self.shard_size = len(split.labels) // num_groups
+        self.shard_size = len(split.labels) // num_shards
         if self.shard_size < batch_size:
             raise DataError(
-                f"each replica group's shard has {self.shard_size} training images, fewer than "
-                f"data.batch_size ({batch_size}); lower data.batch_size or use fewer replica groups"
+                f"each worker's shard has {self.shard_size} training images ({len(split.labels)} over "
+                f"{num_shards} workers in all), fewer than data.batch_size ({batch_size}); lower data.batch_size "
+                "or use fewer replica groups or workers"
             )
         self.batches_per_epoch = self.shard_size // batch_size
         self.gen = torch.Generator(device=split.images.device)
@@ -121,7 +124,7 @@ class ShardedBatches:
         if epoch != self._epoch:  # one permutation per epoch, not per step
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.split.labels), generator=g)
-            self._shard = order[self.group :: self.num_groups][: self.shard_size].to(self.split.images.device)
+            self._shard = order[self.shard :: self.num_shards][: self.shard_size].to(self.split.images.device)
             self._epoch = epoch
         return self._shard
 
@@ -131,9 +134,14 @@ class ShardedBatches:
         idx = self._shard_of(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
         images = self.split.images[idx]
         if self.augment:
-            self.gen.manual_seed(((self.seed * 1_000_003 + self.group) * 1_000_000_007 + step) % (1 << 62))
+            self.gen.manual_seed(((self.seed * 1_000_003 + self.shard) * 1_000_000_007 + step) % (1 << 62))
             images = augment(images, self.gen)
         return normalize(images, self.channels_last), self.split.labels[idx]
+
+
+def shard_of(group: int, worker: int, workers: int) -> int:
+    """The data shard of worker ``worker`` of replica group ``group`` (``workers`` per group)."""
+    return group * workers + worker
 
 
 def eval_batches(split: Split, batch_size: int = 1000,

@@ -6,6 +6,12 @@ completion service, which answers whether this fault id fires for the first
 time: so each planned failure happens once, even though a killed group's next
 incarnation passes the same steps again, and a ``lighthouse`` failure is
 fired by whichever group gets there first.
+
+A failure hits one worker of its group (``worker``, a rank); the others only
+take note of a hang (the group is frozen with that worker) so that the group's
+worker 0, which reports for the group, knows it was disrupted. A killed worker
+needs no such note: torchrun restarts the whole group. Lighthouse failures are
+fired by worker 0 only.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ from .metrics import MetricsLog
 
 class FaultInjector:
     def __init__(self, cfg: ExperimentConfig, group: int, manager: Any, completion: CompletionClient,
-                 already_fired: List[int], metrics: Optional[MetricsLog] = None) -> None:
-        self.group = group
+                 already_fired: List[int], metrics: Optional[MetricsLog] = None, worker: int = 0) -> None:
+        self.group, self.worker = group, worker
         self.metrics = metrics
         self.manager = manager
         self.completion = completion
         self.pending: List[Fault] = [
             f for f in cfg.fault_plan
-            if f.id not in already_fired and (f.group == group or f.kind == "lighthouse")
+            if f.id not in already_fired and (f.group == group or (f.kind == "lighthouse" and worker == 0))
         ]
         self.hung = False  # set when this process was stopped; after_step hands it to the trainer once
         # Lighthouse failures waiting for their moment (quorum, allreduce; heal at once: a recovering
@@ -50,7 +56,10 @@ class FaultInjector:
         self.step = step
         while self.pending and self.pending[0].at_step <= step:
             fault = self.pending.pop(0)
-            if fault.moment != "step":
+            if fault.kind != "lighthouse" and fault.worker != self.worker:
+                # Another worker of this group is hit; a hang freezes the whole group with it.
+                self.hung = self.hung or fault.kind == "hang"
+            elif fault.moment != "step":
                 self.armed.append(fault)
             else:
                 self._fire(fault)
@@ -84,18 +93,19 @@ class FaultInjector:
     def _fire(self, fault: Fault) -> None:
         step = self.step
         first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
-                                      target=fault.group, step=step, duration_s=fault.duration_s,
-                                      moment=fault.moment)
+                                      target=fault.group, worker=fault.worker, step=step,
+                                      duration_s=fault.duration_s, moment=fault.moment)
         if first:
             if self.metrics is not None:  # written before a kill can lose it
                 self.metrics.add("fault", step, flush=True, fault=fault.kind, fault_id=fault.id,
-                                 target=fault.group, duration_s=fault.duration_s, moment=fault.moment)
+                                 target=fault.group, worker=fault.worker, duration_s=fault.duration_s,
+                                 moment=fault.moment)
             self._inject(fault, step)
 
     def _inject(self, fault: Fault, step: int) -> None:
         where = "" if fault.moment == "step" else f" ({fault.moment})"
-        print(f"LocalSGD: group {self.group} FAULT #{fault.id}: injecting {fault.kind} at step {step}{where}",
-              flush=True)
+        who = f"group {self.group} worker {self.worker}" if fault.kind != "lighthouse" else f"group {self.group}"
+        print(f"LocalSGD: {who} FAULT #{fault.id}: injecting {fault.kind} at step {step}{where}", flush=True)
         if fault.kind == "kill":
             _die()
         elif fault.kind == "hang":

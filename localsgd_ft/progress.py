@@ -31,9 +31,11 @@ class Diverged(RuntimeError):
 class Progress:
     def __init__(self, cfg: ExperimentConfig, group: int, position: Position, monitor: SyncMonitor,
                  optimizer: torch.optim.Optimizer, evaluate: Callable[[], float], metrics: Optional[MetricsLog],
-                 device: torch.device) -> None:
+                 device: torch.device, quiet: bool = False) -> None:
         self.cfg, self.group, self.position, self.monitor = cfg, group, position, monitor
         self.optimizer, self.evaluate, self.metrics = optimizer, evaluate, metrics
+        # A group's other workers leave lines and evaluations to worker 0: their parameters are its.
+        self.quiet = quiet
         self.loss_sum = torch.zeros((), device=device)
         self.evals: List[Dict[str, float]] = []
         self.started = time.monotonic()
@@ -44,6 +46,8 @@ class Progress:
         self.loss_sum += loss
 
     def after_step(self) -> None:
+        if self.quiet:
+            return
         steps, tr = self.position.local_steps, self.cfg.train
         if tr.eval_every and steps % tr.eval_every == 0:
             self._evaluate(steps)
@@ -72,7 +76,7 @@ class Progress:
         now = time.monotonic()
         busy = max(now - self._t - self._paused_s, 1e-9)
         steps_per_s = (steps - self._steps) / busy
-        samples_per_s = steps_per_s * cfg.data.batch_size
+        samples_per_s = steps_per_s * cfg.data.batch_size * cfg.group_size  # the group's
         step, max_steps = pos.step(), cfg.train.max_steps
         eta = _duration(max(max_steps - step, 0) / steps_per_s) if steps_per_s > 0 else "?"
         acc = f"{self.evals[-1]['test_accuracy']:.4f}" if self.evals else "-"

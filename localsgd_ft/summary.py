@@ -47,6 +47,14 @@ def _recoveries(events: List[dict]) -> List[dict]:
     return out
 
 
+def _ranks_identical(result: dict) -> Optional[bool]:
+    """Whether all workers of a group ended with the same parameters (None: the group reported none)."""
+    every = result.get("worker_params_sha256")
+    if not every:
+        return None if "params_sha256" not in result else True
+    return len(set(every)) == 1 and every[0] == result.get("params_sha256")
+
+
 def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, config_path: str,
                   lighthouse_restarts: int, lighthouse_rss_mb: float, run_id: str = "",
                   role_error: Optional[str] = None, stopped: bool = False) -> dict:
@@ -63,10 +71,12 @@ def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, confi
             "exit_code": exit_code,
             "succeeded": exit_code == 0 and "params_sha256" in result,
             "lost": exit_code not in (0, None),
+            "ranks_identical": _ranks_identical(result),
         }
     ok = [g for g in groups.values() if g["succeeded"]]
     lost = [int(g) for g, rep in groups.items() if rep["lost"]]
-    hashes = {g["params_sha256"] for g in ok}
+    # Every worker of every group that trained to the end (worker 0's alone in older results).
+    hashes = {h for g in ok for h in g.get("worker_params_sha256") or [g["params_sha256"]]}
     reason: Optional[str] = None
     if role_error:
         reason = role_error
@@ -76,6 +86,10 @@ def build_summary(cfg: ExperimentConfig, reports: dict, started_at: float, confi
         reason = "stopped before every replica group finished"
     elif len(ok) < cfg.lighthouse.min_replicas:
         reason = f"{len(ok)} replica group(s) trained to the end, fewer than lighthouse.min_replicas"
+    elif not all(g["ranks_identical"] for g in ok):
+        reason = ("the workers of replica group(s) " + ", ".join(n for n, g in groups.items() if g["succeeded"]
+                                                                and not g["ranks_identical"])
+                  + " finished with different parameters")
     elif len(hashes) > 1:
         reason = "replica groups finished with different parameters"
     # Groups that could not even start (e.g. no GPU) said why: that is the reason to show.

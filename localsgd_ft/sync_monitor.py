@@ -72,10 +72,11 @@ class SyncMonitor:
 
     Stalls, recoveries, failed syncs and every change of the quorum (id or
     size) go to the group's metrics log; stalls and recoveries also go to the
-    lighthouse role (for the summary's recovery times).
+    lighthouse role (for the summary's recovery times), unless ``completion``
+    is None (a worker other than the group's worker 0, which reports for it).
     """
 
-    def __init__(self, group: int, num_groups: int, completion: CompletionClient, heartbeat_timeout_s: float,
+    def __init__(self, group: int, num_groups: int, completion: Optional[CompletionClient], heartbeat_timeout_s: float,
                  disrupted: bool, fingerprint: Callable[[], str], metrics: Optional[MetricsLog],
                  healed_from: Callable[[], Optional[int]],
                  lighthouse_restarted: Callable[[], Optional[float]] = lambda: None) -> None:
@@ -145,4 +146,5 @@ class SyncMonitor:
 
     def _report(self, kind: str, step: int, **fields: Any) -> None:
         self._record(kind, step, flush=kind == "recovered", **fields)
-        self.completion.report(self.group, kind, step=step, **fields)
+        if self.completion is not None:
+            self.completion.report(self.group, kind, step=step, **fields)

@@ -1,9 +1,12 @@
 """One replica group's training: CIFAR-10 with fault-tolerant syncs across groups (torchft).
 
 Runs in every torchrun worker (``train_localsgd.py``). ``train`` reads top to
-bottom: config -> device and data -> model and optimizer -> torchft Manager ->
-resume -> wait for all groups -> the loop -> final evaluation -> the result
-the replica wrapper reports. The loop only steps; each concern has its own
+bottom: config -> device, the group's workers and data -> model and optimizer
+-> torchft Manager -> resume -> wait for all groups -> the loop -> final
+evaluation -> the result the replica wrapper reports. A group of several
+workers averages gradients inside itself and agrees its decisions through
+:mod:`localsgd_ft.workers`; its worker 0 speaks for it (metrics, events,
+checkpoints, the result). The loop only steps; each concern has its own
 collaborator: the sync algorithm (:mod:`localsgd_ft.algorithms`), where the
 group stands and when it stops (:mod:`localsgd_ft.position`), sync accounting
 (:mod:`localsgd_ft.sync_monitor`), checkpoints
@@ -31,7 +34,7 @@ from .algorithms import Sync, build_algorithm
 from .checkpointer import Checkpointer
 from .config import ConfigError, ExperimentConfig, load_config
 from .control import CompletionClient, Refused
-from .data import DataError, ShardedBatches, eval_batches, load_cifar10
+from .data import DataError, ShardedBatches, eval_batches, load_cifar10, shard_of
 from .faults import FaultInjector
 from .files import peak_rss_mb, write_json_atomic
 from .metrics import MetricsLog, metrics_path
@@ -40,6 +43,7 @@ from .optim import build_optimizer
 from .position import Position
 from .progress import Diverged, Progress
 from .sync_monitor import ForeignQuorum, SyncMonitor
+from .workers import GroupWorkers
 
 log = logging.getLogger("localsgd_ft.trainer")
 
@@ -119,11 +123,13 @@ class LiveState:
             self.on_heal()
 
 
-def _manager(cfg: ExperimentConfig, group: int, device: torch.device, live: LiveState) -> Any:
+def _manager(cfg: ExperimentConfig, group: int, device: torch.device, live: LiveState,
+             workers: GroupWorkers) -> Any:
     from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
     timeout = timedelta(seconds=cfg.localsgd.timeout_s)
     pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+    store_host, store_port = workers.manager_store()
     return Manager(
         pg=pg,
         load_state_dict=live.load_state_dict,
@@ -139,19 +145,43 @@ def _manager(cfg: ExperimentConfig, group: int, device: torch.device, live: Live
         # a group that (re)joins later is still healed from a live one.
         init_sync=False,
         quorum_retries=cfg.quorum_retries,
+        store_addr=store_host,
+        store_port=store_port,
+        rank=workers.rank,
+        world_size=workers.world_size,
     )
 
 
-def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
+def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) -> Tuple[Optional[checkpoint.Found], str]:
+    """The checkpoint to resume from, the same for every worker of the group: worker 0's choice.
+
+    Another group may write a newer checkpoint while this group's workers look.
+    """
+    found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+    path = workers.agree(str(found.path) if found is not None else None)
+    if path is None or (found is not None and str(found.path) == path):
+        return (found if path is not None else None), how
+    chosen = next((f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False) if str(f.path) == path), None)
+    if chosen is None:
+        raise RuntimeError(f"worker 0 of this group resumes from {path}, which this worker cannot read")
+    return chosen, f"resuming from checkpoint {chosen.path} (step {chosen.step})"
+
+
+def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str, Any]:
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    rank = int(os.environ.get("RANK", 0))
     torch.set_num_threads(cfg.threads)
     device = _device(cfg, group)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if workers.world_size != cfg.group_size:
+        raise ConfigError(f"torchrun started {workers.world_size} worker(s) for group {group}, the config asks for "
+                          f"{cfg.group_size} (replica_groups.workers): launch through the component")
+    workers.start(device)
+    leader = workers.leader
 
     train_split, test_split = load_cifar10(cfg.data, device)
-    batches = ShardedBatches(train_split, group, cfg.replica_groups.count, cfg.data.batch_size,
+    batches = ShardedBatches(train_split, shard_of(group, workers.rank, cfg.group_size),
+                             cfg.replica_groups.count * cfg.group_size, cfg.data.batch_size,
                              cfg.train.seed, cfg.data.augment, cfg.train.channels_last)
     eval_data = lambda: eval_batches(test_split, channels_last=cfg.train.channels_last)  # noqa: E731
 
@@ -159,27 +189,31 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # Syncs, checkpoints and recovery use `model`; only the forward pass goes through `forward`.
-    forward = torch.compile(model) if cfg.train.compile else model
+    # Syncs, checkpoints and recovery use `model`; only the forward pass goes through `forward`
+    # (DDP over the group's workers averages the gradients of the backward pass).
+    forward = workers.parallel(model)
+    forward = torch.compile(forward) if cfg.train.compile else forward
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
     live = LiveState(group, model, optimizer, position)
-    manager = position.manager = _manager(cfg, group, device, live)
+    manager = position.manager = _manager(cfg, group, device, live, workers)
     algorithm = build_algorithm(cfg, manager, model, optimizer, position)
     completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
     # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
     unique = quorums.install(manager, lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
 
     metrics: Optional[MetricsLog] = None
-    if rank == 0:
+    if leader:
         completion.started(group)
         # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
         metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
-    checkpointer = Checkpointer(cfg, group, model, optimizer, algorithm, position, batches, completion, metrics)
+    checkpointer = Checkpointer(cfg, group, model, optimizer, algorithm, position, batches, completion, metrics,
+                                writer=leader)
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
-    found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+    found, how = _agreed_resume(cfg, workers, restarts)
     resumed_from = checkpointer.restore(found, device) if found is not None else 0
-    print(f"LocalSGD: group {group}: {how}", flush=True)
+    if leader:
+        print(f"LocalSGD: group {group}: {how}", flush=True)
     if metrics is not None and restarts == 0:
         completion.report(group, "resumed", step=resumed_from)
     started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
@@ -188,19 +222,21 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     if metrics is not None:
         metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
                     max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
-    status = completion.status()
+    status = workers.agree(completion.status())
     if status["completed"] is not None:
         # The others already committed the final sync: training alone from here would only diverge.
-        return _finished_late(cfg, group, model, eval_data, manager, status["completed"], restarts)
-    faults = FaultInjector(cfg, group, manager, completion, status["fired"], metrics) if cfg.fault_plan else None
+        return _finished_late(cfg, group, model, eval_data, manager, status["completed"], restarts, workers)
+    faults = (FaultInjector(cfg, group, manager, completion, status["fired"], metrics, worker=workers.rank)
+              if cfg.fault_plan else None)
     if faults is not None:
         live.on_heal = faults.on_heal
     # A restarted group is disrupted until its first committed sync with every group in it.
-    monitor = SyncMonitor(group, cfg.replica_groups.count, completion, cfg.lighthouse.heartbeat_timeout_ms / 1000,
+    monitor = SyncMonitor(group, cfg.replica_groups.count, completion if leader else None,
+                          cfg.lighthouse.heartbeat_timeout_ms / 1000,
                           disrupted=restarts > 0, fingerprint=lambda: params_sha256(model), metrics=metrics,
                           healed_from=lambda: live.healed_from, lighthouse_restarted=unique.take_restart)
     progress = Progress(cfg, group, position, monitor, optimizer, lambda: evaluate(model, eval_data()), metrics,
-                        device)
+                        device, quiet=not leader)
 
     def account(sync: Sync, trained: bool = True) -> Optional[Dict[str, Any]]:
         """After a sync: the monitor, then a checkpoint; a result if the run ended without us."""
@@ -209,9 +245,10 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
             checkpointer.after_commit()
         if not monitor.full and not position.done():
             # A partial quorum: if the others have already finished the run, we are training alone.
-            final = _run_completed(completion)
+            final = workers.agree(_run_completed(completion))
             if final is not None:
-                return _finished_late(cfg, group, model, eval_data, manager, final, restarts, position.local_steps)
+                return _finished_late(cfg, group, model, eval_data, manager, final, restarts, workers,
+                                      position.local_steps)
         return None
 
     with algorithm:
@@ -229,7 +266,11 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     train_time = time.monotonic() - progress.started
 
     digest = params_sha256(model)
+    every_worker = workers.gather(digest)
     committed_total = manager.current_step()
+    if not leader:
+        manager.shutdown(wait=False)
+        return {"params_sha256": digest}
     try:  # first, so that a group restarting from now on takes this final state
         completion.completed(group, committed_total, digest)
     except Exception as e:
@@ -239,7 +280,8 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
     steps = position.local_steps
     print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
           f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
-    samples_per_s = round(steps * cfg.data.batch_size / train_time, 1) if train_time > 0 else None
+    group_batch = cfg.data.batch_size * cfg.group_size
+    samples_per_s = round(steps * group_batch / train_time, 1) if train_time > 0 else None
     if metrics is not None:
         metrics.add("end", position.step(), flush=True, local_step=steps, test_accuracy=final_acc,
                     syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
@@ -257,6 +299,7 @@ def train(cfg: ExperimentConfig, group: int) -> Dict[str, Any]:
         "resumed_from_step": resumed_from,
         "checkpoints_written": checkpointer.written,
         "params_sha256": digest,
+        "worker_params_sha256": every_worker,
         "final_test_accuracy": final_acc,
         "evals": progress.evals,
         "train_time_s": round(train_time, 3),
@@ -275,7 +318,7 @@ def _run_completed(completion: CompletionClient) -> Optional[dict]:
 
 
 def _finished_late(cfg: ExperimentConfig, group: int, model: nn.Module, eval_data: Callable[[], Any],
-                   manager: Any, final: dict, restarts: int, steps: int = 0) -> Dict[str, Any]:
+                   manager: Any, final: dict, restarts: int, workers: GroupWorkers, steps: int = 0) -> Dict[str, Any]:
     """The result of a group that (re)started after the run's final sync: the final state, no training alone.
 
     The final state comes from the final checkpoint (the final commit always
@@ -292,8 +335,11 @@ def _finished_late(cfg: ExperimentConfig, group: int, model: nn.Module, eval_dat
         device = next(model.parameters()).device
         model.load_state_dict(checkpoint.load(last[0], device)["model"])
         digest = params_sha256(model)
+        every_worker = workers.gather(digest)
+        if not workers.leader:
+            return result
         acc = evaluate(model, eval_data())
-        result.update(params_sha256=digest, final_test_accuracy=acc)
+        result.update(params_sha256=digest, worker_params_sha256=every_worker, final_test_accuracy=acc)
         print(f"LocalSGD: group {group} restarted after the run's final sync {final['global_sync']}: took the "
               f"final state from the final checkpoint (params_sha256 {digest}); not training alone", flush=True)
     else:
@@ -321,25 +367,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     def _run() -> int:
         from .replica import result_path
 
-        rank0 = int(os.environ.get("RANK", 0)) == 0
+        workers = GroupWorkers.from_env()
         cfg = None
         try:
             cfg = load_config(args.config, args.config_b64)
             group = int(os.environ.get(roles.GROUP_ENV, 0))
             if not 0 <= group < cfg.replica_groups.count:
                 raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
-            result = train(cfg, group)
+            result = train(cfg, group, workers)
         except (ConfigError, DataError, Diverged, ForeignQuorum, Refused) as e:
             # No restart can fix these: leave the reason for the replica role, then end torchrun (and with
-            # it every worker, this one included) before it can restart us.
+            # it every worker, this one included) before it can restart us. Whichever worker meets the
+            # error first says why (worker 0 may be waiting for it in a collective).
             print(f"error: {e}", file=sys.stderr, flush=True)
-            if cfg is not None and rank0:
-                write_json_atomic(result_path(cfg, group), {"error": str(e), "permanent": True})
+            if cfg is not None:
+                path = result_path(cfg, group)
+                if workers.leader or not path.exists():
+                    write_json_atomic(path, {"error": str(e), "permanent": True})
                 if os.environ.get("TORCHELASTIC_RUN_ID"):  # our parent is torchrun
                     os.kill(os.getppid(), signal.SIGKILL)
             return 2
-        if rank0:
+        if workers.leader:
             write_json_atomic(result_path(cfg, group), result)
+        workers.close()
         return 0
 
     return _run()

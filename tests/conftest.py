@@ -236,8 +236,8 @@ def finish(run: "TorchxRun", config: Path, timeout: float = 240) -> int:
     return code
 
 
-def trainer_pid(config: Path, group: int) -> int:
-    """PID of group ``group``'s torchrun worker (not torchrun itself, not the replica wrapper)."""
+def trainer_pid(config: Path, group: int, rank: int = 0) -> int:
+    """PID of worker ``rank`` of group ``group`` (a torchrun worker: not torchrun, not the replica wrapper)."""
     for pid in processes_using(config):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -245,12 +245,12 @@ def trainer_pid(config: Path, group: int) -> int:
         except OSError:
             continue
         if b"train_localsgd.py" in cmd and b"torch.distributed.run" not in cmd \
-                and f"REPLICA_GROUP_ID={group}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
+                and f"REPLICA_GROUP_ID={group}".encode() in env and f"RANK={rank}".encode() in env:
             return pid
-    raise AssertionError(f"no trainer process for group {group}")
+    raise AssertionError(f"no trainer process for worker {rank} of group {group}")
 
 
-def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int) -> None:
-    """SIGKILL group ``group``'s worker once it has logged local step ``step`` (a machine loss)."""
+def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int, rank: int = 0) -> None:
+    """SIGKILL worker ``rank`` of group ``group`` once the group has logged local step ``step`` (a machine loss)."""
     run.wait_for_line(lambda line: re.search(rf"group {group} step {step} ", line) is not None, timeout=120)
-    os.kill(trainer_pid(config, group), signal.SIGKILL)
+    os.kill(trainer_pid(config, group, rank), signal.SIGKILL)

@@ -48,7 +48,12 @@ def test_sync_mode_begins_with_an_alignment_sync():
         ({"localsgd": {"sync_every": 2.5}}, "localsgd.sync_every", "expected an integer"),
         ({"replica_groups": {"count": 0}}, "replica_groups.count", ">= 1"),
         ({"replica_groups": {"count": True}}, "replica_groups.count", "expected an integer"),
-        ({"replica_groups": {"workers": 2}}, "replica_groups.workers", "only 1 worker"),
+        ({"replica_groups": {"workers": 0}}, "replica_groups.workers", ">= 1"),
+        ({"replica_groups": {"workers": 4, "cpus": 2}}, "replica_groups.cpus", "at least one CPU per worker"),
+        ({"replica_groups": {"count": 2, "workers": 2, "cpus": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[1]",
+         "expected 2 non-negative GPU index(es) per group"),
+        ({"replica_groups": {"workers": 2, "cpus": 2, "gpus_per_group": 1}}, "replica_groups.gpus_per_group",
+         "expected 0 (CPU) or replica_groups.workers (2)"),
         ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
         ({"replica_groups": {"count": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[0]", "GPU index"),
         ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
@@ -148,12 +153,24 @@ def test_fault_plan_is_deterministic_sorted_and_resolves_random_groups():
     assert parse_config(raw).fault_plan != a
 
 
+def test_fault_plan_picks_workers_only_in_groups_of_many():
+    raw = _faults(schedule=[{"kind": "hang", "at_step": 500}], mtbf_steps=100, max_random=6, seed=3)
+    one = parse_config(raw).fault_plan
+    assert {f.worker for f in one} == {0}  # one worker draws nothing: plans stay what they were before workers
+    raw["faults"]["schedule"].append({"kind": "kill", "worker": 1, "at_step": 600})
+    many = parse_config({**raw, "replica_groups": {"workers": 3, "cpus": 3}}).fault_plan
+    assert all(0 <= f.worker < 3 for f in many) and len({f.worker for f in many}) > 1
+    assert next(f for f in many if f.at_step == 600).worker == 1  # as named
+
+
 @pytest.mark.parametrize(
     "raw, key, words",
     [
         (_faults(schedule=[{"kind": "explode", "at_step": 5}]), "faults.schedule[0].kind", "one of kill, hang"),
         (_faults(schedule=[{"kind": "kill", "at_step": 1000}]), "faults.schedule[0].at_step", "inside train.max_steps"),
         (_faults(schedule=[{"kind": "kill", "group": 2, "at_step": 5}]), "faults.schedule[0].group", "0..1"),
+        (_faults(schedule=[{"kind": "kill", "worker": 1, "at_step": 5}]), "faults.schedule[0].worker",
+         "expected -1 (random) or 0..0 (a rank of the group's 1 worker(s))"),
         (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": 0}]), "faults.schedule[0].duration_s", "> 0"),
         (_faults(schedule=[{"kind": "kill", "at_step": 5, "when": 3}]), "faults.schedule[0].when", "unknown key"),
         (_faults(random_kinds=["meteor"]), "faults.random_kinds[0]", "one of kill"),

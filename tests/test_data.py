@@ -89,6 +89,21 @@ def test_shards_are_disjoint_and_cover_the_epoch():
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(64))
 
 
+def test_every_worker_of_every_group_has_its_own_shard():
+    from localsgd_ft.data import shard_of
+
+    split, groups, workers = _split(96), 3, 2
+    seen = [set() for _ in range(groups * workers)]
+    for g in range(groups):
+        for w in range(workers):
+            s = shard_of(g, w, workers)
+            batches = ShardedBatches(split, s, groups * workers, 8, seed=0, augment=False)
+            seen[s] = set(torch.cat([batches.batch(i)[1] for i in range(2)]).tolist())  # one epoch of 16
+    assert sorted(shard_of(g, w, workers) for g in range(groups) for w in range(workers)) == list(range(6))
+    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert set().union(*seen) == set(range(96))
+
+
 def test_batches_depend_only_on_seed_group_and_step():
     split = Split(torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64))
     a = ShardedBatches(split, 0, 2, 8, seed=1, augment=True)

@@ -187,10 +187,12 @@ def exports(group: List[str]) -> Dict[str, str]:
     return dict(i.split("=", 1) for i in items[1:])
 
 
-@pytest.mark.parametrize("count, gpu_cfg", [(2, {}), (3, {"gpus_per_group": 1})])
+@pytest.mark.parametrize("count, gpu_cfg", [(2, {}), (3, {"gpus_per_group": 1}),
+                                             (2, {"workers": 3, "gpus_per_group": 3})])
 def test_slurm_hetjob_per_role(tmp_path, cifar_root, count, gpu_cfg):
     cfg = small_config(tmp_path, cifar_root, replica_groups={"count": count, "cpus": 3, "memory_mb": 3000, **gpu_cfg},
                        lighthouse={"memory_mb": 700})
+    per_group_gpus = gpu_cfg.get("gpus_per_group", 0)
     path = write_config(tmp_path, cfg)
     request = dryrun("slurm", path, cfg="partition=batch,time=00:30:00")
     sbatch = sbatch_groups(request)
@@ -200,7 +202,7 @@ def test_slurm_hetjob_per_role(tmp_path, cifar_root, count, gpu_cfg):
     assert "--cpus-per-task=1" in sbatch[0] and "--gpus-per-task" not in sbatch[0]
     for g in sbatch[1:]:
         assert "--cpus-per-task=3" in g
-        assert ("--gpus-per-task=1" in g) == bool(gpu_cfg)
+        assert (f"--gpus-per-task={per_group_gpus}" in g) == bool(per_group_gpus)  # one GPU per worker
     # --mem unless the partition has under 1 GB (then torchx leaves memory out)
     assert all("--mem=" in g for g in sbatch) or all("--mem=" not in g for g in sbatch)
 
@@ -226,6 +228,8 @@ def test_slurm_hetjob_per_role(tmp_path, cifar_root, count, gpu_cfg):
 K8S_CONFIGS = {
     "cpu-2": {"replica_groups": {"count": 2, "cpus": 2, "memory_mb": 3072}},
     "gpu-4": {"replica_groups": {"count": 4, "gpus_per_group": 1, "cpus": 8, "memory_mb": 16384}},
+    "gpu-2x8": {"replica_groups": {"count": 2, "workers": 8, "gpus_per_group": 8, "cpus": 64,
+                                   "memory_mb": 262144}},
     "cpu-3-faults": {"replica_groups": {"count": 3}, "lighthouse": {"min_replicas": 2},
                      "faults": {"enabled": True, "schedule": [{"kind": "kill", "group": 1, "at_step": 50}]}},
 }

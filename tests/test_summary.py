@@ -49,6 +49,16 @@ def test_verdicts():
     differ = {"exit_code": 0, "result": {"params_sha256": "other", "final_test_accuracy": 0.9}}
     bad = build_summary(cfg, _state([], {0: OK, 1: differ}), 0.0, "c", 0, 1.0)
     assert not bad["succeeded"] and "different parameters" in bad["failure_reason"]
+    workers_differ = {"exit_code": 0, "result": {"params_sha256": "h", "final_test_accuracy": 0.9,
+                                                 "worker_params_sha256": ["h", "x"]}}
+    split = build_summary(cfg, _state([], {0: OK, 1: workers_differ}), 0.0, "c", 0, 1.0)
+    assert not split["succeeded"] and not split["params_identical"]
+    assert split["failure_reason"] == "the workers of replica group(s) 1 finished with different parameters"
+    assert split["replica_groups"]["1"]["ranks_identical"] is False and split["replica_groups"]["0"]["ranks_identical"]
+    two = {"exit_code": 0, "result": {"params_sha256": "h", "final_test_accuracy": 0.9,
+                                      "worker_params_sha256": ["h", "h"]}}
+    agree = build_summary(cfg, _state([], {0: two, 1: two}), 0.0, "c", 0, 1.0)
+    assert agree["succeeded"] and agree["params_identical"] and agree["replica_groups"]["0"]["ranks_identical"]
     partial = build_summary(cfg, _state([], {0: OK}), 0.0, "c", 0, 1.0)
     assert not partial["succeeded"] and "before every replica group finished" in partial["failure_reason"]
 
