@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py            # a few minutes on a 2-core CPU machine
     python benchmarks/throughput.py --quick    # smaller, for a smoke check
+    python benchmarks/throughput.py --workers  # only method 6 (about 2 minutes)
 
 Measures, with the same model, batch size and one intra-op thread per process:
 
@@ -13,7 +14,11 @@ Measures, with the same model, batch size and one intra-op thread per process:
 3. the common torchvision pipeline: PIL transforms in 2 DataLoader worker processes;
 4. two replica groups under LocalSGD, launched with the real ``torchx run``, at
    sync_every 1, 10 and 100 (per-group and aggregate samples/s);
-5. peak RSS per worker process (from the runs' summary.json).
+5. peak RSS per worker process (from the runs' summary.json);
+6. groups of 2 workers (DDP inside each group) against groups of 1, 2 groups,
+   sync_every 10, the same batch per worker, run one after the other: the
+   group's samples/s of 2 x 2 over 2 x 1 (``workers_ratio``; 2.0 would be
+   perfect scaling where every worker has a core of its own).
 
 Methods 1 and 2 alternate over several rounds and the median is kept, so
 machine noise hits both alike. Prints a table, then one JSON line with
@@ -147,13 +152,15 @@ def torchvision_pipeline(images: torch.Tensor, labels: torch.Tensor, batch_size:
     return _timed(step, steps, warmup=5)  # the worker processes end with the loader
 
 
-def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_size: int, width: int) -> dict:
-    """A real 2-group ``torchx run``; returns its summary.json."""
-    out = tmp / f"sync{sync_every}"
+def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_size: int, width: int,
+                 workers: int = 1) -> dict:
+    """A real 2-group ``torchx run`` of ``workers`` workers per group; returns its summary.json."""
+    name = f"sync{sync_every}" + (f"w{workers}" if workers > 1 else "")
+    out = tmp / name
     cfg = {
-        "name": f"bench{sync_every}",
+        "name": f"bench{name}",
         "output_dir": str(out),
-        "replica_groups": {"count": 2, "max_restarts": 0, "cpus": 1},
+        "replica_groups": {"count": 2, "max_restarts": 0, "cpus": workers, "workers": workers},
         "localsgd": {"sync_every": sync_every, "timeout_s": 30, "quorum_timeout_s": 60},
         "lighthouse": {"port": free_port_pair(), "join_timeout_ms": 10000},
         "data": {"root": str(data_root), "verify": False, "batch_size": batch_size},
@@ -162,10 +169,20 @@ def localsgd_run(tmp: Path, data_root: Path, sync_every: int, steps: int, batch_
         "train": {"max_steps": steps, "eval_every": 0, "log_every": 10_000},
         "checkpoint": {"enabled": False},
     }
-    summary = torchx_run(tmp, f"sync{sync_every}", cfg)
+    summary = torchx_run(tmp, name, cfg)
     if not summary["succeeded"]:
         raise RuntimeError(f"torchx run failed for sync_every={sync_every}: {summary['failure_reason']}")
     return summary
+
+
+def workers_row(tmp: Path, data_root: Path, steps: int, batch_size: int, width: int) -> dict:
+    """Method 6: the group's samples/s with 2 workers per group over 1, and both rates."""
+    rates = {}
+    for workers in (1, 2):
+        summary = localsgd_run(tmp, data_root, 10, steps, batch_size, width, workers=workers)
+        rates[workers] = statistics.mean(g["samples_per_s"] for g in summary["replica_groups"].values())
+    return {"group_samples_per_s": {"2x1": round(rates[1]), "2x2": round(rates[2])},
+            "workers_ratio": round(rates[2] / rates[1], 3)}
 
 
 def main() -> int:
@@ -173,6 +190,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--workers", action="store_true", help="only method 6: 2 x 2 workers against 2 x 1")
     parser.add_argument("--loop-worker", metavar="DATA_ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,6 +203,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
         tmp = Path(tmpdir)
         write_fixture(tmp / "data", train_per_batch=2000, test_size=500)
+        if args.workers:
+            result = workers_row(tmp, tmp / "data", ft_steps, args.batch_size, args.width)
+            print(f"6. 2 groups x 2 workers vs 2 x 1, sync_every 10, batch {args.batch_size} per worker: group "
+                  f"samples/s {result['group_samples_per_s']['2x2']} vs {result['group_samples_per_s']['2x1']}")
+            print(json.dumps(result))
+            return 0
         train, _ = load_cifar10(DataConfig(root=str(tmp / "data"), verify=False), torch.device("cpu"))
         batches = ShardedBatches(train, 0, 1, args.batch_size, seed=0, augment=True)
 
@@ -197,6 +221,7 @@ def main() -> int:
         t_tv = torchvision_pipeline(train.images, train.labels, args.batch_size, args.width, steps)
 
         runs = {k: localsgd_run(tmp, tmp / "data", k, ft_steps, args.batch_size, args.width) for k in (1, 10, 100)}
+        workers = workers_row(tmp, tmp / "data", ft_steps, args.batch_size, args.width)
 
     sps = lambda t: args.batch_size / t  # noqa: E731
     rows: List[tuple] = [
@@ -219,6 +244,9 @@ def main() -> int:
         rss += [g["peak_rss_mb"] for g in groups]
         rows.append((f"4. LocalSGD 2 groups, sync_every={k}: per group", per_group, per_group / sps(t_compute)))
         rows.append((f"   aggregate of 2 groups (vs 2x loop: {scaling[str(k)]:.3f})", aggregate, None))
+    rows.append(("6. 2 groups x 2 workers, sync_every=10: per group", workers["group_samples_per_s"]["2x2"], None))
+    rows.append((f"   vs 2 groups x 1 worker: {workers['workers_ratio']:.3f}", workers["group_samples_per_s"]["2x1"],
+                 None))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"batch {args.batch_size}, cnn width {args.width}, 1 thread per process")
@@ -234,6 +262,7 @@ def main() -> int:
         "two_loops_ratio": round(t_loop / t_two, 3),
         "ft_overhead_vs_two_loops": ft_vs_two,
         "peak_rss_gb": round(max(rss) / 1024, 3),
+        "workers_ratio": workers["workers_ratio"],
         "samples_per_s": {"compute": round(sps(t_compute)), "loop": round(sps(t_loop)),
                           "two_loops_per_process": round(sps(t_two)), "torchvision": round(sps(t_tv))},
     }
