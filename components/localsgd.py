@@ -18,10 +18,15 @@ from torchx.specs.finder import ComponentValidationException
 from localsgd_ft.config import ConfigError, embed_config, load_config
 from localsgd_ft.cifar_files import DataError, locate
 from localsgd_ft.checkpoint import resume_point
-from localsgd_ft.client import is_dry_run, is_local_launch, say_how_to_resume, watch_for_interrupt
+from localsgd_ft.client import (is_dry_run, is_local_launch, say_how_to_resume, scheduler_from_argv,
+                                watch_for_interrupt)
 from localsgd_ft.gpus import check_local_lists
 from localsgd_ft.lifecycle import PARENT_PID_ENV, new_identity
-from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV
+from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, free_port, rendezvous_port
+
+# Schedulers that give every replica of a role a host the others can reach by a name we can find
+# (see localsgd_ft.roles.group_first_host): where a group may span several nodes.
+MULTI_NODE_SCHEDULERS = ("local_cwd", "slurm", "kubernetes")
 
 
 def localsgd(
@@ -83,6 +88,14 @@ def localsgd(
         except ConfigError as e:
             raise ComponentValidationException(f"{config}: {e}") from None
 
+    rg = cfg.replica_groups
+    scheduler = scheduler_from_argv(sys.argv)
+    if rg.nodes > 1 and scheduler not in MULTI_NODE_SCHEDULERS:
+        raise ComponentValidationException(
+            f"{config}: replica_groups.nodes: got {rg.nodes}, but the {scheduler or 'default'} scheduler cannot "
+            f"place a group's nodes where they find each other; use one of {', '.join(MULTI_NODE_SCHEDULERS)} "
+            "or set replica_groups.nodes: 1")
+
     local = is_local_launch(sys.argv)
     if local:
         watch_for_interrupt()
@@ -97,6 +110,14 @@ def localsgd(
     common_env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if fresh else "0", **new_identity(cfg.name)}
     if local:  # the roles are this process's children: each checks it still is before arming
         common_env[PARENT_PID_ENV] = str(os.getpid())
+    def node_args(group: int) -> List[str]:
+        """Which node of its group a replica is, and where the group's nodes meet (nothing with one node)."""
+        if rg.nodes == 1:
+            return []
+        # All nodes of a local run are this host: any free port; on a cluster, each group's first node.
+        port = free_port() if scheduler == "local_cwd" else rendezvous_port(cfg, group)
+        return ["--node", specs.macros.replica_id, "--rdzv-port", str(port)]
+
     # A container keeps no files after it ends: print summary.json to the lighthouse's log too.
     print_summary: List[str] = ["--print-summary"] if image else []
 
@@ -113,7 +134,6 @@ def localsgd(
             max_retries=0,
         )
     ]
-    rg = cfg.replica_groups
     for group, gpus in enumerate(cfg.group_gpus):
         env: Dict[str, str] = {**common_env, GROUP_ENV: str(group), NUM_GROUPS_ENV: str(rg.count)}
         if gpus:
@@ -129,8 +149,9 @@ def localsgd(
                 image=image,
                 entrypoint=python,
                 args=["-m", "localsgd_ft.replica", *config_args, "--group", str(group),
-                      "--script", script, *host_env],
+                      "--script", script, *host_env, *node_args(group)],
                 env=env,
+                num_replicas=rg.nodes,  # one per node, each a torchrun agent of the group
                 resource=specs.resource(cpu=rg.cpus, gpu=cfg.gpus_per_group, memMB=rg.memory_mb),
                 # torchrun restarts crashed workers inside the role (replica_groups.max_restarts);
                 # no scheduler-level retry, which would restart the whole job on Slurm/Kubernetes.

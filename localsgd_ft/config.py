@@ -48,6 +48,13 @@ class ReplicaGroupsConfig:
         "DDP averages gradients every step, so its workers stay identical; across groups worker r syncs with "
         "worker r of the others. data.batch_size is per worker.",
     )
+    nodes: int = doc(
+        1,
+        "Nodes per replica group: the group's role gets this many replicas, each a torchrun agent of `workers` "
+        "processes, meeting (c10d rendezvous) at the group's first node on port lighthouse.port + 2 + group "
+        "(a free port on local runs, where all nodes are this host). cpus, memory_mb and gpus_per_group are "
+        "per node.",
+    )
     gpus: List[Union[int, List[int]]] = doc(
         [],
         "GPUs per group on the machine you launch from: one entry per group, a GPU index or a list of "
@@ -293,8 +300,8 @@ class ExperimentConfig:
 
     @property
     def group_size(self) -> int:
-        """Worker processes per replica group."""
-        return self.replica_groups.workers
+        """Worker processes per replica group, over all its nodes."""
+        return self.replica_groups.workers * self.replica_groups.nodes
 
     @property
     def global_batch(self) -> int:
@@ -519,6 +526,10 @@ def _check(cfg: ExperimentConfig) -> None:
          "expected letters, digits, '-' or '_' (it names the torchx app)")
     need(rg.count >= 1, "replica_groups.count", rg.count, "expected an integer >= 1")
     need(rg.workers >= 1, "replica_groups.workers", rg.workers, "expected an integer >= 1")
+    need(rg.nodes >= 1, "replica_groups.nodes", rg.nodes, "expected an integer >= 1")
+    need(rg.nodes == 1 or not rg.gpus, "replica_groups.gpus", rg.gpus,
+         f"explicit GPU indices name one machine's devices, but replica_groups.nodes is {rg.nodes}: use "
+         "replica_groups.gpus_per_group (one GPU per worker on every node) and let the scheduler place them")
     need(rg.max_restarts >= 0, "replica_groups.max_restarts", rg.max_restarts, "expected an integer >= 0")
     need(rg.cpus >= rg.workers, "replica_groups.cpus", rg.cpus,
          f"expected at least one CPU per worker (replica_groups.workers: {rg.workers}); raise "
@@ -557,6 +568,8 @@ def _check(cfg: ExperimentConfig) -> None:
          "expected an integer >= 0, or -1 (automatic)")
     _check_algorithm(cfg)
     need(1 <= lh.port <= 65534, "lighthouse.port", lh.port, "expected a port in 1..65534 (port + 1 is used too)")
+    need(rg.nodes == 1 or lh.port + 1 + rg.count <= 65535, "lighthouse.port", lh.port,
+         f"expected at most {65534 - rg.count}: multi-node groups meet on ports lighthouse.port + 2 + group")
     need(1 <= lh.min_replicas <= rg.count, "lighthouse.min_replicas", lh.min_replicas,
          f"expected 1..replica_groups.count ({rg.count})")
     need(lh.role_timeout_s >= 3, "lighthouse.role_timeout_s", lh.role_timeout_s,

@@ -5,10 +5,13 @@ also serves this small JSON-over-HTTP API on ``lighthouse.port + 1``. Every
 request must carry the run's token (header ``X-LocalSGD-Run-Token``): a process
 of another run, or any other process that can reach the port, is refused (403).
 
-- ``POST /heartbeat {"group": g}``: replica role g is alive (every second);
-  answers the status below. A role silent for ``lighthouse.role_timeout_s``
-  is declared lost.
-- ``POST /started {"group": g}``: group g's Manager is up (heartbeating).
+- ``POST /heartbeat {"group": g, "node": n}``: node n (a replica of role g;
+  0 when the group spans one node) is alive (every second); answers the status
+  below. A node silent for ``lighthouse.role_timeout_s`` is declared lost, and
+  with it its group.
+- ``POST /started {"group": g, "incarnation": id}``: group g's Manager is up
+  (heartbeating); answers ``{"restarts": n}``, how many incarnations of the
+  group started before this one (a resent request counts once).
 - ``POST /event {"group": g, "kind": ..., ...}``: something happened (an
   injected failure, a recovery, a checkpoint); stamped with the lighthouse's
   clock. Answers ``{"first": true}`` the first time a ``fault_id`` is
@@ -17,9 +20,12 @@ of another run, or any other process that can reach the port, is refused (403).
 - ``POST /completed {"group": g, "global_sync": n, "params_sha256": h}``:
   group g committed the final sync. From then on the run's training is over:
   a group that (re)starts takes the final state instead of training alone.
-- ``POST /finished {"group": g, "exit_code": c, "result": {...} | null}``:
-  group g's torchrun has exited; ``result`` is what its trainer reported
-  (checked against :data:`RESULT_FIELDS`).
+- ``POST /finished {"group": g, "node": n, "exit_code": c, "result": {...} | null}``:
+  node n of group g: its torchrun has exited; ``result`` is what the group's
+  trainer reported (checked against :data:`RESULT_FIELDS`), from the node
+  that ran worker 0. The group has finished once every node has reported, or
+  :data:`FAILED_GROUP_GRACE_S` after one reported a failure (a group is whole
+  or not at all); a node that has not heartbeated since is blamed.
 - ``GET /status``: ``{"run", "started", "expected", "fired", "finished",
   "abort", "completed", "lighthouse_incarnation"}``.
 
@@ -57,6 +63,9 @@ RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
     "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
     "algorithm": (str,), "sync_bytes": (int,), "worker_params_sha256": (list,),
 }
+# After a node of a multi-node group fails, how long its siblings (heartbeating every second) have
+# to report or be heard from, before the group finishes as failed without them.
+FAILED_GROUP_GRACE_S = 3.0
 EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint"}
 
 
@@ -71,19 +80,24 @@ class RequestError(ValueError):
 class CompletionState:
     """What the groups have reported so far; thread-safe (read it through the methods)."""
 
-    def __init__(self, expected: int, run: str = "", faults: Optional[Dict[int, str]] = None) -> None:
+    def __init__(self, expected: int, run: str = "", faults: Optional[Dict[int, str]] = None,
+                 nodes: int = 1) -> None:
         self.expected = expected
+        self.nodes = nodes  # replica roles (nodes) per group
         self.run = run
         self.faults: Dict[int, str] = dict(faults or {})  # fault id -> kind: what may be reported
         self.ready = False
         self.started: set[int] = set()
+        self.incarnations: Dict[int, List[str]] = {}  # group -> the ids of its incarnations, in start order
         self.finished: Dict[int, dict] = {}
+        self.node_reports: Dict[int, Dict[int, dict]] = {}  # group -> node -> its /finished report
+        self.failing: Dict[int, float] = {}  # group -> when a node of it first reported a failure
         self.events: List[dict] = []
         self.fired: set[int] = set()
         self.abort: Optional[str] = None
         self.completed: Optional[dict] = None
         self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.quorums)
-        self.last_seen: Dict[int, float] = {}  # group -> monotonic time of its role's last heartbeat
+        self.last_seen: Dict[Tuple[int, int], float] = {}  # (group, node) -> monotonic time of its last heartbeat
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
 
@@ -97,14 +111,19 @@ class CompletionState:
         with self._cond:
             self.incarnation += 1
 
-    def heartbeat(self, group: int) -> None:
+    def heartbeat(self, group: int, node: int = 0) -> None:
         with self._cond:
-            self.last_seen[group] = time.monotonic()
+            self.last_seen[(group, node)] = time.monotonic()
 
-    def mark_started(self, group: int) -> None:
+    def mark_started(self, group: int, incarnation: str = "") -> int:
+        """Group ``group`` is up; returns how many of its incarnations started before this one."""
         with self._cond:
             self.started.add(group)
+            seen = self.incarnations.setdefault(group, [])
+            if incarnation not in seen:
+                seen.append(incarnation)
             self._cond.notify_all()
+            return seen.index(incarnation)
 
     def add_event(self, event: dict) -> bool:
         """Record ``event``; False if it repeats an already fired ``fault_id``."""
@@ -128,31 +147,81 @@ class CompletionState:
                 self.completed = {k: report.get(k) for k in ("group", "global_sync", "params_sha256")}
                 self._cond.notify_all()
 
-    def mark_finished(self, group: int, report: dict) -> None:
+    def mark_finished(self, group: int, report: dict, node: int = 0) -> None:
         with self._cond:
             earlier = self.finished.get(group)
             # The first report stands, except a loss we only inferred from silence: a role that
             # comes back and reports is better evidence.
             if earlier is not None and not earlier.get("declared_lost"):
                 return
-            self.finished[group] = report
+            reports = self.node_reports.setdefault(group, {})
+            reports[node] = report
+            if len(reports) < self.nodes:
+                if report.get("exit_code") != 0 and earlier is None:
+                    self.failing.setdefault(group, time.monotonic())  # settled by settle_failing()
+                return  # the other nodes are still running (or, lost, only all of them can say otherwise)
+            self.failing.pop(group, None)
+            self.finished[group] = merge_node_reports(group, reports)
             self._cond.notify_all()
 
+    def settle_failing(self, grace_s: float = FAILED_GROUP_GRACE_S) -> List[int]:
+        """Finish the groups a node of which failed ``grace_s`` ago while others have not reported.
+
+        A sibling that has not heartbeated since the failure is gone, and is why
+        the group failed (a node that loses its peer fails within seconds): the
+        reason names it.
+        """
+        now = time.monotonic()
+        settled = []
+        with self._cond:
+            for group, since in list(self.failing.items()):
+                if group in self.finished:
+                    del self.failing[group]
+                    continue
+                if now - since < grace_s:
+                    continue
+                merged = merge_node_reports(group, self.node_reports[group])
+                gone = [n for n in range(self.nodes) if n not in self.node_reports[group]
+                        and self.last_seen.get((group, n), 0.0) < since]
+                if gone and not (merged["result"] or {}).get("error"):
+                    silent = now - self.last_seen.get((group, gone[0]), since)
+                    merged["result"] = {**(merged["result"] or {}), "error": (
+                        f"role lost: no heartbeat from node {gone[0]} for {silent:.0f} s; "
+                        "the group cannot go on without it")}
+                self.finished[group] = merged
+                del self.failing[group]
+                settled.append(group)
+            if settled:
+                self._cond.notify_all()
+        return settled
+
     def declare_silent_lost(self, timeout_s: float) -> List[Tuple[int, float]]:
-        """Groups whose role has heartbeated before but not for ``timeout_s``: mark them finished as lost."""
+        """Groups a node of which has heartbeated before but not for ``timeout_s``: mark them finished as lost."""
         now = time.monotonic()
         with self._cond:
-            silent = [(g, now - seen) for g, seen in sorted(self.last_seen.items())
-                      if g not in self.finished and now - seen > timeout_s]
-            self._mark_lost({g: f"role lost: no heartbeat for {s:.0f} s" for g, s in silent})
-        return silent
+            silent: Dict[int, Tuple[int, float]] = {}
+            for (g, n), seen in sorted(self.last_seen.items()):
+                if g not in self.finished and n not in self.node_reports.get(g, {}) and now - seen > timeout_s:
+                    silent.setdefault(g, (n, now - seen))
+            self._mark_lost({g: f"role lost: no heartbeat{self._from_node(n)} for {s:.0f} s"
+                             for g, (n, s) in silent.items()})
+        return [(g, s) for g, (_, s) in silent.items()]
 
     def declare_never_seen_lost(self, after_s: float) -> List[int]:
-        """Groups whose role never made contact (no heartbeat, no report): mark them finished as lost."""
+        """Groups a node of which never made contact (no heartbeat, no report): mark them finished as lost."""
         with self._cond:
-            unseen = [g for g in range(self.expected) if g not in self.last_seen and g not in self.finished]
-            self._mark_lost({g: f"role lost: it never reached the lighthouse role in {after_s:.0f} s" for g in unseen})
-        return unseen
+            unseen: Dict[int, int] = {}
+            for g in range(self.expected):
+                for n in range(self.nodes):
+                    if (g, n) not in self.last_seen and n not in self.node_reports.get(g, {}) \
+                            and g not in self.finished:
+                        unseen.setdefault(g, n)
+            self._mark_lost({g: f"role lost: it{self._from_node(n)} never reached the lighthouse role in "
+                                f"{after_s:.0f} s" for g, n in unseen.items()})
+        return sorted(unseen)
+
+    def _from_node(self, node: int) -> str:
+        return f" from node {node}" if self.nodes > 1 else ""
 
     def _mark_lost(self, reasons: Dict[int, str]) -> None:
         """Record groups as lost by inference (caller holds the lock); a later report of theirs replaces it."""
@@ -202,6 +271,32 @@ def _valid_group(body: Any, expected: int) -> int:
     if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < expected:
         raise RequestError(400, f"'group' must be an integer in 0..{expected - 1}")
     return group
+
+
+def _valid_node(body: dict, nodes: int) -> int:
+    node = body.get("node", 0)
+    if not isinstance(node, int) or isinstance(node, bool) or not 0 <= node < nodes:
+        raise RequestError(400, f"'node' must be an integer in 0..{nodes - 1}")
+    return node
+
+
+def merge_node_reports(group: int, reports: Dict[int, dict]) -> dict:
+    """One group's report from its nodes' reports: the first failure's exit code, worker 0's result.
+
+    The result is the one that has parameters (the node that ran worker 0), else
+    the first that names an error; a node's error says which node.
+    """
+    ordered = [reports[n] for n in sorted(reports)]
+    failed = [r for r in ordered if r.get("exit_code") != 0]
+    with_params = [r["result"] for r in ordered if (r.get("result") or {}).get("params_sha256")]
+    with_error = [r["result"] for r in ordered if (r.get("result") or {}).get("error")]
+    result = with_params[0] if with_params else with_error[0] if with_error else None
+    if with_error and failed and result is not with_error[0]:
+        result = with_error[0]  # a failed group's reason beats a stale success
+    merged = {"group": group, "exit_code": failed[0]["exit_code"] if failed else 0, "result": result}
+    if len(reports) > 1:
+        merged["nodes_reported"] = sorted(reports)
+    return merged
 
 
 def check_result(result: Any) -> Optional[dict]:
@@ -288,12 +383,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._authorised()
             body = self._body()
             group = _valid_group(body, self.state.expected)
+            node = _valid_node(body, self.state.nodes)
             if self.path == "/heartbeat":
-                self.state.heartbeat(group)
+                self.state.heartbeat(group, node)
                 self._reply(200, self.state.status())
             elif self.path == "/started":
-                self.state.mark_started(group)
-                self._reply(200, {"ok": True})
+                incarnation = body.get("incarnation", "")
+                if not isinstance(incarnation, str):
+                    raise RequestError(400, "'incarnation' must be a string")
+                self._reply(200, {"ok": True, "restarts": self.state.mark_started(group, incarnation)})
             elif self.path == "/event":
                 self._reply(200, {"first": self.state.add_event(_check_event(body, self.state.faults))})
             elif self.path == "/completed":
@@ -302,7 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.state.mark_completed(body)
                 self._reply(200, {"ok": True})
             elif self.path == "/finished":
-                self.state.mark_finished(group, _check_finished(body))
+                self.state.mark_finished(group, _check_finished(body), node)
                 self._reply(200, {"ok": True})
             else:
                 raise RequestError(404, "unknown path")
@@ -371,11 +469,13 @@ class CompletionClient:
                     raise
                 time.sleep(0.2)
 
-    def heartbeat(self, group: int, deadline_s: float = 5.0) -> dict:
-        return self._call_retrying("/heartbeat", {"group": group}, deadline_s)
+    def heartbeat(self, group: int, deadline_s: float = 5.0, node: int = 0) -> dict:
+        return self._call_retrying("/heartbeat", {"group": group, "node": node}, deadline_s)
 
-    def started(self, group: int, deadline_s: float = 60.0) -> None:
-        self._call_retrying("/started", {"group": group}, deadline_s)
+    def started(self, group: int, incarnation: str = "", deadline_s: float = 60.0) -> int:
+        """Report group ``group`` up; returns how many incarnations of it started before this one."""
+        return int(self._call_retrying("/started", {"group": group, "incarnation": incarnation},
+                                       deadline_s).get("restarts", 0))
 
     def status(self, deadline_s: float = 10.0) -> dict:
         return self._call_retrying("/status", None, deadline_s)
@@ -404,5 +504,7 @@ class CompletionClient:
         self._call_retrying("/completed", {"group": group, "global_sync": global_sync,
                                            "params_sha256": params_sha256}, deadline_s)
 
-    def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0) -> None:
-        self._call_retrying("/finished", {"group": group, "exit_code": exit_code, "result": result}, deadline_s)
+    def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0,
+                 node: int = 0) -> None:
+        self._call_retrying("/finished", {"group": group, "node": node, "exit_code": exit_code, "result": result},
+                            deadline_s)

@@ -206,7 +206,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Own both ports before anything is moved or written: a port held by another run ends this
     # role at once with one line, and the replica roles, refused by that run's service, stop too.
-    state = control.CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan})
+    state = control.CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan},
+                                    nodes=cfg.replica_groups.nodes)
     try:
         completion = control.serve(listen_host(bind_host), cfg.lighthouse.port + 1, state, token)
     except OSError as e:
@@ -248,6 +249,7 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
             failure = lighthouse.watch()
             if failure and state.set_abort(failure):
                 print(f"lighthouse: ABORT: {failure}", flush=True)
+            state.settle_failing()
             for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
                 print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
                       f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)

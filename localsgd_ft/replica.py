@@ -1,8 +1,9 @@
 """A replica-group role: runs the group's torchrun, keeps it tied to the run, and reports its end.
 
 Run by the component as
-``python -m localsgd_ft.replica --config C --group G --host-env VAR``. It
-finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro) and:
+``python -m localsgd_ft.replica --config C --group G --node N --host-env VAR``
+(one per node of the group: the role's replica N). It finds the lighthouse
+through ``$VAR`` (torchx's rank-0 host macro) and:
 
 1. proves it talks to its own run: its first heartbeat must be accepted by the
    completion service with this run's token (a port held by another run
@@ -12,9 +13,10 @@ finds the lighthouse through ``$VAR`` (torchx's rank-0 host macro) and:
    given and the data (downloaded here, once, when the role runs in an image);
    a problem is reported as the group's ``failure_reason``, never retried;
 3. runs ``torchrun --standalone --nproc_per_node=W --max_restarts=R
-   train_localsgd.py``; torchrun dies with this role (parent-death signal)
-   and its workers die with torchrun, so nothing outlives the role even when
-   it is SIGKILLed;
+   train_localsgd.py`` (a group of K nodes: ``--nnodes=K`` and a c10d
+   rendezvous at the group's first node instead of ``--standalone``);
+   torchrun dies with this role (parent-death signal) and its workers die
+   with torchrun, so nothing outlives the role even when it is SIGKILLed;
 4. heartbeats every second (from a thread); stops torchrun when the run is
    aborted or the lighthouse role has been unreachable for
    ``lighthouse.role_timeout_s`` (a trainer that meets a permanent error
@@ -35,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import gpus, lifecycle, roles
 from .cifar_files import DataError, locate
@@ -51,14 +53,23 @@ def result_path(cfg: ExperimentConfig, group: int) -> Path:
 
 
 def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
-                     config_b64: Optional[str] = None) -> List[str]:
+                     config_b64: Optional[str] = None, rendezvous: Optional[Tuple[str, int, str, float]] = None,
+                     ) -> List[str]:
+    """torchrun's command line; ``rendezvous`` (host, port, id, timeout) for a group of several nodes."""
     rg = cfg.replica_groups
     # The embedded config travels on to the trainer, so no role ever needs the file on disk.
     embedded = ["--config-b64", config_b64] if config_b64 else []
+    if rendezvous is None:
+        # A free rendezvous port per group, so groups can share a host.
+        meet = ["--standalone", "--nnodes=1"]
+    else:
+        host, port, rdzv_id, timeout_s = rendezvous
+        meet = [f"--nnodes={rg.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
+                # read_timeout: how long a node waits for node 0's store to come up (or answer) at all.
+                f"--rdzv-id={rdzv_id}", f"--rdzv-conf=join_timeout={int(timeout_s)},read_timeout={int(timeout_s)}"]
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone",  # a free rendezvous port per group, so groups can share a host
-        "--nnodes=1",
+        *meet,
         f"--nproc_per_node={rg.workers}",
         f"--max_restarts={rg.max_restarts}",
         script, "--config", config_path, *embedded,
@@ -96,8 +107,8 @@ class Heartbeat:
     unreachable for ``lighthouse.role_timeout_s``).
     """
 
-    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient) -> None:
-        self.cfg, self.group, self.client = cfg, group, client
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0) -> None:
+        self.cfg, self.group, self.client, self.node = cfg, group, client, node
         self.last_contact = time.monotonic()
         self.stop_reason: Optional[str] = None
         self._done = threading.Event()
@@ -113,7 +124,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._done.wait(HEARTBEAT_S):
             try:
-                status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S)
+                status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S, node=self.node)
                 self.last_contact = time.monotonic()
                 if status.get("abort"):
                     self.stop_reason = self.stop_reason or f"the run was aborted: {status['abort']}"
@@ -137,9 +148,10 @@ def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> in
             return stop_torchrun(proc)
 
 
-def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0) -> int:
+def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0,
+            node: int = 0) -> int:
     try:
-        client.finished(group, code, result, deadline_s=deadline_s)
+        client.finished(group, code, result, deadline_s=deadline_s, node=node)
     except Exception as e:  # the lighthouse role is gone: our own exit code must tell
         print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr,
               flush=True)
@@ -149,15 +161,18 @@ def _report(client: CompletionClient, group: int, code: int, result: Optional[di
     return 0
 
 
-def _refuse(client: CompletionClient, group: int, error: str) -> int:
+def _refuse(client: CompletionClient, group: int, error: str, node: int = 0) -> int:
     """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
     print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
-    return _report(client, group, 2, {"error": error, "permanent": True})
+    return _report(client, group, 2, {"error": error, "permanent": True}, node=node)
 
 
 def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
-        config_b64: Optional[str] = None) -> int:
+        config_b64: Optional[str] = None, node: int = 0, rdzv_port: int = 0) -> int:
     env = dict(os.environ)
+    # Workers meet in a store their worker 0 serves, new with every restart: torchrun's own store
+    # outlives restarts, and gloo would find the dead incarnation's addresses in it.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env[roles.GROUP_ENV] = str(group)
     env[roles.NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
     env["TORCHFT_LIGHTHOUSE"] = roles.lighthouse_url(cfg, host)
@@ -167,8 +182,9 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
 
     # The lighthouse role may still be starting (on a cluster its pod or node may come up later
     # than ours); a stranger on its port refuses us at once.
+    local = roles.is_loopback(host)
     try:
-        client.heartbeat(group, deadline_s=roles.first_contact_s(cfg, local=roles.is_loopback(host)))
+        client.heartbeat(group, deadline_s=roles.first_contact_s(cfg, local=local), node=node)
     except Refused as e:
         print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
               "another run holds lighthouse.port + 1: stop it, or set lighthouse.port to a free port",
@@ -179,16 +195,25 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
               file=sys.stderr, flush=True)
         return 1
 
-    beat = Heartbeat(cfg, group, client).start()
+    beat = Heartbeat(cfg, group, client, node).start()
     gpu_problem = gpus.check_role(cfg, group, env)
     if gpu_problem:
         beat.stop()
-        return _refuse(client, group, gpu_problem)
+        return _refuse(client, group, gpu_problem, node)
     try:  # on this filesystem the component already did this; in an image each role does it
         locate(cfg.data)
     except DataError as e:
         beat.stop()
-        return _refuse(client, group, str(e))
+        return _refuse(client, group, str(e), node)
+    rendezvous = None
+    if cfg.replica_groups.nodes > 1:
+        try:
+            first = roles.group_first_host(group, cfg.replica_groups.nodes, host)
+        except RuntimeError as e:
+            beat.stop()
+            return _refuse(client, group, str(e), node)
+        rendezvous = (first, rdzv_port or roles.rendezvous_port(cfg, group),
+                      f"{lifecycle.run_id() or cfg.name}-{group}", roles.rendezvous_timeout_s(cfg, local))
 
     result_file = result_path(cfg, group)
     result_file.unlink(missing_ok=True)  # never report a previous run's result
@@ -200,7 +225,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
-    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64), env=env,
+    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64, rendezvous), env=env,
                             start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
     code = wait_for_torchrun(proc, beat, group)
     if proc.poll() is None:
@@ -214,9 +239,10 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
         why = (beat.stop_reason or (f"permanent error: {result['error']}" if result and result.get("permanent")
                                     else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed"))
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
-    # Stopping on a signal, the lighthouse role is most likely stopping too: try once, briefly.
-    stopping = (beat.stop_reason or "").startswith("received")
-    return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0)
+    # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:
+    # either way try once, briefly, rather than keep a finished run waiting on this role.
+    stopping = (beat.stop_reason or "").startswith("received") or "unreachable" in (beat.stop_reason or "")
+    return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0, node=node)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -226,9 +252,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
     parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
+    parser.add_argument("--node", type=int, default=0, help="which node of the group this is (the role's replica)")
+    parser.add_argument("--rdzv-port", type=int, default=0,
+                        help="where a multi-node group's agents meet (0: lighthouse.port + 2 + group)")
     args, cfg, host = roles.parse_role_args(parser, argv, "replica")
     try:
-        return run(cfg, args.config, args.group, host, args.script, args.config_b64)
+        return run(cfg, args.config, args.group, host, args.script, args.config_b64, args.node, args.rdzv_port)
     except RuntimeError as e:
         print(f"replica {args.group}: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import socket
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 from .config import ConfigError, ExperimentConfig, load_config
 
@@ -72,6 +72,44 @@ def never_seen_s(cfg: ExperimentConfig, local: bool) -> float:
     return twice if local else max(300.0, twice)
 
 
+def rendezvous_port(cfg: ExperimentConfig, group: int) -> int:
+    """Where a multi-node group's torchrun agents meet on a cluster: its first node, this port."""
+    return cfg.lighthouse.port + 2 + group
+
+
+def group_first_host(group: int, nodes: int, lighthouse_host: str, env: Mapping[str, str] = os.environ) -> str:
+    """The host of node 0 of replica group ``group``, where its torchrun agents rendezvous.
+
+    torchx gives every replica of every role a scheduler unit of its own, in
+    role order: on Slurm a het-job group (the lighthouse is group 0, then each
+    group's nodes), on Kubernetes a Volcano task whose pods' DNS names the svc
+    plugin exports as ``VC_<TASK>_HOSTS``. A local run has all nodes here.
+    """
+    if env.get("SLURM_JOB_ID"):
+        var = f"SLURM_JOB_NODELIST_HET_GROUP_{1 + group * nodes}"
+    elif in_kubernetes():
+        var = f"VC_REPLICA{group}_0_HOSTS"
+    elif is_loopback(lighthouse_host):
+        return "127.0.0.1"
+    else:
+        raise RuntimeError(f"cannot find the first node of replica group {group}: not on Slurm or Kubernetes, "
+                           f"and the lighthouse ({lighthouse_host}) is not on this host; replica_groups.nodes > 1 "
+                           "runs on local_cwd, slurm or kubernetes")
+    host = env.get(var, "")
+    if not host:
+        raise RuntimeError(f"${var} is not set: cannot find the first node of replica group {group}")
+    return host.split(",")[0]
+
+
+def rendezvous_timeout_s(cfg: ExperimentConfig, local: bool) -> float:
+    """How long a multi-node group's agents wait for all its nodes (at the start and after a failure).
+
+    A node that never comes (back) fails the group after this long; on a
+    cluster nodes may come up minutes apart.
+    """
+    return 2 * cfg.lighthouse.role_timeout_s if local else max(300.0, 2 * cfg.lighthouse.role_timeout_s)
+
+
 def lighthouse_url(cfg: ExperimentConfig, host: str) -> str:
     return f"http://{host}:{cfg.lighthouse.port}"
 
@@ -97,6 +135,13 @@ def parse_role_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
     except (ConfigError, RuntimeError) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def free_port() -> int:
+    """A port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def free_port_pair() -> int:

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -168,7 +169,6 @@ def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) 
 
 
 def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str, Any]:
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     torch.set_num_threads(cfg.threads)
     device = _device(cfg, group)
     if device.type == "cuda":
@@ -203,10 +203,14 @@ def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str,
     unique = quorums.install(manager, lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
 
     metrics: Optional[MetricsLog] = None
+    restarts = 0
     if leader:
-        completion.started(group)
+        # The lighthouse role counts the group's incarnations: torchrun's restart count is each agent's
+        # own, and the agents of a multi-node group do not always count alike.
+        restarts = completion.started(group, uuid.uuid4().hex)
         # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
         metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
+    restarts = int(workers.agree(restarts))
     checkpointer = Checkpointer(cfg, group, model, optimizer, algorithm, position, batches, completion, metrics,
                                 writer=leader)
     # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.

@@ -1,7 +1,7 @@
 """The workers of one replica group: their process group, gradient averaging, and decisions they share.
 
-A replica group is one torchrun of ``replica_groups.workers`` processes per
-node (``WORLD_SIZE`` in all). Inside the group the ordinary torch.distributed
+A replica group is ``replica_groups.nodes`` torchrun agents of
+``replica_groups.workers`` processes each (``WORLD_SIZE`` in all). Inside the group the ordinary torch.distributed
 default process group (gloo on CPU; gloo for control and NCCL for tensors on
 GPU) averages gradients at every step (DDP), so the group's workers hold
 identical parameters throughout. Across groups each worker has its own torchft
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -29,16 +30,15 @@ from torch import nn
 
 
 class GroupWorkers:
-    def __init__(self, rank: int, world_size: int, local_rank: int, host: str) -> None:
-        self.rank, self.world_size, self.local_rank, self.host = rank, world_size, local_rank, host
+    def __init__(self, rank: int, world_size: int, local_rank: int) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self._store: Any = None  # the Manager store this process serves (worker 0 only)
 
     @classmethod
     def from_env(cls) -> "GroupWorkers":
         """This process's place in its group, as torchrun describes it (a lone process: rank 0 of 1)."""
         env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                   env.get("MASTER_ADDR", "127.0.0.1"))
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
     @property
     def leader(self) -> bool:
@@ -52,40 +52,41 @@ class GroupWorkers:
     def start(self, device: torch.device) -> None:
         """Join the group's default process group; nothing with one worker.
 
-        It meets in torchrun's store under a prefix of its own per restart:
-        torchrun keeps one store for every restart of the group, and gloo would
-        otherwise find the dead incarnation's addresses there and fail to
-        connect (every restart, until the group is lost). Its collectives keep
-        torch's default timeout: a worker that dies makes torchrun restart the
-        group long before, and the others may rightly wait out a peer's
-        evaluation, a hang or a slow quorum.
+        It meets in the store at ``MASTER_ADDR:MASTER_PORT``, which worker 0
+        serves: the replica role starts torchrun with
+        ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, so every restart of the group
+        meets in a new store. (torchrun's own store outlives restarts: gloo found
+        the dead incarnation's addresses there and every restart failed to
+        connect, until the group was lost. A prefix per restart count would not
+        do: the agents of a multi-node group do not always count alike.) Its
+        collectives keep torch's default timeout: a worker that dies makes
+        torchrun restart the group long before, and the others may rightly wait
+        out a peer's evaluation, a hang or a slow quorum.
         """
         if not self.many:
             return
         import torch.distributed as dist
 
-        env = os.environ
-        agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                                    wait_for_workers=False)
-        store = dist.PrefixStore(f"localsgd_ft/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(backend)
 
     def manager_store(self) -> Tuple[str, int]:
         """(host, port) of a store for this incarnation's torchft Managers, served by worker 0.
 
         torchft keeps the Manager server's address under a fixed key in the
-        store it is given. torchrun's store outlives a restart of the group, so a
-        restarted worker could read the address of the dead incarnation's server
-        before worker 0 has replaced it. A store per incarnation has no such key.
+        store it is given, so the store must be new with every incarnation. Its
+        host is the one torchft's own servers advertise (this host's name): the
+        other groups' workers meet in it too, for the cross-group process group.
         """
         from torch.distributed import TCPStore
 
-        port = 0
+        where: List[Any] = ["", 0]
         if self.leader:
-            self._store = TCPStore(self.host, 0, is_master=True, wait_for_workers=False)
-            port = self._store.port
-        return self.host, int(self.agree(port))
+            host = socket.gethostname()
+            self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            where = [host, self._store.port]
+        host, port = self.agree(where)
+        return str(host), int(port)
 
     def parallel(self, model: nn.Module) -> nn.Module:
         """What the forward pass goes through: DDP over the group's workers (``model`` itself with one)."""

@@ -337,3 +337,83 @@ def test_a_group_without_its_gpus_fails_the_run_early_with_the_reason(tmp_path, 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert not summary["succeeded"] and "needs 1 GPU(s) but sees 0" in summary["failure_reason"]
     assert sorted(summary["lost_groups"]) == [0, 1]
+
+
+# ---------------------------------------------------------------------------
+# Groups of several nodes
+
+
+def test_slurm_multi_node_groups_get_a_het_group_per_node(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2, "nodes": 2, "workers": 4, "cpus": 8,
+                                                             "gpus_per_group": 4, "memory_mb": 8000})
+    path = write_config(tmp_path, cfg)
+    request = dryrun("slurm", path, cfg="partition=batch")
+    sbatch = sbatch_groups(request)
+    # Het group 1 + g*K is node 0 of group g: where localsgd_ft.roles.group_first_host looks.
+    assert [shlex.split(g)[0] for g in sbatch] == ["--job-name=lighthouse-0"] + [
+        f"--job-name=replica_{g}-{n}" for g in range(2) for n in range(2)]
+    for g in sbatch[1:]:
+        assert "--cpus-per-task=8" in g and "--gpus-per-task=4" in g  # per node: one GPU per worker
+    port = cfg["lighthouse"]["port"]
+    for i, args in enumerate(srun_groups(request)[1:]):
+        group, node = divmod(i, 2)
+        assert args[args.index("--group") + 1] == str(group)
+        assert args[args.index("--node") + 1] == str(node)  # torchx's replica id, substituted
+        assert args[args.index("--rdzv-port") + 1] == str(port + 2 + group)
+        assert exports(args)["REPLICA_GROUP_ID"] == str(group)
+
+
+def test_kubernetes_multi_node_groups_get_a_task_per_node(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2, "nodes": 3, "workers": 2, "cpus": 4,
+                                                             "gpus_per_group": 2, "memory_mb": 8000})
+    path = write_config(tmp_path, cfg)
+    job = yaml.safe_load(dryrun("kubernetes", path, "--image", IMAGE, cfg="queue=research"))
+    tasks = job["spec"]["tasks"]
+    # Task replica<g>-0's pods are named by $VC_REPLICA<g>_0_HOSTS: where group g's nodes meet.
+    assert [t["name"] for t in tasks] == ["lighthouse-0"] + [f"replica{g}-{n}" for g in range(2) for n in range(3)]
+    port = cfg["lighthouse"]["port"]
+    for i, task in enumerate(tasks[1:]):
+        group, node = divmod(i, 3)
+        (c,) = task["template"]["spec"]["containers"]
+        cmd = c["command"]
+        assert cmd[cmd.index("--node") + 1] == str(node) and cmd[cmd.index("--group") + 1] == str(group)
+        assert cmd[cmd.index("--rdzv-port") + 1] == str(port + 2 + group)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"  # one GPU per worker, on every node
+
+
+def test_multi_node_groups_are_refused_where_nodes_cannot_meet(tmp_path, cifar_root):
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"nodes": 2})
+    path = write_config(tmp_path, cfg)
+    res = subprocess.run([TORCHX, "run", "--dryrun", "-s", "local_docker", COMPONENT, "--config", str(path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "replica_groups.nodes: got 2, but the local_docker scheduler cannot place" in res.stderr, res.stderr
+
+
+def test_group_first_host_per_scheduler(monkeypatch):
+    from localsgd_ft import roles
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST_HET_GROUP_5": "node17"}
+    assert roles.group_first_host(2, 2, "node1", slurm) == "node17"  # het group 1 + 2 * 2
+    with pytest.raises(RuntimeError, match=r"\$SLURM_JOB_NODELIST_HET_GROUP_3 is not set"):
+        roles.group_first_host(1, 2, "node1", slurm)
+    assert roles.group_first_host(1, 2, "localhost", {}) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match="runs on local_cwd, slurm or kubernetes"):
+        roles.group_first_host(1, 2, "elsewhere.example", {})
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    k8s = {"VC_REPLICA1_0_HOSTS": "job-replica1-0-0.job,job-replica1-0-1.job"}
+    assert roles.group_first_host(1, 3, "job-lighthouse-0-0.job", k8s) == "job-replica1-0-0.job"
+
+
+def test_torchrun_command_for_one_and_several_nodes(tmp_path):
+    from localsgd_ft.config import parse_config
+    from localsgd_ft.replica import torchrun_command
+
+    one = torchrun_command(parse_config({"replica_groups": {"workers": 2, "cpus": 2}}), "c.yaml", "t.py")
+    assert "--standalone" in one and "--nnodes=1" in one and "--nproc_per_node=2" in one
+    cfg = parse_config({"replica_groups": {"nodes": 3, "workers": 2, "cpus": 2}})
+    many = torchrun_command(cfg, "c.yaml", "t.py", rendezvous=("node4", 29600, "run-1", 300.0))
+    assert "--standalone" not in many
+    assert {"--nnodes=3", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node4:29600",
+            "--rdzv-id=run-1", "--rdzv-conf=join_timeout=300,read_timeout=300"} <= set(many)

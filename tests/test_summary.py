@@ -74,3 +74,55 @@ def test_a_stall_counts_for_the_latest_failure_before_it_ended():
     ]
     first, second = build_summary(parse_config({}), _state(events, {0: OK, 1: OK}), 0.0, "c", 2, 1.0)["recoveries"]
     assert first["survivor_stall_s"] == 0.0 and second["survivor_stall_s"] == 3.1
+
+
+def test_a_group_of_several_nodes_finishes_when_all_have_reported_or_one_failed():
+    state = CompletionState(2, nodes=2)
+    result = {"params_sha256": "h", "final_test_accuracy": 0.9}
+    state.mark_finished(0, {"group": 0, "exit_code": 0, "result": None}, node=1)  # worker 0 ran on node 0
+    assert 0 not in state.finished
+    state.mark_finished(0, {"group": 0, "exit_code": 0, "result": result}, node=0)
+    assert state.finished[0] == {"group": 0, "exit_code": 0, "result": result, "nodes_reported": [0, 1]}
+    # One node failing ends its group soon after: it cannot go on without it.
+    state.heartbeat(1, node=0)
+    state.mark_finished(1, {"group": 1, "exit_code": 1, "result": {"error": "boom"}}, node=1)
+    assert 1 not in state.finished and state.settle_failing(grace_s=60) == []
+    assert state.settle_failing(grace_s=0) == [1]
+    assert state.finished[1]["exit_code"] == 1 and state.finished[1]["result"] == {"error": "boom"}
+
+
+def test_a_silent_node_loses_its_group_and_only_all_its_nodes_can_say_otherwise():
+    state = CompletionState(1, nodes=2)
+    state.heartbeat(0, node=0)
+    state.heartbeat(0, node=1)
+    state.last_seen[(0, 1)] -= 100  # node 1 went silent
+    assert [g for g, _ in state.declare_silent_lost(10)] == [0]
+    assert state.finished[0]["result"]["error"].startswith("role lost: no heartbeat from node 1 for ")
+    state.mark_finished(0, {"group": 0, "exit_code": 1, "result": None}, node=0)  # node 0 gave up waiting
+    assert state.finished[0]["declared_lost"]  # the reason stays: node 1's loss
+    never = CompletionState(1, nodes=2)
+    never.heartbeat(0, node=0)
+    assert never.declare_never_seen_lost(30) == [0]
+    assert "from node 1 never reached" in never.finished[0]["result"]["error"]
+
+
+def test_the_lighthouse_role_counts_each_groups_incarnations():
+    # torchrun's restart count is per agent, and a multi-node group's agents may count differently.
+    state = CompletionState(2)
+    assert state.mark_started(0, "first") == 0
+    assert state.mark_started(0, "first") == 0  # a resent request counts once
+    assert state.mark_started(0, "second") == 1
+    assert state.mark_started(1, "other") == 0
+
+
+def test_a_node_failing_after_its_sibling_fell_silent_blames_the_sibling():
+    state = CompletionState(1, nodes=2)
+    state.heartbeat(0, node=0)
+    state.heartbeat(0, node=1)  # ... and never again: node 1 is gone
+    state.mark_finished(0, {"group": 0, "exit_code": 1, "result": None}, node=0)
+    assert state.settle_failing(grace_s=0) == [0]
+    assert state.finished[0]["result"]["error"].startswith("role lost: no heartbeat from node 1 for ")
+    alive = CompletionState(1, nodes=2)
+    alive.mark_finished(0, {"group": 0, "exit_code": 1, "result": None}, node=0)
+    alive.heartbeat(0, node=1)  # heard from after the failure: not to blame
+    assert alive.settle_failing(grace_s=0) == [0] and alive.finished[0]["result"] is None

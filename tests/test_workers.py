@@ -137,10 +137,74 @@ def test_killed_client_leaves_no_worker_and_a_lost_group_is_noticed(tmp_path, ci
     assert wait_gone(run.run_id, 15) == []
 
     # Now the client itself dies mid-run: nothing of the run, no worker of any rank, is left.
+    client_killed_leaves_nothing(tmp_path, cfg, torchx_run)
+
+
+def client_killed_leaves_nothing(tmp_path, cfg, torchx_run) -> None:
+    """SIGKILL the torchx client of a long run of ``cfg`` mid-run: no process of the run, of any rank, is left."""
     cfg["train"]["max_steps"] = 3000
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
     run.wait_for_line(lambda line: re.search(r"group 0 step 30 ", line) is not None, timeout=120)
-    assert trainer_pid(path, 0, rank=1) and trainer_pid(path, 1, rank=1)
+    assert trainer_pid(path, 0, rank=1) and trainer_pid(path, 1, rank=1)  # every rank was running
     os.kill(run.proc.pid, signal.SIGKILL)
     assert wait_gone(run.run_id, 20) == []
+
+
+# ---------------------------------------------------------------------------
+# Groups of several nodes (on local_cwd every node is this host)
+
+
+def two_nodes(tmp_path, cifar_root, **over):
+    cfg = small_config(tmp_path, cifar_root, **over)
+    cfg["replica_groups"].update(nodes=2)
+    return cfg
+
+
+def _wrapper_of_node(run_id: str, group: int, node: int) -> int:
+    """The replica role process of node ``node`` of group ``group``."""
+    found = []
+    for pid in processes_of_run(run_id):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"localsgd_ft.replica" in cmd and cmd[cmd.index(b"--group") + 1] == str(group).encode() \
+                and cmd[cmd.index(b"--node") + 1] == str(node).encode():
+            found.append(pid)
+    (pid,) = found
+    return pid
+
+
+def test_two_groups_of_two_nodes_train_to_the_end_and_survive_a_worker_loss(tmp_path, cifar_root, torchx_run):
+    cfg = two_nodes(tmp_path, cifar_root, train={"max_steps": 400})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    # Worker 1 of group 0 runs under node 1's torchrun: both agents of the group restart together.
+    kill_trainer_at(run, path, group=0, step=60, rank=1)
+    assert finish(run, path, timeout=300) == 0, run.tail()
+    summary = read_summary(cfg)
+    assert_every_worker_identical(summary)
+    g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
+    assert g0["restarts"] >= 1 and g1["restarts"] == 0, (g0, g1)
+    assert g0["steps"] < g1["steps"] == 400
+
+
+def test_a_lost_node_loses_its_group_and_nothing_is_left(tmp_path, cifar_root, torchx_run):
+    cfg = two_nodes(tmp_path, cifar_root, lighthouse={"role_timeout_s": 8}, train={"max_steps": 300})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    run.wait_for_line(lambda line: re.search(r"group 1 step 30 ", line) is not None, timeout=120)
+    os.kill(_wrapper_of_node(run.run_id, 1, 1), signal.SIGKILL)  # node 1 of group 1 is gone
+    run.wait(240)
+    summary = read_summary(cfg)
+    assert summary["succeeded"] and summary["lost_groups"] == [1], summary["failure_reason"]
+    # Declared after role_timeout_s of silence, or when node 0 fails first (node 1 may have hosted the
+    # group's rendezvous): either way the reason names the node that went.
+    assert summary["lost_reasons"]["1"].startswith("role lost: no heartbeat from node 1"), summary["lost_reasons"]
+    assert summary["replica_groups"]["0"]["steps"] == 300
+    assert summary["replica_groups"]["0"]["ranks_identical"] is True
+    assert wait_gone(run.run_id, 30) == []
+
+    # The client itself SIGKILLed mid-run: no agent or worker of any node is left.
+    client_killed_leaves_nothing(tmp_path, cfg, torchx_run)
