@@ -57,13 +57,20 @@ def _columns(rows: Sequence[Sequence[str]]) -> List[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _workers(summary: dict) -> str:
+    """' (every worker: 4)' when groups have several workers: the identity covers all of them."""
+    count = sum(len(g.get("worker_params_sha256") or []) for g in summary.get("replica_groups", {}).values()
+                if g.get("succeeded"))
+    return f" (every worker: {count})" if count > len(summary.get("replica_groups", {})) else ""
+
+
 def summary_table(summary: dict) -> str:
     """The end-of-run table, every number taken from ``summary``."""
     verdict = "SUCCEEDED" if summary.get("succeeded") else "FAILED"
     lines = [f"run {summary.get('name')} ({summary.get('algorithm', 'localsgd')}): {verdict}"
              + (f" ({summary['failure_reason']})" if summary.get("failure_reason") else "")
              + f"; final test accuracy {_fmt(summary.get('final_test_accuracy'), '.4f')}"
-             + f"; parameters identical: {'yes' if summary.get('params_identical') else 'no'}"
+             + f"; parameters identical: {'yes' if summary.get('params_identical') else 'no'}{_workers(summary)}"
              + f"; wall time {_fmt(summary.get('wall_time_s'), '.1f')} s"]
     rows = [["group", "accuracy", "steps", "syncs_committed", "syncs_failed", "restarts", "samples/s", "sent_MB",
              "status"]]

@@ -154,6 +154,14 @@ def test_table_of_a_failed_run_with_a_lost_group():
     assert _group_rows(table)["1"] == ["1", "-", "-", "-", "-", "-", "-", "-", "lost"]
 
 
+def test_table_says_every_worker_is_identical_when_groups_have_several():
+    summary = json.loads(json.dumps(SUMMARY))
+    assert "(every worker" not in summary_table(summary)  # one worker per group: nothing to add
+    for g in summary["replica_groups"].values():
+        g["worker_params_sha256"] = ["h", "h"]
+    assert "parameters identical: yes (every worker: 4)" in summary_table(summary)
+
+
 # ---------------------------------------------------------------------------- the plots, one Axes at a time
 
 def _ev(t: float, kind: str, group: int, step: int = 0, **fields) -> dict:
