@@ -175,7 +175,7 @@ def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str,
         torch.cuda.set_device(device)
     if workers.world_size != cfg.group_size:
         raise ConfigError(f"torchrun started {workers.world_size} worker(s) for group {group}, the config asks for "
-                          f"{cfg.group_size} (replica_groups.workers): launch through the component")
+                          f"{cfg.group_size} (replica_groups.workers x nodes): launch through the component")
     workers.start(device)
     leader = workers.leader
 
