@@ -254,3 +254,12 @@ def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int, rank:
     """SIGKILL worker ``rank`` of group ``group`` once the group has logged local step ``step`` (a machine loss)."""
     run.wait_for_line(lambda line: re.search(rf"group {group} step {step} ", line) is not None, timeout=120)
     os.kill(trainer_pid(config, group, rank), signal.SIGKILL)
+
+
+def assert_rejoin_hashes_match(summary: dict, group: int) -> None:
+    """At the rejoined group's first full commit, its parameters equal the other groups' at that sync."""
+    rec = [e for e in summary["events"] if e["kind"] == "recovered"]
+    mine = next(e for e in rec if e["group"] == group)
+    peers = [e for e in rec if e["group"] != group and e["global_sync"] == mine["global_sync"]]
+    assert peers, rec  # the survivors were disrupted too and report the same sync
+    assert {e["params_sha256"] for e in peers} == {mine["params_sha256"]}

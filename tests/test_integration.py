@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from conftest import finish, kill_trainer_at, read_summary, small_config, wait_no_processes, write_config
+from conftest import (assert_rejoin_hashes_match, finish, kill_trainer_at, read_summary, small_config,
+                      wait_no_processes, write_config)
 from localsgd_ft.config import parse_config
 from localsgd_ft.model import build_model
 
@@ -57,16 +58,7 @@ def test_killed_worker_is_restarted_and_rejoins(tmp_path, cifar_root, torchx_run
     assert g0["params_sha256"] == g1["params_sha256"]
     assert g1["steps"] < g0["steps"]  # the restarted group rejoined mid-run with the live weights
     assert summary["final_test_accuracy"] > 0.5, (summary, run.tail(200))
-    _assert_rejoin_hashes_match(summary, group=1)
-
-
-def _assert_rejoin_hashes_match(summary: dict, group: int) -> None:
-    """At the rejoined group's first full commit, its parameters equal the other groups' at that sync."""
-    rec = [e for e in summary["events"] if e["kind"] == "recovered"]
-    mine = next(e for e in rec if e["group"] == group)
-    peers = [e for e in rec if e["group"] != group and e["global_sync"] == mine["global_sync"]]
-    assert peers, rec  # the survivors were disrupted too and report the same sync
-    assert {e["params_sha256"] for e in peers} == {mine["params_sha256"]}
+    assert_rejoin_hashes_match(summary, group=1)
 
 
 def test_group_out_of_restarts_is_lost_and_the_rest_finish(tmp_path, cifar_root, torchx_run):
