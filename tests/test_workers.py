@@ -57,8 +57,9 @@ def test_two_groups_of_two_workers_end_identical_and_learn_like_one_worker(tmp_p
         assert g["syncs_committed"] == 150 // 10 + 1
     assert two["final_test_accuracy"] > 0.5, two  # chance is 0.1
     assert abs(two["final_test_accuracy"] - one["final_test_accuracy"]) <= 0.1, (two, one)
-    # DDP inside a group: one worker's sync sends the whole model, as with one worker.
-    assert two["replica_groups"]["0"]["sync_bytes"] == one["replica_groups"]["0"]["sync_bytes"]
+    # DDP inside a group: a worker's sync sends the whole model, as with one worker.
+    per_sync = [r["replica_groups"]["0"]["sync_bytes"] / r["replica_groups"]["0"]["syncs_attempted"] for r in (two, one)]
+    assert per_sync[0] == per_sync[1] > 0, per_sync
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
