@@ -68,7 +68,8 @@ class ReplicaGroupsConfig:
     )
     max_restarts: int = doc(3, "How often torchrun restarts a group's crashed workers before the group gives up.")
     cpus: int = doc(1, "CPUs requested per group from the scheduler (torchx resource); at least one per worker.")
-    memory_mb: int = doc(2048, "Memory requested per group from the scheduler, in MiB.")
+    memory_mb: int = doc(2048, "Memory requested per group (per node) from the scheduler, in MiB; at least 256 "
+                               "per worker.")
 
 
 ALGORITHMS = ("localsgd", "diloco")
@@ -534,7 +535,9 @@ def _check(cfg: ExperimentConfig) -> None:
     need(rg.cpus >= rg.workers, "replica_groups.cpus", rg.cpus,
          f"expected at least one CPU per worker (replica_groups.workers: {rg.workers}); raise "
          "replica_groups.cpus or lower replica_groups.workers")
-    need(rg.memory_mb >= 256, "replica_groups.memory_mb", rg.memory_mb, "expected at least 256")
+    need(rg.memory_mb >= 256 * rg.workers, "replica_groups.memory_mb", rg.memory_mb,
+         f"expected at least {256 * rg.workers} (256 MiB per worker; a CPU worker of the default model "
+         "takes about 900)")
     if rg.gpus:
         need(len(rg.gpus) == rg.count, "replica_groups.gpus", rg.gpus,
              f"expected one entry per replica group ({rg.count}), or [] for CPU")

@@ -50,6 +50,8 @@ def test_sync_mode_begins_with_an_alignment_sync():
         ({"replica_groups": {"count": True}}, "replica_groups.count", "expected an integer"),
         ({"replica_groups": {"workers": 0}}, "replica_groups.workers", ">= 1"),
         ({"replica_groups": {"workers": 4, "cpus": 2}}, "replica_groups.cpus", "at least one CPU per worker"),
+        ({"replica_groups": {"workers": 8, "cpus": 8, "memory_mb": 1024}}, "replica_groups.memory_mb",
+         "expected at least 2048 (256 MiB per worker"),
         ({"replica_groups": {"count": 2, "workers": 2, "cpus": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[1]",
          "expected 2 non-negative GPU index(es) per group"),
         ({"replica_groups": {"workers": 2, "cpus": 2, "gpus_per_group": 1}}, "replica_groups.gpus_per_group",
