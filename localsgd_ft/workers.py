@@ -30,6 +30,8 @@ from torch import nn
 
 
 class GroupWorkers:
+    """This process's place in its replica group (rank, world size, local rank) and what the group does together."""
+
     def __init__(self, rank: int, world_size: int, local_rank: int) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self._store: Any = None  # the Manager store this process serves (worker 0 only)
