@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .files import write_text_atomic
 from .metrics import read_all
-from .report import ReportError, load_summary
+from .report import ReportError, _columns, _fmt, _incarnations, load_summary
 
 # Keys that differ between any two runs without saying anything about the experiment.
 INCIDENTAL = ("name", "output_dir", "lighthouse.port", "data.root", "checkpoint.dir")
@@ -91,10 +91,6 @@ def _value(v: Any) -> str:
     return "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
-def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def table_rows(runs: Sequence[Run]) -> List[List[str]]:
     rows = [["run", "accuracy", "wall_s", "samples/s", "syncs_committed", "sent_MB", "failures", "recovered",
              "verdict"]]
@@ -115,8 +111,7 @@ def markdown(rows: List[List[str]]) -> str:
 
 
 def console(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(_columns(rows))
 
 
 def _accuracy_curve(run: Run) -> Tuple[List[float], List[float], List[float], List[float]]:
@@ -127,8 +122,7 @@ def _accuracy_curve(run: Run) -> Tuple[List[float], List[float], List[float], Li
     events = run.metrics[group]
     t0 = events[0]["t"] if events else 0.0
     # The last process lifetime's evaluations and final accuracy (an earlier one was cut short).
-    starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
-    life = events[starts[-1]:] if starts else events
+    life = _incarnations(events)[-1] if events else []
     points = [(e["step"], e["t"] - t0, e.get("test_accuracy")) for e in life if e["kind"] in ("eval", "end")]
     points = [(s, t, a) for s, t, a in points if a is not None]
     result = (run.summary.get("replica_groups") or {}).get(str(group)) or {}

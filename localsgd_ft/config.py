@@ -305,9 +305,9 @@ class ExperimentConfig:
         return self.replica_groups.workers * self.replica_groups.nodes
 
     @property
-    def global_batch(self) -> int:
-        """Samples per training step across every worker of every group."""
-        return self.data.batch_size * self.group_size * self.replica_groups.count
+    def group_batch(self) -> int:
+        """Samples per training step of one replica group (all its workers; data.batch_size is per worker)."""
+        return self.data.batch_size * self.group_size
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -451,6 +451,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; in a number field it is one
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
@@ -700,8 +702,6 @@ def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "<config>"
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML: {e}") from None
-        if isinstance(value, str) and _EXPONENT.fullmatch(text.strip()):
-            value = float(text)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
         *parents, leaf = key.split(".")
         node = merged
         for i, part in enumerate(parents):

@@ -181,8 +181,7 @@ class CompletionState:
                 if now - since < grace_s:
                     continue
                 merged = merge_node_reports(group, self.node_reports[group])
-                gone = [n for n in range(self.nodes) if n not in self.node_reports[group]
-                        and self.last_seen.get((group, n), 0.0) < since]
+                gone = [n for n in self._unreported(group) if self.last_seen.get((group, n), 0.0) < since]
                 if gone and not (merged["result"] or {}).get("error"):
                     silent = now - self.last_seen.get((group, gone[0]), since)
                     merged["result"] = {**(merged["result"] or {}), "error": (
@@ -200,9 +199,11 @@ class CompletionState:
         now = time.monotonic()
         with self._cond:
             silent: Dict[int, Tuple[int, float]] = {}
-            for (g, n), seen in sorted(self.last_seen.items()):
-                if g not in self.finished and n not in self.node_reports.get(g, {}) and now - seen > timeout_s:
-                    silent.setdefault(g, (n, now - seen))
+            for g in self._open_groups():
+                late = [(n, now - self.last_seen[(g, n)]) for n in self._unreported(g)
+                        if (g, n) in self.last_seen and now - self.last_seen[(g, n)] > timeout_s]
+                if late:
+                    silent[g] = late[0]
             self._mark_lost({g: f"role lost: no heartbeat{self._from_node(n)} for {s:.0f} s"
                              for g, (n, s) in silent.items()})
         return [(g, s) for g, (_, s) in silent.items()]
@@ -211,14 +212,21 @@ class CompletionState:
         """Groups a node of which never made contact (no heartbeat, no report): mark them finished as lost."""
         with self._cond:
             unseen: Dict[int, int] = {}
-            for g in range(self.expected):
-                for n in range(self.nodes):
-                    if (g, n) not in self.last_seen and n not in self.node_reports.get(g, {}) \
-                            and g not in self.finished:
-                        unseen.setdefault(g, n)
+            for g in self._open_groups():
+                never = [n for n in self._unreported(g) if (g, n) not in self.last_seen]
+                if never:
+                    unseen[g] = never[0]
             self._mark_lost({g: f"role lost: it{self._from_node(n)} never reached the lighthouse role in "
                                 f"{after_s:.0f} s" for g, n in unseen.items()})
         return sorted(unseen)
+
+    def _open_groups(self) -> List[int]:
+        """Groups that have not finished (caller holds the lock)."""
+        return [g for g in range(self.expected) if g not in self.finished]
+
+    def _unreported(self, group: int) -> List[int]:
+        """The nodes of ``group`` that have not reported their end (caller holds the lock)."""
+        return [n for n in range(self.nodes) if n not in self.node_reports.get(group, {})]
 
     def _from_node(self, node: int) -> str:
         return f" from node {node}" if self.nodes > 1 else ""
@@ -290,9 +298,9 @@ def merge_node_reports(group: int, reports: Dict[int, dict]) -> dict:
     failed = [r for r in ordered if r.get("exit_code") != 0]
     with_params = [r["result"] for r in ordered if (r.get("result") or {}).get("params_sha256")]
     with_error = [r["result"] for r in ordered if (r.get("result") or {}).get("error")]
-    result = with_params[0] if with_params else with_error[0] if with_error else None
-    if with_error and failed and result is not with_error[0]:
-        result = with_error[0]  # a failed group's reason beats a stale success
+    # A failed group's reason beats a stale success; a group that finished brings worker 0's result.
+    preferred = with_error + with_params if failed else with_params + with_error
+    result = preferred[0] if preferred else None
     merged = {"group": group, "exit_code": failed[0]["exit_code"] if failed else 0, "result": result}
     if len(reports) > 1:
         merged["nodes_reported"] = sorted(reports)

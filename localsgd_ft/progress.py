@@ -76,7 +76,7 @@ class Progress:
         now = time.monotonic()
         busy = max(now - self._t - self._paused_s, 1e-9)
         steps_per_s = (steps - self._steps) / busy
-        samples_per_s = steps_per_s * cfg.data.batch_size * cfg.group_size  # the group's
+        samples_per_s = steps_per_s * cfg.group_batch
         step, max_steps = pos.step(), cfg.train.max_steps
         eta = _duration(max(max_steps - step, 0) / steps_per_s) if steps_per_s > 0 else "?"
         acc = f"{self.evals[-1]['test_accuracy']:.4f}" if self.evals else "-"

@@ -157,15 +157,17 @@ def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) 
     """The checkpoint to resume from, the same for every worker of the group: worker 0's choice.
 
     Another group may write a newer checkpoint while this group's workers look.
+    Returns the line that says so (worker 0's; empty for the others).
     """
-    found, how = checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+    found, how = (checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+                  if workers.leader else (None, ""))
     path = workers.agree(str(found.path) if found is not None else None)
-    if path is None or (found is not None and str(found.path) == path):
-        return (found if path is not None else None), how
+    if workers.leader or path is None:
+        return found, how
     chosen = next((f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False) if str(f.path) == path), None)
     if chosen is None:
         raise RuntimeError(f"worker 0 of this group resumes from {path}, which this worker cannot read")
-    return chosen, f"resuming from checkpoint {chosen.path} (step {chosen.step})"
+    return chosen, ""
 
 
 def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str, Any]:
@@ -220,13 +222,14 @@ def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str,
         print(f"LocalSGD: group {group}: {how}", flush=True)
     if metrics is not None and restarts == 0:
         completion.report(group, "resumed", step=resumed_from)
-    started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
-    print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
-          f"training to step {cfg.train.max_steps}", flush=True)
+    if leader:  # the others follow worker 0 into the next collective
+        started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
+        print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
+              f"training to step {cfg.train.max_steps}", flush=True)
     if metrics is not None:
         metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
                     max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
-    status = workers.agree(completion.status())
+    status = workers.leader_answer(completion.status)
     if status["completed"] is not None:
         # The others already committed the final sync: training alone from here would only diverge.
         return _finished_late(cfg, group, model, eval_data, manager, status["completed"], restarts, workers)
@@ -249,7 +252,7 @@ def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str,
             checkpointer.after_commit()
         if not monitor.full and not position.done():
             # A partial quorum: if the others have already finished the run, we are training alone.
-            final = workers.agree(_run_completed(completion))
+            final = workers.leader_answer(lambda: _run_completed(completion))
             if final is not None:
                 return _finished_late(cfg, group, model, eval_data, manager, final, restarts, workers,
                                       position.local_steps)
@@ -284,8 +287,7 @@ def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str,
     steps = position.local_steps
     print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
           f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
-    group_batch = cfg.data.batch_size * cfg.group_size
-    samples_per_s = round(steps * group_batch / train_time, 1) if train_time > 0 else None
+    samples_per_s = round(steps * cfg.group_batch / train_time, 1) if train_time > 0 else None
     if metrics is not None:
         metrics.add("end", position.step(), flush=True, local_step=steps, test_accuracy=final_acc,
                     syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,

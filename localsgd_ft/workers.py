@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -113,6 +113,10 @@ class GroupWorkers:
             int(sizes[0]), dtype=torch.uint8)
         dist.broadcast(buf, src=0)
         return json.loads(bytes(buf.tolist()).decode()) if not self.leader else value
+
+    def leader_answer(self, ask: Callable[[], Any]) -> Any:
+        """``ask()`` run by worker 0 alone (a question to the lighthouse role), its answer in every worker."""
+        return self.agree(ask() if self.leader else None)
 
     def gather(self, value: Any) -> Optional[List[Any]]:
         """Every worker's ``value`` (JSON-able) in rank order, at worker 0; None elsewhere."""

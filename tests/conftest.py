@@ -256,6 +256,17 @@ def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int, rank:
     os.kill(trainer_pid(config, group, rank), signal.SIGKILL)
 
 
+def finish_with_a_worker_killed(torchx_run: Callable[[Path], "TorchxRun"], tmp: Path, cfg: Dict[str, Any],
+                                group: int, step: int, rank: int = 0, timeout: float = 240) -> tuple:
+    """Run ``cfg`` and SIGKILL one worker mid-run (:func:`kill_trainer_at`); assert the app SUCCEEDED and
+    left no process; return (the run, its summary.json)."""
+    path = write_config(tmp, cfg)
+    run = torchx_run(path)
+    kill_trainer_at(run, path, group, step, rank)
+    assert finish(run, path, timeout) == 0, run.tail()
+    return run, read_summary(cfg)
+
+
 def assert_rejoin_hashes_match(summary: dict, group: int) -> None:
     """At the rejoined group's first full commit, its parameters equal the other groups' at that sync."""
     rec = [e for e in summary["events"] if e["kind"] == "recovered"]
@@ -263,3 +274,11 @@ def assert_rejoin_hashes_match(summary: dict, group: int) -> None:
     peers = [e for e in rec if e["group"] != group and e["global_sync"] == mine["global_sync"]]
     assert peers, rec  # the survivors were disrupted too and report the same sync
     assert {e["params_sha256"] for e in peers} == {mine["params_sha256"]}
+
+
+def model_bytes(cfg: Dict[str, Any]) -> int:
+    """Bytes of the parameters of the model ``cfg`` builds: what one sync of the whole model hands to allreduce."""
+    from localsgd_ft.config import parse_config
+    from localsgd_ft.model import build_model
+
+    return sum(p.numel() * p.element_size() for p in build_model(parse_config(cfg).model).parameters())

@@ -86,6 +86,23 @@ def test_compatible_changes_resume_incompatible_ones_are_refused(tmp_path):
     assert "--fresh True" in msg
 
 
+def test_a_checkpoint_older_than_a_key_resumes_with_its_default_and_an_algorithm_change_is_refused(tmp_path):
+    import json
+
+    cfg = _cfg(tmp_path)
+    _save(cfg, 100)
+    (meta_path,) = cfg.checkpoint_dir.glob("*.json")
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["localsgd"]["algorithm"], meta["config"]["localsgd"]["fragments"]  # written before they existed
+    meta_path.write_text(json.dumps(meta))
+    assert checkpoint.resume_point(cfg, start_over=False)[0].step == 100  # their defaults kept the old meaning
+    streaming = _cfg(tmp_path, localsgd={"algorithm": "diloco", "fragments": 2})
+    with pytest.raises(ConfigError) as e:
+        checkpoint.resume_point(streaming, start_over=False)
+    assert "localsgd.algorithm was 'localsgd', the config says 'diloco'" in str(e.value)
+    assert "localsgd.fragments was 1, the config says 2" in str(e.value)
+
+
 def test_move_aside_keeps_everything(tmp_path):
     cfg = _cfg(tmp_path)
     _save(cfg, 100)

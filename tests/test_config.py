@@ -275,6 +275,10 @@ def test_overrides_are_merged_before_validation_and_checked_like_the_file(tmp_pa
                                        "localsgd.algorithm=diloco", "replica_groups.gpus=[]"])
     assert (cfg.train.max_steps, cfg.localsgd.algorithm, cfg.localsgd.outer_optimizer.lr) == (200, "diloco", 0.5)
     assert load_config(path, overrides=["train.max_steps=200", "optimizer.lr=1e-3"]).optimizer.lr == 0.001
+    # The same number in the file means the same (YAML reads 1e-3 without a dot as a string).
+    path.write_text("name: x\noptimizer: {lr: 1e-3}\n")
+    assert load_config(path).optimizer.lr == 0.001
+    assert load_config(path, overrides=["name=1e3"]).name == "1e3"  # a string field keeps the text
     for override, words in [("localsgd.sync_evry=5", "localsgd.sync_evry: unknown key; allowed keys here:"),
                             ("localsgd.sync_every=ten", "localsgd.sync_every: expected an integer, got 'ten'"),
                             ("sync_every", "expected dotted.key=value"),

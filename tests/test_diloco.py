@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import finish, kill_trainer_at, read_summary, small_config, wait_gone, wait_no_processes, write_config
+from conftest import (finish, finish_with_a_worker_killed, model_bytes, read_summary, small_config, wait_gone,
+                      wait_no_processes, write_config)
 
 # The paper's outer momentum (0.9) assumes hundreds of inner steps per sync; at sync_every 10 it diverges on
 # the fixture (benchmarks/algorithms.py measures it), 0.5 trains.
@@ -16,13 +17,6 @@ STREAMING = {**DILOCO, "fragments": 2, "fragment_sync_delay": 2}
 pytestmark = pytest.mark.integration
 
 MODES = pytest.mark.parametrize("localsgd", [DILOCO, STREAMING], ids=["diloco", "streaming"])
-
-
-def _cnn_bytes(cfg: dict) -> int:
-    from localsgd_ft.config import parse_config
-    from localsgd_ft.model import build_model
-
-    return sum(p.numel() * p.element_size() for p in build_model(parse_config(cfg).model).parameters())
 
 
 @MODES
@@ -39,7 +33,7 @@ def test_two_groups_train_to_the_end_with_identical_parameters(tmp_path, cifar_r
         assert g["algorithm"] == "diloco" and g["steps"] == 300 and g["restarts"] == 0
         assert g["syncs_committed"] == g["syncs_attempted"] == g["global_syncs"] == syncs
         # Every parameter's pseudo-gradient once per sync_every steps, whatever the fragments.
-        assert g["sync_bytes"] == 300 // 10 * _cnn_bytes(cfg)
+        assert g["sync_bytes"] == 300 // 10 * model_bytes(cfg)
     assert any("Syncing fragment=1" in line for line in run.lines) == ("fragments" in localsgd)
 
 
@@ -47,11 +41,7 @@ def test_two_groups_train_to_the_end_with_identical_parameters(tmp_path, cifar_r
 def test_a_killed_worker_rejoins_and_every_group_ends_identical(tmp_path, cifar_root, torchx_run, localsgd):
     cfg = small_config(tmp_path, cifar_root, localsgd=localsgd, train={"max_steps": 600, "eval_every": 0},
                        checkpoint={"every_syncs": 1000})
-    path = write_config(tmp_path, cfg)
-    run = torchx_run(path)
-    kill_trainer_at(run, path, group=1, step=200)
-    assert finish(run, path) == 0, run.tail()
-    summary = read_summary(cfg)
+    _, summary = finish_with_a_worker_killed(torchx_run, tmp_path, cfg, group=1, step=200)
     assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g1["restarts"] == 1 and g0["restarts"] == 0 and g0["global_syncs"] == g1["global_syncs"]

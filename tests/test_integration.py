@@ -6,10 +6,9 @@ import re
 
 import pytest
 
-from conftest import (assert_rejoin_hashes_match, finish, kill_trainer_at, read_summary, small_config,
-                      wait_no_processes, write_config)
+from conftest import (assert_rejoin_hashes_match, finish, finish_with_a_worker_killed, kill_trainer_at, model_bytes,
+                      read_summary, small_config, wait_no_processes, write_config)
 from localsgd_ft.config import parse_config
-from localsgd_ft.model import build_model
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +32,11 @@ def test_two_groups_train_and_agree(tmp_path, cifar_root, torchx_run, recovery):
     assert groups["0"]["params_sha256"] == groups["1"]["params_sha256"]
     assert summary["final_test_accuracy"] > 0.5, summary  # chance is 0.1
     assert summary["algorithm"] == "localsgd"
-    model_bytes = sum(p.numel() * p.element_size() for p in build_model(parse_config(cfg).model).parameters())
+    whole_model = model_bytes(cfg)
     for g in groups.values():
         assert g["steps"] == 200 and g["restarts"] == 0
         assert g["syncs_committed"] == 200 // 10 + (1 if recovery == "sync" else 0)
-        assert g["sync_bytes"] == g["syncs_attempted"] * model_bytes  # every parameter, once per sync
+        assert g["sync_bytes"] == g["syncs_attempted"] * whole_model  # every parameter, once per sync
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
@@ -46,13 +45,7 @@ def test_killed_worker_is_restarted_and_rejoins(tmp_path, cifar_root, torchx_run
     # must still heal from the live group instead of trusting the file.
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1200},
                        checkpoint={"every_syncs": 1})
-    path = write_config(tmp_path, cfg)
-    run = torchx_run(path)
-    kill_trainer_at(run, path, group=1, step=100)
-    code = finish(run, path)
-    assert code == 0, run.tail()
-
-    summary = read_summary(cfg)
+    run, summary = finish_with_a_worker_killed(torchx_run, tmp_path, cfg, group=1, step=100)
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g1["restarts"] == 1 and g0["restarts"] == 0
     assert g0["params_sha256"] == g1["params_sha256"]

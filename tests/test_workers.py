@@ -11,8 +11,8 @@ import re
 import signal
 
 import pytest
-from conftest import (assert_rejoin_hashes_match, finish, kill_trainer_at, read_summary, small_config, trainer_pid,
-                      wait_gone, wait_no_processes, write_config)
+from conftest import (assert_rejoin_hashes_match, finish, finish_with_a_worker_killed, read_summary, small_config,
+                      trainer_pid, wait_gone, wait_no_processes, write_config)
 
 from localsgd_ft import checkpoint
 from localsgd_ft.config import parse_config
@@ -66,12 +66,7 @@ def test_two_groups_of_two_workers_end_identical_and_learn_like_one_worker(tmp_p
 def test_worker_1_of_group_0_killed_the_group_restarts_and_rejoins(tmp_path, cifar_root, torchx_run, recovery):
     cfg = two_by_two(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 600},
                      checkpoint={"every_syncs": 1})
-    path = write_config(tmp_path, cfg)
-    run = torchx_run(path)
-    kill_trainer_at(run, path, group=0, step=60, rank=1)
-    assert finish(run, path, timeout=300) == 0, run.tail()
-
-    summary = read_summary(cfg)
+    _, summary = finish_with_a_worker_killed(torchx_run, tmp_path, cfg, group=0, step=60, rank=1, timeout=300)
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g0["restarts"] == 1 and g1["restarts"] == 0, (g0, g1)
     assert g0["steps"] < g1["steps"]  # rejoined mid-run with the live weights, every worker from its peer rank
@@ -180,12 +175,8 @@ def _wrapper_of_node(run_id: str, group: int, node: int) -> int:
 
 def test_two_groups_of_two_nodes_train_to_the_end_and_survive_a_worker_loss(tmp_path, cifar_root, torchx_run):
     cfg = two_nodes(tmp_path, cifar_root, train={"max_steps": 400})
-    path = write_config(tmp_path, cfg)
-    run = torchx_run(path)
-    # Worker 1 of group 0 runs under node 1's torchrun: both agents of the group restart together.
-    kill_trainer_at(run, path, group=0, step=60, rank=1)
-    assert finish(run, path, timeout=300) == 0, run.tail()
-    summary = read_summary(cfg)
+    # Worker 1 of group 0 runs under one node's torchrun: both agents of the group restart together.
+    _, summary = finish_with_a_worker_killed(torchx_run, tmp_path, cfg, group=0, step=60, rank=1, timeout=300)
     assert_every_worker_identical(summary)
     g0, g1 = summary["replica_groups"]["0"], summary["replica_groups"]["1"]
     assert g0["restarts"] >= 1 and g1["restarts"] == 0, (g0, g1)
