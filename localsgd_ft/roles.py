@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import random
 import socket
 import sys
 from typing import List, Mapping, Optional, Tuple
@@ -137,25 +138,61 @@ def parse_role_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
         sys.exit(2)
 
 
+# Ports are drawn below the kernel's ephemeral range: a port drawn from it (bind to port 0) is
+# free now, but any outgoing connection or `srun` may be given it before the role binds it,
+# seconds later (a Slurm job in CI lost its lighthouse that way).
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_DRAWN_PORT = 10000
+
+
+def _ephemeral_range() -> Tuple[int, int]:
+    try:
+        with open(_EPHEMERAL_RANGE_FILE) as f:
+            low, high = (int(v) for v in f.read().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(*ports: int) -> bool:
+    socks = []
+    try:
+        for port in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive ports free on loopback now, outside the ephemeral range if it can."""
+    low, high = _ephemeral_range()
+    spans = [(a, b) for a, b in ((_LOWEST_DRAWN_PORT, low - n), (high + 1, 65535 - n)) if a <= b]
+    rng = random.SystemRandom()
+    for _ in range(200 if spans else 0):
+        a, b = rng.choice(spans)
+        port = rng.randint(a, b)
+        if _bindable(*range(port, port + n)):
+            return port
+    for _ in range(100):  # every port is ephemeral here: the kernel's choice is the best there is
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + n - 1 <= 65535 and _bindable(*range(port, port + n)):
+            return port
+    raise RuntimeError(f"no {n} consecutive free port(s) on loopback")
+
+
 def free_port() -> int:
-    """A port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on loopback right now, and unlikely to be handed to a connection before it is bound."""
+    return _free_ports(1)
 
 
 def free_port_pair() -> int:
     """A port p such that p and p + 1 are both free on loopback right now (a lighthouse.port for a local run)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            if p >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                except OSError:
-                    continue
-                return p
-    raise RuntimeError("no free port pair on loopback")
+    return _free_ports(2)

@@ -417,3 +417,21 @@ def test_torchrun_command_for_one_and_several_nodes(tmp_path):
     assert "--standalone" not in many
     assert {"--nnodes=3", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node4:29600",
             "--rdzv-id=run-1", "--rdzv-conf=join_timeout=300,read_timeout=300"} <= set(many)
+
+
+def test_drawn_ports_avoid_the_ephemeral_range_and_are_free():
+    """A port from the kernel's ephemeral range can be handed to a connection (or srun) before the role binds it."""
+    import socket
+
+    from localsgd_ft import roles
+
+    low, high = roles._ephemeral_range()
+    for _ in range(50):
+        pair = roles.free_port_pair()
+        one = roles.free_port()
+        for port in (pair, pair + 1, one):
+            assert not low <= port <= high, (port, low, high)
+            assert port >= roles._LOWEST_DRAWN_PORT
+        with socket.socket() as a, socket.socket() as b:  # both of the pair bind now
+            a.bind(("127.0.0.1", pair))
+            b.bind(("127.0.0.1", pair + 1))

@@ -88,9 +88,14 @@ def wait_for_end(job: str, deadline_s: float = JOB_DEADLINE_S) -> Dict[str, str]
     raise AssertionError(f"Slurm job {job} not finished after {deadline_s}s: {states}")
 
 
-def log(cwd: Path, job: str, role: str) -> str:
-    path = cwd / f"slurm-{job}-{role}-0.out"
+def log(cwd: Path, job: str, role: str, stream: str = "out") -> str:
+    path = cwd / f"slurm-{job}-{role}-0.{stream}"
     return path.read_text() if path.exists() else ""
+
+
+def logs(cwd: Path, job: str, role: str) -> str:
+    """A role's stdout and stderr, for a failed assertion's message."""
+    return f"--- {role} stdout:\n{log(cwd, job, role)}\n--- {role} stderr:\n{log(cwd, job, role, 'err')}"
 
 
 def test_training_runs_to_completed_with_a_summary(tmp_path, cifar_root, slurm_jobs):
@@ -100,8 +105,8 @@ def test_training_runs_to_completed_with_a_summary(tmp_path, cifar_root, slurm_j
     states = wait_for_end(job)
     lighthouse_log = log(tmp_path, job, "lighthouse")
     assert set(states) == {"lighthouse-0", "replica_0-0", "replica_1-0"}
-    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{lighthouse_log}"
-    assert "training SUCCEEDED" in lighthouse_log
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
+    assert "training SUCCEEDED" in lighthouse_log, logs(tmp_path, job, "lighthouse")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["succeeded"] and summary["params_identical"] and summary["lost_groups"] == []
     assert {g["exit_code"] for g in summary["replica_groups"].values()} == {0}
@@ -117,8 +122,8 @@ def test_failed_training_ends_failed_with_the_reason_in_the_log(tmp_path, cifar_
     job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs, script=str(broken))
     states = wait_for_end(job)
     lighthouse_log = log(tmp_path, job, "lighthouse")
-    assert states["lighthouse-0"] == "FAILED", f"{states}\n{lighthouse_log}"
-    assert "training FAILED (" in lighthouse_log  # with the reason
+    assert states["lighthouse-0"] == "FAILED", f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
+    assert "training FAILED (" in lighthouse_log, logs(tmp_path, job, "lighthouse")  # with the reason
     replica_err = (tmp_path / f"slurm-{job}-replica_0-0.err").read_text()
     assert "training crashed on purpose" in replica_err and "torchrun exited with" in replica_err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
