@@ -1,9 +1,10 @@
 """One replica group's training: CIFAR-10 with fault-tolerant syncs across groups (torchft).
 
-Runs in every torchrun worker (``train_localsgd.py``). ``train`` reads top to
-bottom: config -> device, the group's workers and data -> model and optimizer
--> torchft Manager -> resume -> wait for all groups -> the loop -> final
-evaluation -> the result the replica wrapper reports. A group of several
+Runs in every torchrun worker (``train_localsgd.py``). ``GroupTraining`` reads
+top to bottom: its construction builds device, the group's workers, data,
+model, optimizer, torchft Manager and sync algorithm; ``run`` joins the run
+(incarnation, resume, wait for all groups), loops, and ends with the final
+evaluation and the result the replica wrapper reports. A group of several
 workers averages gradients inside itself and agrees its decisions through
 :mod:`localsgd_ft.workers`; its worker 0 speaks for it (metrics, events,
 checkpoints, the result). The loop only steps; each concern has its own
@@ -171,147 +172,184 @@ def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) 
 
 
 def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str, Any]:
-    torch.set_num_threads(cfg.threads)
-    device = _device(cfg, group)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if workers.world_size != cfg.group_size:
-        raise ConfigError(f"torchrun started {workers.world_size} worker(s) for group {group}, the config asks for "
-                          f"{cfg.group_size} (replica_groups.workers x nodes): launch through the component")
-    workers.start(device)
-    leader = workers.leader
+    """Train one worker's part of group ``group`` to the end; the result the replica role reports."""
+    return GroupTraining(cfg, group, workers).run()
 
-    train_split, test_split = load_cifar10(cfg.data, device)
-    batches = ShardedBatches(train_split, shard_of(group, workers.rank, cfg.group_size),
-                             cfg.replica_groups.count * cfg.group_size, cfg.data.batch_size,
-                             cfg.train.seed, cfg.data.augment, cfg.train.channels_last)
-    eval_data = lambda: eval_batches(test_split, channels_last=cfg.train.channels_last)  # noqa: E731
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights in every group
-    model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # Syncs, checkpoints and recovery use `model`; only the forward pass goes through `forward`
-    # (DDP over the group's workers averages the gradients of the backward pass).
-    forward = workers.parallel(model)
-    forward = torch.compile(forward) if cfg.train.compile else forward
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
-    live = LiveState(group, model, optimizer, position)
-    manager = position.manager = _manager(cfg, group, device, live, workers)
-    algorithm = build_algorithm(cfg, manager, model, optimizer, position)
-    completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
-    # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
-    unique = quorums.install(manager, lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
+class GroupTraining:
+    """One worker of one group: its parts are built at construction, ``run`` trains them.
 
-    metrics: Optional[MetricsLog] = None
-    restarts = 0
-    if leader:
-        # The lighthouse role counts the group's incarnations: torchrun's restart count is each agent's
-        # own, and the agents of a multi-node group do not always count alike.
-        restarts = completion.started(group, uuid.uuid4().hex)
-        # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
-        metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
-    restarts = int(workers.agree(restarts))
-    checkpointer = Checkpointer(cfg, group, model, optimizer, algorithm, position, batches, completion, metrics,
-                                writer=leader)
-    # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
-    found, how = _agreed_resume(cfg, workers, restarts)
-    resumed_from = checkpointer.restore(found, device) if found is not None else 0
-    if leader:
+    ``run`` reads top to bottom: join the run (this incarnation, resume, wait for
+    the other groups), the loop, the result. Worker 0 speaks for the group.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> None:
+        self.cfg, self.group, self.workers = cfg, group, workers
+        self.leader = workers.leader
+        torch.set_num_threads(cfg.threads)
+        self.device = device = _device(cfg, group)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if workers.world_size != cfg.group_size:
+            raise ConfigError(f"torchrun started {workers.world_size} worker(s) for group {group}, the config asks "
+                              f"for {cfg.group_size} (replica_groups.workers x nodes): launch through the component")
+        workers.start(device)
+
+        train_split, self.test_split = load_cifar10(cfg.data, device)
+        self.batches = ShardedBatches(train_split, shard_of(group, workers.rank, cfg.group_size),
+                                      cfg.replica_groups.count * cfg.group_size, cfg.data.batch_size,
+                                      cfg.train.seed, cfg.data.augment, cfg.train.channels_last)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights in every group
+        self.model = model = build_model(cfg.model).to(device)
+        if cfg.train.channels_last:
+            self.model = model = model.to(memory_format=torch.channels_last)
+        # Syncs, checkpoints and recovery use `model`; only the forward pass goes through `forward`
+        # (DDP over the group's workers averages the gradients of the backward pass).
+        forward = workers.parallel(model)
+        self.forward = torch.compile(forward) if cfg.train.compile else forward
+        self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        self.position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
+        self.live = LiveState(group, model, self.optimizer, self.position)
+        self.manager = self.position.manager = _manager(cfg, group, device, self.live, workers)
+        self.algorithm = build_algorithm(cfg, self.manager, model, self.optimizer, self.position)
+        self.completion = completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
+        # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
+        self.unique = quorums.install(self.manager,
+                                      lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
+
+    def eval_data(self) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+        return eval_batches(self.test_split, channels_last=self.cfg.train.channels_last)
+
+    def run(self) -> Dict[str, Any]:
+        self._join()
+        status = self.workers.leader_answer(self.completion.status)
+        if status["completed"] is not None:
+            # The others already committed the final sync: training alone from here would only diverge.
+            return self._finished_late(status["completed"])
+        self._watch(status["fired"])
+        position, progress, algorithm = self.position, self.progress, self.algorithm
+        with algorithm:
+            if self.cfg.initial_syncs:
+                self._after_sync(algorithm.initial_sync(), trained=False)
+            while not position.done():
+                images, labels = self.batches.batch(position.step())
+                progress.add_loss(backward(self.forward, self.optimizer, images, labels, self.cfg.train.bf16))
+                sync = algorithm.step()
+                if sync is not None and (late := self._after_sync(sync)) is not None:
+                    return late
+                if self.faults is not None and self.faults.after_step(position.step()):
+                    self.monitor.disrupt()  # we were frozen: disrupted until a full commit
+                progress.after_step()
+        return self._result(time.monotonic() - progress.started)
+
+    def _join(self) -> None:
+        """This incarnation: its number, its metrics, its checkpoints, where it resumes; then wait for the others."""
+        cfg, group, workers, completion = self.cfg, self.group, self.workers, self.completion
+        self.metrics: Optional[MetricsLog] = None
+        restarts = 0
+        if self.leader:
+            # The lighthouse role counts the group's incarnations: torchrun's restart count is each agent's
+            # own, and the agents of a multi-node group do not always count alike.
+            restarts = completion.started(group, uuid.uuid4().hex)
+            # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
+            self.metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
+        self.restarts = restarts = int(workers.agree(restarts))
+        self.checkpointer = Checkpointer(cfg, group, self.model, self.optimizer, self.algorithm, self.position,
+                                         self.batches, completion, self.metrics, writer=self.leader)
+        # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
+        found, how = _agreed_resume(cfg, workers, restarts)
+        self.resumed_from = self.checkpointer.restore(found, self.device) if found is not None else 0
+        if not self.leader:
+            return  # the others follow worker 0 into the next collective
         print(f"LocalSGD: group {group}: {how}", flush=True)
-    if metrics is not None and restarts == 0:
-        completion.report(group, "resumed", step=resumed_from)
-    if leader:  # the others follow worker 0 into the next collective
+        if restarts == 0:
+            completion.report(group, "resumed", step=self.resumed_from)
         started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
         print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
               f"training to step {cfg.train.max_steps}", flush=True)
-    if metrics is not None:
-        metrics.add("start", resumed_from, flush=True, restart=restarts, resumed_from=resumed_from,
-                    max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
-    status = workers.leader_answer(completion.status)
-    if status["completed"] is not None:
-        # The others already committed the final sync: training alone from here would only diverge.
-        return _finished_late(cfg, group, model, eval_data, manager, status["completed"], restarts, workers)
-    faults = (FaultInjector(cfg, group, manager, completion, status["fired"], metrics, worker=workers.rank)
-              if cfg.fault_plan else None)
-    if faults is not None:
-        live.on_heal = faults.on_heal
-    # A restarted group is disrupted until its first committed sync with every group in it.
-    monitor = SyncMonitor(group, cfg.replica_groups.count, completion if leader else None,
-                          cfg.lighthouse.heartbeat_timeout_ms / 1000,
-                          disrupted=restarts > 0, fingerprint=lambda: params_sha256(model), metrics=metrics,
-                          healed_from=lambda: live.healed_from, lighthouse_restarted=unique.take_restart)
-    progress = Progress(cfg, group, position, monitor, optimizer, lambda: evaluate(model, eval_data()), metrics,
-                        device, quiet=not leader)
+        assert self.metrics is not None
+        self.metrics.add("start", self.resumed_from, flush=True, restart=restarts, resumed_from=self.resumed_from,
+                         max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
 
-    def account(sync: Sync, trained: bool = True) -> Optional[Dict[str, Any]]:
-        """After a sync: the monitor, then a checkpoint; a result if the run ended without us."""
-        monitor.after_sync(manager, position.step(), position.local_steps, sync.duration_s, sync.committed)
+    def _watch(self, fired: Any) -> None:
+        """The loop's collaborators: planned failures, sync accounting, progress."""
+        cfg, group, leader = self.cfg, self.group, self.leader
+        self.faults = (FaultInjector(cfg, group, self.manager, self.completion, fired, self.metrics,
+                                     worker=self.workers.rank) if cfg.fault_plan else None)
+        if self.faults is not None:
+            self.live.on_heal = self.faults.on_heal
+        # A restarted group is disrupted until its first committed sync with every group in it.
+        self.monitor = SyncMonitor(group, cfg.replica_groups.count, self.completion if leader else None,
+                                   cfg.lighthouse.heartbeat_timeout_ms / 1000, disrupted=self.restarts > 0,
+                                   fingerprint=lambda: params_sha256(self.model), metrics=self.metrics,
+                                   healed_from=lambda: self.live.healed_from,
+                                   lighthouse_restarted=self.unique.take_restart)
+        self.progress = Progress(cfg, group, self.position, self.monitor, self.optimizer,
+                                 lambda: evaluate(self.model, self.eval_data()), self.metrics, self.device,
+                                 quiet=not leader)
+
+    def _after_sync(self, sync: Sync, trained: bool = True) -> Optional[Dict[str, Any]]:
+        """The monitor, then a checkpoint; a result if the run ended without us."""
+        position = self.position
+        self.monitor.after_sync(self.manager, position.step(), position.local_steps, sync.duration_s, sync.committed)
         if sync.committed and trained:  # an alignment sync has nothing new to save
-            checkpointer.after_commit()
-        if not monitor.full and not position.done():
+            self.checkpointer.after_commit()
+        if not self.monitor.full and not position.done():
             # A partial quorum: if the others have already finished the run, we are training alone.
-            final = workers.leader_answer(lambda: _run_completed(completion))
+            final = self.workers.leader_answer(lambda: _run_completed(self.completion))
             if final is not None:
-                return _finished_late(cfg, group, model, eval_data, manager, final, restarts, workers,
-                                      position.local_steps)
+                return self._finished_late(final, position.local_steps)
         return None
 
-    with algorithm:
-        if cfg.initial_syncs:
-            account(algorithm.initial_sync(), trained=False)
-        while not position.done():
-            images, labels = batches.batch(position.step())
-            progress.add_loss(backward(forward, optimizer, images, labels, cfg.train.bf16))
-            sync = algorithm.step()
-            if sync is not None and (late := account(sync)) is not None:
-                return late
-            if faults is not None and faults.after_step(position.step()):
-                monitor.disrupt()  # we were frozen: disrupted until a full commit
-            progress.after_step()
-    train_time = time.monotonic() - progress.started
+    def _finished_late(self, final: dict, steps: int = 0) -> Dict[str, Any]:
+        return _finished_late(self.cfg, self.group, self.model, self.eval_data, self.manager, final, self.restarts,
+                              self.workers, steps)
 
-    digest = params_sha256(model)
-    every_worker = workers.gather(digest)
-    committed_total = manager.current_step()
-    if not leader:
-        manager.shutdown(wait=False)
-        return {"params_sha256": digest}
-    try:  # first, so that a group restarting from now on takes this final state
-        completion.completed(group, committed_total, digest)
-    except Exception as e:
-        log.warning("could not report the final sync: %s", e)
-    final_acc = evaluate(model, eval_data())
-    manager.shutdown(wait=False)
-    steps = position.local_steps
-    print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
-          f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
-    samples_per_s = round(steps * cfg.group_batch / train_time, 1) if train_time > 0 else None
-    if metrics is not None:
-        metrics.add("end", position.step(), flush=True, local_step=steps, test_accuracy=final_acc,
-                    syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
-                    global_sync=committed_total, samples_per_s=samples_per_s, train_time_s=round(train_time, 3))
-    return {
-        "algorithm": algorithm.name,
-        "sync_bytes": algorithm.sync_bytes,
-        "steps": steps,
-        "syncs_attempted": monitor.attempted,
-        "syncs_committed": monitor.committed,
-        "sync_time_s": round(monitor.total_s, 3),
-        "max_sync_s": round(monitor.max_s, 3),
-        "global_syncs": committed_total,
-        "restarts": restarts,
-        "resumed_from_step": resumed_from,
-        "checkpoints_written": checkpointer.written,
-        "params_sha256": digest,
-        "worker_params_sha256": every_worker,
-        "final_test_accuracy": final_acc,
-        "evals": progress.evals,
-        "train_time_s": round(train_time, 3),
-        "samples_per_s": samples_per_s,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    def _result(self, train_time: float) -> Dict[str, Any]:
+        """Report the final sync, evaluate, and say what this group did (worker 0; the others only hash)."""
+        cfg, group, monitor, position = self.cfg, self.group, self.monitor, self.position
+        digest = params_sha256(self.model)
+        every_worker = self.workers.gather(digest)
+        committed_total = self.manager.current_step()
+        if not self.leader:
+            self.manager.shutdown(wait=False)
+            return {"params_sha256": digest}
+        try:  # first, so that a group restarting from now on takes this final state
+            self.completion.completed(group, committed_total, digest)
+        except Exception as e:
+            log.warning("could not report the final sync: %s", e)
+        final_acc = evaluate(self.model, self.eval_data())
+        self.manager.shutdown(wait=False)
+        steps = position.local_steps
+        print(f"LocalSGD: group {group} finished: steps {steps}, committed syncs {committed_total}, "
+              f"final test_accuracy {final_acc:.4f}, params_sha256 {digest}", flush=True)
+        samples_per_s = round(steps * cfg.group_batch / train_time, 1) if train_time > 0 else None
+        if self.metrics is not None:
+            self.metrics.add("end", position.step(), flush=True, local_step=steps, test_accuracy=final_acc,
+                             syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
+                             global_sync=committed_total, samples_per_s=samples_per_s,
+                             train_time_s=round(train_time, 3))
+        return {
+            "algorithm": self.algorithm.name,
+            "sync_bytes": self.algorithm.sync_bytes,
+            "steps": steps,
+            "syncs_attempted": monitor.attempted,
+            "syncs_committed": monitor.committed,
+            "sync_time_s": round(monitor.total_s, 3),
+            "max_sync_s": round(monitor.max_s, 3),
+            "global_syncs": committed_total,
+            "restarts": self.restarts,
+            "resumed_from_step": self.resumed_from,
+            "checkpoints_written": self.checkpointer.written,
+            "params_sha256": digest,
+            "worker_params_sha256": every_worker,
+            "final_test_accuracy": final_acc,
+            "evals": self.progress.evals,
+            "train_time_s": round(train_time, 3),
+            "samples_per_s": samples_per_s,
+            "peak_rss_mb": peak_rss_mb(),
+        }
 
 
 def _run_completed(completion: CompletionClient) -> Optional[dict]:

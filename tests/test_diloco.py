@@ -91,7 +91,10 @@ def test_streaming_resumes_after_a_whole_app_kill(tmp_path, cifar_root, torchx_r
     assert summary["final_test_accuracy"] > 0.5
 
 
-def test_a_checkpoint_holds_the_outer_optimizer_state(tmp_path, cifar_root, torchx_run):
+def test_a_checkpoint_holds_the_outer_optimizer_state_and_a_resume_takes_the_new_settings(
+        tmp_path, cifar_root, torchx_run):
+    """The outer state (momentum, last synced parameters) is saved; on resume the outer optimizer keeps that
+    state but takes the config's settings (lr, momentum), not the ones saved with it."""
     from localsgd_ft import checkpoint
 
     cfg = small_config(tmp_path, cifar_root, localsgd=STREAMING, train={"max_steps": 100, "eval_every": 0})
@@ -105,6 +108,18 @@ def test_a_checkpoint_holds_the_outer_optimizer_state(tmp_path, cifar_root, torc
         assert fragment["original_parameters"]
         momentum = [s["momentum_buffer"] for s in fragment["outer_optimizer"]["state"].values()]
         assert momentum and all(m.abs().sum() > 0 for m in momentum)
+        assert {(g["lr"], g["momentum"]) for g in fragment["outer_optimizer"]["param_groups"]} == {(0.7, 0.5)}
+
+    cfg["train"]["max_steps"] = 140
+    cfg["localsgd"] = {**cfg["localsgd"], "outer_optimizer": {"lr": 0.3, "momentum": 0.25}}
+    write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert finish(run, path) == 0, run.tail()
+    assert read_summary(cfg)["resumed_from_step"] == 100
+    (newest, *_) = checkpoint.list_valid(tmp_path / "out" / "checkpoints")
+    assert newest.step == 140
+    for fragment in checkpoint.load(newest, torch.device("cpu"))["algorithm"]["fragments"]:
+        assert {(g["lr"], g["momentum"]) for g in fragment["outer_optimizer"]["param_groups"]} == {(0.3, 0.25)}
 
 
 def test_a_diverging_run_stops_with_the_reason_instead_of_succeeding(tmp_path, cifar_root, torchx_run):
