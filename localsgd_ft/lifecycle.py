@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 # Environment every process of a run carries (set by the component, inherited below it).
@@ -127,3 +128,39 @@ def processes_of_run(run: str) -> List[int]:
         except OSError:
             pass
     return pids
+
+
+def wait_for_console_copy(deadline_s: float = 3.0, poll_s: float = 0.05) -> bool:
+    """On local_cwd: wait (bounded) until the ``torchx run`` client has copied all we wrote; True if it has.
+
+    The client copies each role's ``stdout.log`` and ``stderr.log`` into
+    ``combined.log`` with a thread that polls, and stops showing a role's
+    output as soon as the whole app has ended. The last role to exit (the
+    lighthouse role, with its verdict) would lose its final lines to the
+    console whenever it exits between two polls. Elsewhere (Slurm,
+    Kubernetes, a terminal) there is no such copy and this returns at once.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        out = os.readlink("/proc/self/fd/1")
+        err = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return True
+    log_dir = os.path.dirname(out)
+    if os.path.basename(out) != "stdout.log" or err != os.path.join(log_dir, "stderr.log"):
+        return True
+    combined = os.path.join(log_dir, "combined.log")
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            if os.path.getsize(combined) >= os.path.getsize(out) + os.path.getsize(err):
+                return True
+        except OSError:  # no copy being made
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(poll_s)

@@ -295,6 +295,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
           f"summary: {cfg.run_dir / 'summary.json'}"
           + (f"; report: {cfg.run_dir / 'report'}" if report_ok else ""), flush=True)
+    if not stop.is_set():  # stopped, the client is tearing the run down and copies nothing more
+        lifecycle.wait_for_console_copy()
     return 0 if summary["succeeded"] else 1
 
 
@@ -328,6 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(cfg, host, args.config, args.print_summary)
     except RuntimeError as e:
         print(f"lighthouse: error: {e}", file=sys.stderr, flush=True)
+        lifecycle.wait_for_console_copy()
         return 1
 
 

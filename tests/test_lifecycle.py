@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List
@@ -311,3 +312,53 @@ def test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first(t
     (cfg.run_dir / "summary.json").write_text(json.dumps({"succeeded": True, "stopped": False}))
     client.say_how_to_resume(cfg, launched)
     assert capsys.readouterr().err == ""  # training had ended: nothing to resume
+
+
+_WRITE_THEN_WAIT = """
+import sys
+from localsgd_ft import lifecycle
+print("lighthouse: training SUCCEEDED (the verdict)")
+print("a warning", file=sys.stderr)
+sys.exit(0 if lifecycle.wait_for_console_copy(deadline_s=float(sys.argv[1])) else 3)
+"""
+
+
+def _role_like(log_dir: Path, deadline_s: float) -> subprocess.Popen:
+    """A process whose stdout and stderr are files named as torchx local_cwd names a role's logs."""
+    log_dir.mkdir(parents=True)
+    (log_dir / "combined.log").write_bytes(b"")  # the client's copy, empty so far
+    with open(log_dir / "stdout.log", "wb") as out, open(log_dir / "stderr.log", "wb") as err:
+        return subprocess.Popen([sys.executable, "-c", _WRITE_THEN_WAIT, str(deadline_s)], cwd=REPO,
+                                stdout=out, stderr=err)
+
+
+def test_the_last_role_ends_only_after_the_client_copied_its_verdict(tmp_path):
+    """torchx's client copies a role's logs into combined.log by polling, and stops showing them once the app
+    has ended: the lighthouse role's verdict, its last line, was lost from the console that way in CI."""
+    log_dir = tmp_path / "lighthouse" / "0"
+    proc = _role_like(log_dir, deadline_s=60)
+    try:
+        end = time.monotonic() + 30
+        while b"a warning" not in (log_dir / "stderr.log").read_bytes() and time.monotonic() < end:
+            time.sleep(0.05)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # written, not yet copied: the role must not end
+        copied = (log_dir / "stdout.log").read_bytes() + (log_dir / "stderr.log").read_bytes()
+        assert b"training SUCCEEDED" in copied
+        (log_dir / "combined.log").write_bytes(copied)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+    # Nobody copying (the client's copy stopped): the wait is bounded.
+    proc = _role_like(tmp_path / "uncopied" / "0", deadline_s=0.5)
+    assert proc.wait(timeout=20) == 3
+
+
+def test_outside_local_cwd_the_role_does_not_wait(tmp_path):
+    """A log that is not torchx local_cwd's (Slurm's, a terminal's): no copy to wait for."""
+    with open(tmp_path / "slurm-1-lighthouse-0.out", "wb") as out:
+        proc = subprocess.run([sys.executable, "-c", _WRITE_THEN_WAIT, "60"], cwd=REPO, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=30)
+    assert proc.returncode == 0
