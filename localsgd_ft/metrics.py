@@ -83,11 +83,19 @@ def read_events(path: Path) -> List[Dict[str, Any]]:
 
 
 def read_all(run_dir: Path) -> Dict[int, List[Dict[str, Any]]]:
-    """Every group's events, by group id ({} when the run wrote no metrics here)."""
+    """Every group's events, by group id ({} when the run wrote no metrics here).
+
+    Only regular files are read: a name that leads to a device (a link to
+    /dev/full or /dev/zero) would be read forever, until memory runs out.
+    """
     out = {}
     for path in sorted(metrics_dir(run_dir).glob("group_*.jsonl")):
         try:
-            out[int(path.stem.split("_", 1)[1])] = read_events(path)
+            group = int(path.stem.split("_", 1)[1])
         except ValueError:
             continue  # not one of ours
+        if not path.is_file():
+            print(f"WARNING: metrics: skipping {path}: not a regular file", file=sys.stderr, flush=True)
+            continue
+        out[group] = read_events(path)
     return out

@@ -211,6 +211,9 @@ def test_8_a_full_disk_for_metrics_is_a_warning_not_a_crash(tmp_path, cifar_root
     assert summary["succeeded"] and summary["replica_groups"]["1"]["restarts"] == 0
     assert any("WARNING: metrics: cannot write" in line and "No space left" in line for line in run.lines)
     assert (metrics / "group_0.jsonl").stat().st_size > 0
+    # The report is made from what was written (reading the link would never end).
+    verdict = next(line for line in run.lines if "lighthouse: training SUCCEEDED" in line)
+    assert "; report: " in verdict, run.tail()
 
 
 def test_9_an_aborted_run_stops_every_trainer(tmp_path, cifar_root, torchx_run):

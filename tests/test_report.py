@@ -145,6 +145,15 @@ def test_metrics_are_buffered_until_flushed_and_partial_lines_skipped(tmp_path):
     assert read_all(tmp_path) == {3: events}
 
 
+def test_metrics_names_that_lead_to_a_device_are_skipped(tmp_path, capsys):
+    """A link to /dev/full (the full-disk test) or /dev/zero would be read forever; /dev/null stands in."""
+    log = MetricsLog(metrics_path(tmp_path, 0), 0)
+    log.add("start", 0, flush=True)
+    metrics_path(tmp_path, 1).symlink_to("/dev/null")
+    assert list(read_all(tmp_path)) == [0]
+    assert "group_1.jsonl: not a regular file" in capsys.readouterr().err
+
+
 def test_table_of_a_failed_run_with_a_lost_group():
     summary = json.loads(json.dumps(SUMMARY))
     summary.update(succeeded=False, failure_reason="too few groups", final_test_accuracy=None)
