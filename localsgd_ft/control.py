@@ -87,7 +87,6 @@ class CompletionState:
         self.run = run
         self.faults: Dict[int, str] = dict(faults or {})  # fault id -> kind: what may be reported
         self.ready = False
-        self.started: set[int] = set()
         self.incarnations: Dict[int, List[str]] = {}  # group -> the ids of its incarnations, in start order
         self.finished: Dict[int, dict] = {}
         self.node_reports: Dict[int, Dict[int, dict]] = {}  # group -> node -> its /finished report
@@ -118,7 +117,6 @@ class CompletionState:
     def mark_started(self, group: int, incarnation: str = "") -> int:
         """Group ``group`` is up; returns how many of its incarnations started before this one."""
         with self._cond:
-            self.started.add(group)
             seen = self.incarnations.setdefault(group, [])
             if incarnation not in seen:
                 seen.append(incarnation)
@@ -249,7 +247,7 @@ class CompletionState:
 
     def status(self) -> dict:
         with self._cond:
-            return {"run": self.run, "started": sorted(self.started), "expected": self.expected,
+            return {"run": self.run, "started": sorted(self.incarnations), "expected": self.expected,
                     "fired": sorted(self.fired), "finished": sorted(self.finished), "abort": self.abort,
                     "completed": self.completed, "lighthouse_incarnation": self.incarnation}
 
@@ -292,7 +290,7 @@ def merge_node_reports(group: int, reports: Dict[int, dict]) -> dict:
     """One group's report from its nodes' reports: the first failure's exit code, worker 0's result.
 
     The result is the one that has parameters (the node that ran worker 0), else
-    the first that names an error; a node's error says which node.
+    the first that names an error.
     """
     ordered = [reports[n] for n in sorted(reports)]
     failed = [r for r in ordered if r.get("exit_code") != 0]

@@ -108,7 +108,7 @@ def rendezvous_timeout_s(cfg: ExperimentConfig, local: bool) -> float:
     A node that never comes (back) fails the group after this long; on a
     cluster nodes may come up minutes apart.
     """
-    return 2 * cfg.lighthouse.role_timeout_s if local else max(300.0, 2 * cfg.lighthouse.role_timeout_s)
+    return never_seen_s(cfg, local)  # as long as a role that never arrives is waited for
 
 
 def lighthouse_url(cfg: ExperimentConfig, host: str) -> str:

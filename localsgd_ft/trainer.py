@@ -303,8 +303,35 @@ class GroupTraining:
         return None
 
     def _finished_late(self, final: dict, steps: int = 0) -> Dict[str, Any]:
-        return _finished_late(self.cfg, self.group, self.model, self.eval_data, self.manager, final, self.restarts,
-                              self.workers, steps)
+        """The result of a group that (re)started after the run's final sync: the final state, no training alone.
+
+        The final state comes from the final checkpoint (the final commit always
+        writes one when checkpoints are on); without it the group reports that it
+        has no final state, and is neither lost nor counted among the groups that
+        finished with identical weights.
+        """
+        cfg, group, model, workers = self.cfg, self.group, self.model, self.workers
+        self.manager.shutdown(wait=False)
+        result: Dict[str, Any] = {"steps": steps, "restarts": self.restarts, "finished_late": True,
+                                  "global_syncs": int(final["global_sync"]), "peak_rss_mb": peak_rss_mb()}
+        last = [f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False)
+                if int(f.meta.get("sync", -1)) == final["global_sync"]] if cfg.checkpoint.enabled else []
+        if last:
+            model.load_state_dict(checkpoint.load(last[0], self.device)["model"])
+            digest = params_sha256(model)
+            every_worker = workers.gather(digest)
+            if not workers.leader:
+                return result
+            acc = evaluate(model, self.eval_data())
+            result.update(params_sha256=digest, worker_params_sha256=every_worker, final_test_accuracy=acc)
+            print(f"LocalSGD: group {group} restarted after the run's final sync {final['global_sync']}: took "
+                  f"the final state from the final checkpoint (params_sha256 {digest}); not training alone",
+                  flush=True)
+        else:
+            result["error"] = (f"restarted after the run's final sync {final['global_sync']}, with no checkpoint "
+                               "of it to take the final state from (enable checkpoints); did not train alone")
+            print(f"LocalSGD: group {group}: {result['error']}", flush=True)
+        return result
 
     def _result(self, train_time: float) -> Dict[str, Any]:
         """Report the final sync, evaluate, and say what this group did (worker 0; the others only hash)."""
@@ -359,38 +386,6 @@ def _run_completed(completion: CompletionClient) -> Optional[dict]:
     except Exception as e:
         log.warning("could not ask whether the run has completed: %s", e)
         return None
-
-
-def _finished_late(cfg: ExperimentConfig, group: int, model: nn.Module, eval_data: Callable[[], Any],
-                   manager: Any, final: dict, restarts: int, workers: GroupWorkers, steps: int = 0) -> Dict[str, Any]:
-    """The result of a group that (re)started after the run's final sync: the final state, no training alone.
-
-    The final state comes from the final checkpoint (the final commit always
-    writes one when checkpoints are on); without it the group reports that it
-    has no final state, and is neither lost nor counted among the groups that
-    finished with identical weights.
-    """
-    manager.shutdown(wait=False)
-    result: Dict[str, Any] = {"steps": steps, "restarts": restarts, "finished_late": True,
-                              "global_syncs": int(final["global_sync"]), "peak_rss_mb": peak_rss_mb()}
-    last = [f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False)
-            if int(f.meta.get("sync", -1)) == final["global_sync"]] if cfg.checkpoint.enabled else []
-    if last:
-        device = next(model.parameters()).device
-        model.load_state_dict(checkpoint.load(last[0], device)["model"])
-        digest = params_sha256(model)
-        every_worker = workers.gather(digest)
-        if not workers.leader:
-            return result
-        acc = evaluate(model, eval_data())
-        result.update(params_sha256=digest, worker_params_sha256=every_worker, final_test_accuracy=acc)
-        print(f"LocalSGD: group {group} restarted after the run's final sync {final['global_sync']}: took the "
-              f"final state from the final checkpoint (params_sha256 {digest}); not training alone", flush=True)
-    else:
-        result["error"] = (f"restarted after the run's final sync {final['global_sync']}, with no checkpoint of "
-                           "it to take the final state from (enable checkpoints); did not train alone")
-        print(f"LocalSGD: group {group}: {result['error']}", flush=True)
-    return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:

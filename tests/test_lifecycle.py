@@ -360,7 +360,9 @@ def test_the_last_role_ends_only_after_the_client_copied_its_verdict(tmp_path):
 
 
 def test_outside_local_cwd_the_role_does_not_wait(tmp_path):
-    """A log that is not torchx local_cwd's (Slurm's, a terminal's): no copy to wait for."""
+    """A log that is not torchx local_cwd's (Slurm's, a terminal's): no copy to wait for, even beside a file
+    named like the client's copy."""
+    (tmp_path / "combined.log").write_bytes(b"")
     with open(tmp_path / "slurm-1-lighthouse-0.out", "wb") as out:
         proc = subprocess.run([sys.executable, "-c", _WRITE_THEN_WAIT, "60"], cwd=REPO, stdout=out,
                               stderr=subprocess.STDOUT, timeout=30)
