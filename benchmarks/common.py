@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from localsgd_ft.roles import free_port_pair  # noqa: F401  (re-exported for the benchmarks)
+from localsgd_ft.launch.addresses import free_port_pair  # noqa: F401  (re-exported for the benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
-from localsgd_ft.fixture import write_fixture  # noqa: E402
+from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
 
 
 def _stall_cost(summary: dict) -> Dict[str, float]:

@@ -16,13 +16,13 @@ import torchx.specs as specs
 from torchx.specs.finder import ComponentValidationException
 
 from localsgd_ft.config import ConfigError, embed_config, load_config
-from localsgd_ft.cifar_files import DataError, locate
-from localsgd_ft.checkpoint import resume_point
-from localsgd_ft.client import (is_dry_run, is_local_launch, say_how_to_resume, scheduler_from_argv,
+from localsgd_ft.storage.cifar10 import DataError, locate
+from localsgd_ft.storage.checkpoints import resume_point
+from localsgd_ft.launch.client_hooks import (is_dry_run, is_local_launch, say_how_to_resume, scheduler_from_argv,
                                 watch_for_interrupt)
-from localsgd_ft.gpus import check_local_lists
-from localsgd_ft.lifecycle import PARENT_PID_ENV, new_identity
-from localsgd_ft.roles import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, free_port, rendezvous_port
+from localsgd_ft.launch.gpus import check_local_lists
+from localsgd_ft.launch.lifecycle import PARENT_PID_ENV, new_identity
+from localsgd_ft.launch.addresses import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, free_port, rendezvous_port
 
 # Schedulers that give every replica of a role a host the others can reach by a name we can find
 # (see localsgd_ft.roles.group_first_host): where a group may span several nodes.

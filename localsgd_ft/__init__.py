@@ -1,9 +1,12 @@
 """Fault-tolerant LocalSGD on CIFAR-10 with torchft, launched by torchx.
 
-Modules: ``config`` (the YAML schema), ``data`` (CIFAR-10 as tensors),
-``model``, ``trainer`` (one replica group's loop), ``lighthouse`` and
-``replica`` (the two torchx roles), ``control`` (how groups report their end),
-``roles`` (addresses shared by the component and the roles), ``files``.
+Floors, each importing only from those below it (``tests/test_layers.py`` holds it):
 
-Importing the package does not import torch: the lighthouse role stays small.
+- ``config``: the experiment schema;
+- ``storage``: files and their formats (atomic writes, checkpoints, CIFAR-10);
+- ``results``: metrics, summary.json, report, compare, sweep (no torch);
+- ``launch``: the roles and the completion service (no torch);
+- ``training``: one replica group's trainer (torch).
+
+The modules at this level are the command lines (``python -m localsgd_ft.X``).
 """

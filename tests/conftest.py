@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, List
 import pytest
 import yaml
 
-from localsgd_ft.fixture import write_fixture
-from localsgd_ft.lifecycle import processes_of_run
-from localsgd_ft.roles import free_port_pair
+from localsgd_ft.storage.fixture import write_fixture
+from localsgd_ft.launch.lifecycle import processes_of_run
+from localsgd_ft.launch.addresses import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHX = str(Path(sys.executable).with_name("torchx"))
@@ -279,6 +279,6 @@ def assert_rejoin_hashes_match(summary: dict, group: int) -> None:
 def model_bytes(cfg: Dict[str, Any]) -> int:
     """Bytes of the parameters of the model ``cfg`` builds: what one sync of the whole model hands to allreduce."""
     from localsgd_ft.config import parse_config
-    from localsgd_ft.model import build_model
+    from localsgd_ft.training.model import build_model
 
     return sum(p.numel() * p.element_size() for p in build_model(parse_config(cfg).model).parameters())

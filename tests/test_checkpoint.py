@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TORCHX, small_config, write_config
-from localsgd_ft import checkpoint
+from localsgd_ft.storage import checkpoints as checkpoint
 from localsgd_ft.config import ConfigError, parse_config
 
 
@@ -127,7 +127,7 @@ def test_cli_refuses_an_incompatible_resume_and_touches_nothing(tmp_path, cifar_
 
 
 def test_cadence_by_syncs_by_time_and_always_at_the_end():
-    from localsgd_ft.checkpointer import CheckpointPolicy
+    from localsgd_ft.training.checkpointer import CheckpointPolicy
 
     policy = CheckpointPolicy(every_syncs=50, every_s=300.0, now=0.0)
     assert policy.due(50, final=False, now=10.0) and policy.due(7, final=True, now=10.0)
@@ -168,9 +168,9 @@ def test_time_cadence_writes_checkpoints_in_a_real_run(tmp_path, cifar_root, tor
 def test_a_resume_trains_with_the_configs_optimizer_settings_not_the_saved_ones(tmp_path):
     from types import SimpleNamespace
 
-    from localsgd_ft.checkpointer import Checkpointer
-    from localsgd_ft.optim import build_optimizer
-    from localsgd_ft.position import Position
+    from localsgd_ft.training.checkpointer import Checkpointer
+    from localsgd_ft.training.optim import build_optimizer
+    from localsgd_ft.training.position import Position
 
     before = _cfg(tmp_path, optimizer={"lr": 0.05, "momentum": 0.9})
     model = torch.nn.Linear(2, 2)

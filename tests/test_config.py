@@ -253,7 +253,7 @@ def test_streaming_diloco_syncs_one_fragment_per_share_of_sync_every():
 
 
 def test_model_fragments_are_consecutive_balanced_and_cover_every_parameter():
-    from localsgd_ft.model import build_model, split_into_fragments
+    from localsgd_ft.training.model import build_model, split_into_fragments
 
     model = build_model(parse_config({"model": {"arch": "resnet", "width": 16}}).model)
     for n in (1, 2, 3, 4):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from localsgd_ft import cifar_files
-from localsgd_ft.cifar_files import DataError, locate, read_batch
+from localsgd_ft.storage import cifar10 as cifar_files
+from localsgd_ft.storage.cifar10 import DataError, locate, read_batch
 from localsgd_ft.config import DataConfig
-from localsgd_ft.data import PAD, ShardedBatches, Split, augment, load_cifar10, normalize
+from localsgd_ft.training.data import PAD, ShardedBatches, Split, augment, load_cifar10, normalize
 
 
 def test_checksums_match_torchvision():
@@ -90,7 +90,7 @@ def test_shards_are_disjoint_and_cover_the_epoch():
 
 
 def test_every_worker_of_every_group_has_its_own_shard():
-    from localsgd_ft.data import shard_of
+    from localsgd_ft.training.data import shard_of
 
     split, groups, workers = _split(96), 3, 2
     seen = [set() for _ in range(groups * workers)]

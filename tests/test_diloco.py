@@ -95,7 +95,7 @@ def test_a_checkpoint_holds_the_outer_optimizer_state_and_a_resume_takes_the_new
         tmp_path, cifar_root, torchx_run):
     """The outer state (momentum, last synced parameters) is saved; on resume the outer optimizer keeps that
     state but takes the config's settings (lr, momentum), not the ones saved with it."""
-    from localsgd_ft import checkpoint
+    from localsgd_ft.storage import checkpoints as checkpoint
 
     cfg = small_config(tmp_path, cifar_root, localsgd=STREAMING, train={"max_steps": 100, "eval_every": 0})
     path = write_config(tmp_path, cfg)

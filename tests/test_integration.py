@@ -138,7 +138,7 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, torchx_run, recovery):
     from conftest import wait_gone
-    from localsgd_ft import checkpoint
+    from localsgd_ft.storage import checkpoints as checkpoint
 
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1000},
                        checkpoint={"every_syncs": 10, "keep": 3})

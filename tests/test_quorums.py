@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from localsgd_ft.quorums import STRIDE, UniqueQuorums
+from localsgd_ft.training.quorums import STRIDE, UniqueQuorums
 
 
 class _Client:

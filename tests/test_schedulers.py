@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TORCHX, small_config, write_config
-from localsgd_ft import gpus
+from localsgd_ft.launch import gpus
 from localsgd_ft.config import ConfigError, embed_config, load_config
 
 COMPONENT = str(REPO / "components/localsgd.py") + ":localsgd"
@@ -391,7 +391,7 @@ def test_multi_node_groups_are_refused_where_nodes_cannot_meet(tmp_path, cifar_r
 
 
 def test_group_first_host_per_scheduler(monkeypatch):
-    from localsgd_ft import roles
+    from localsgd_ft.launch import addresses as roles
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST_HET_GROUP_5": "node17"}
@@ -408,7 +408,7 @@ def test_group_first_host_per_scheduler(monkeypatch):
 
 def test_torchrun_command_for_one_and_several_nodes(tmp_path):
     from localsgd_ft.config import parse_config
-    from localsgd_ft.replica import torchrun_command
+    from localsgd_ft.launch.replica_role import torchrun_command
 
     one = torchrun_command(parse_config({"replica_groups": {"workers": 2, "cpus": 2}}), "c.yaml", "t.py")
     assert "--standalone" in one and "--nnodes=1" in one and "--nproc_per_node=2" in one
@@ -423,7 +423,7 @@ def test_drawn_ports_avoid_the_ephemeral_range_and_are_free():
     """A port from the kernel's ephemeral range can be handed to a connection (or srun) before the role binds it."""
     import socket
 
-    from localsgd_ft import roles
+    from localsgd_ft.launch import addresses as roles
 
     low, high = roles._ephemeral_range()
     for _ in range(50):

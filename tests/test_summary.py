@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from localsgd_ft.config import parse_config
-from localsgd_ft.control import CompletionState
-from localsgd_ft.summary import build_summary
+from localsgd_ft.launch.completion.state import CompletionState
+from localsgd_ft.results.summary import build_summary
 
 
 def _state(events, finished):

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO, small_config, write_config
-from localsgd_ft.compare import compare, label_runs, Run
+from localsgd_ft.results.compare import compare, label_runs, Run
 from localsgd_ft.config import ConfigError
-from localsgd_ft.sweep import parse_grid, point_name
+from localsgd_ft.results.sweep import parse_grid, point_name
 
 
 def test_grid_values_split_at_commas_and_bad_grids_are_refused():
@@ -87,7 +87,7 @@ def test_a_real_sweep_records_each_point_survives_a_failed_one_and_resumes(tmp_p
 
 def test_a_point_directory_holding_another_config_is_refused_before_anything_runs(tmp_path, cifar_root):
     from localsgd_ft.config import load_config, resolved_yaml
-    from localsgd_ft.sweep import check_not_reused, points
+    from localsgd_ft.results.sweep import check_not_reused, points
 
     path = write_config(tmp_path, small_config(tmp_path, cifar_root))
     todo = points(path, parse_grid(["localsgd.sync_every=10,20"]), ["train.eval_every=50"], tmp_path / "sweep")
@@ -101,7 +101,7 @@ def test_a_point_directory_holding_another_config_is_refused_before_anything_run
 
 
 def test_cluster_points_are_waited_for_unless_detached(tmp_path):
-    from localsgd_ft.sweep import main, torchx_command
+    from localsgd_ft.results.sweep import main, torchx_command
 
     local = torchx_command(Path("x.yaml"), ["a.b=1"], "local_cwd", "", detach=False)
     assert local[1:] == ["run", "-s", "local_cwd", "--", "--config", "x.yaml", "a.b=1"]
@@ -114,7 +114,7 @@ def test_cluster_points_are_waited_for_unless_detached(tmp_path):
 
 
 def test_a_detached_sweep_run_again_does_not_submit_its_points_twice(tmp_path, cifar_root, monkeypatch):
-    from localsgd_ft import sweep
+    from localsgd_ft.results import sweep
 
     path = write_config(tmp_path, small_config(tmp_path, cifar_root))
     calls = []

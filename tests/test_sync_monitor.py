@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from localsgd_ft.sync_monitor import StallDetector, SyncMonitor
+from localsgd_ft.training.sync_monitor import StallDetector, SyncMonitor
 
 
 def _noisy_syncs(n, seed=0):

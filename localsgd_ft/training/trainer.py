@@ -31,21 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, lifecycle, quorums, roles
-from .algorithms import Sync, build_algorithm
-from .checkpointer import Checkpointer
-from .config import ConfigError, ExperimentConfig, load_config
-from .control import CompletionClient, Refused
-from .data import DataError, ShardedBatches, eval_batches, load_cifar10, shard_of
-from .faults import FaultInjector
-from .files import peak_rss_mb, write_json_atomic
-from .metrics import MetricsLog, metrics_path
-from .model import build_model
-from .optim import build_optimizer
-from .position import Position
-from .progress import Diverged, Progress
-from .sync_monitor import ForeignQuorum, SyncMonitor
-from .workers import GroupWorkers
+from localsgd_ft.storage import checkpoints
+from localsgd_ft.launch import lifecycle
+from localsgd_ft.training import quorums
+from localsgd_ft.launch import addresses
+from localsgd_ft.training.algorithms import Sync, build_algorithm
+from localsgd_ft.training.checkpointer import Checkpointer
+from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
+from localsgd_ft.launch.completion.client import CompletionClient, Refused
+from localsgd_ft.training.data import DataError, ShardedBatches, eval_batches, load_cifar10, shard_of
+from localsgd_ft.training.faults import FaultInjector
+from localsgd_ft.storage.atomic import write_json_atomic
+from localsgd_ft.results.metrics import MetricsLog, metrics_path
+from localsgd_ft.training.model import build_model
+from localsgd_ft.training.optim import build_optimizer
+from localsgd_ft.training.position import Position
+from localsgd_ft.training.progress import Diverged, Progress
+from localsgd_ft.training.sync_monitor import ForeignQuorum, SyncMonitor
+from localsgd_ft.training.workers import GroupWorkers
 
 log = logging.getLogger("localsgd_ft.trainer")
 
@@ -154,18 +157,18 @@ def _manager(cfg: ExperimentConfig, group: int, device: torch.device, live: Live
     )
 
 
-def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) -> Tuple[Optional[checkpoint.Found], str]:
+def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) -> Tuple[Optional[checkpoints.Found], str]:
     """The checkpoint to resume from, the same for every worker of the group: worker 0's choice.
 
     Another group may write a newer checkpoint while this group's workers look.
     Returns the line that says so (worker 0's; empty for the others).
     """
-    found, how = (checkpoint.resume_point(cfg, start_over=roles.fresh_requested(cfg) and restarts == 0)
+    found, how = (checkpoints.resume_point(cfg, start_over=addresses.fresh_requested(cfg) and restarts == 0)
                   if workers.leader else (None, ""))
     path = workers.agree(str(found.path) if found is not None else None)
     if workers.leader or path is None:
         return found, how
-    chosen = next((f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False) if str(f.path) == path), None)
+    chosen = next((f for f in checkpoints.list_valid(cfg.checkpoint_dir, warn=False) if str(f.path) == path), None)
     if chosen is None:
         raise RuntimeError(f"worker 0 of this group resumes from {path}, which this worker cannot read")
     return chosen, ""
@@ -213,7 +216,7 @@ class GroupTraining:
         self.live = LiveState(group, model, self.optimizer, self.position)
         self.manager = self.position.manager = _manager(cfg, group, device, self.live, workers)
         self.algorithm = build_algorithm(cfg, self.manager, model, self.optimizer, self.position)
-        self.completion = completion = CompletionClient(os.environ[roles.COMPLETION_ENV], lifecycle.run_token())
+        self.completion = completion = CompletionClient(os.environ[addresses.COMPLETION_ENV], lifecycle.run_token())
         # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
         self.unique = quorums.install(self.manager,
                                       lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
@@ -313,11 +316,11 @@ class GroupTraining:
         cfg, group, model, workers = self.cfg, self.group, self.model, self.workers
         self.manager.shutdown(wait=False)
         result: Dict[str, Any] = {"steps": steps, "restarts": self.restarts, "finished_late": True,
-                                  "global_syncs": int(final["global_sync"]), "peak_rss_mb": peak_rss_mb()}
-        last = [f for f in checkpoint.list_valid(cfg.checkpoint_dir, warn=False)
+                                  "global_syncs": int(final["global_sync"]), "peak_rss_mb": lifecycle.peak_rss_mb()}
+        last = [f for f in checkpoints.list_valid(cfg.checkpoint_dir, warn=False)
                 if int(f.meta.get("sync", -1)) == final["global_sync"]] if cfg.checkpoint.enabled else []
         if last:
-            model.load_state_dict(checkpoint.load(last[0], self.device)["model"])
+            model.load_state_dict(checkpoints.load(last[0], self.device)["model"])
             digest = params_sha256(model)
             every_worker = workers.gather(digest)
             if not workers.leader:
@@ -375,7 +378,7 @@ class GroupTraining:
             "evals": self.progress.evals,
             "train_time_s": round(train_time, 3),
             "samples_per_s": samples_per_s,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": lifecycle.peak_rss_mb(),
         }
 
 
@@ -404,15 +407,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     @record
     def _run() -> int:
-        from .replica import result_path
+        from localsgd_ft.launch.replica_role import result_path
 
         workers = GroupWorkers.from_env()
         cfg = None
         try:
             cfg = load_config(args.config, args.config_b64)
-            group = int(os.environ.get(roles.GROUP_ENV, 0))
+            group = int(os.environ.get(addresses.GROUP_ENV, 0))
             if not 0 <= group < cfg.replica_groups.count:
-                raise ConfigError(f"${roles.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
+                raise ConfigError(f"${addresses.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
             result = train(cfg, group, workers)
         except (ConfigError, DataError, Diverged, ForeignQuorum, Refused) as e:
             # No restart can fix these: leave the reason for the replica role, then end torchrun (and with

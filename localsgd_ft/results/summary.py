@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional
 
-from .config import ExperimentConfig, to_dict
+from localsgd_ft.config import ExperimentConfig, to_dict
 
 # How long after a failure's recovery a survivor's stall report may still arrive.
 STALL_REPORT_SLACK_S = 5.0

@@ -12,7 +12,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from localsgd_ft.config import ConfigError, ModelConfig
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

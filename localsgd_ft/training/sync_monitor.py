@@ -26,8 +26,8 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Optional, Tuple
 
-from .control import CompletionClient
-from .metrics import MetricsLog
+from localsgd_ft.launch.completion.client import CompletionClient
+from localsgd_ft.results.metrics import MetricsLog
 
 
 class ForeignQuorum(RuntimeError):

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import List, Optional
 
-from .checkpoint import resume_point
-from .config import ConfigError, ExperimentConfig
+from localsgd_ft.storage.checkpoints import resume_point
+from localsgd_ft.config import ConfigError, ExperimentConfig
 
 SUMMARY_WAIT_S = 10.0
 _interrupted = False  # set by the hook below when the client ends on a signal

@@ -3,8 +3,8 @@
 Exactly one process writes: worker 0 of the group ranked 0 in the quorum that
 just committed, so every checkpoint holds state all live groups agreed on (a
 group's workers hold identical state, so one worker's is the group's). It
-writes at every ``checkpoint.every_syncs``-th committed sync, at the first
-committed sync ``checkpoint.every_s`` seconds after its last checkpoint (or
+writes at every ``checkpoints.every_syncs``-th committed sync, at the first
+committed sync ``checkpoints.every_s`` seconds after its last checkpoint (or
 its start), and always at the final sync, so that a group restarted after the
 end finds the final state. The files themselves (atomic, checksummed) are
 ``localsgd_ft.checkpoint``'s business.
@@ -18,13 +18,13 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import checkpoint
-from .config import ExperimentConfig
-from .control import CompletionClient
-from .data import ShardedBatches
-from .metrics import MetricsLog
-from .optim import apply_settings, settings
-from .position import Position
+from localsgd_ft.storage import checkpoints
+from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.launch.completion.client import CompletionClient
+from localsgd_ft.training.data import ShardedBatches
+from localsgd_ft.results.metrics import MetricsLog
+from localsgd_ft.training.optim import apply_settings, settings
+from localsgd_ft.training.position import Position
 
 
 class CheckpointPolicy:
@@ -56,9 +56,9 @@ class Checkpointer:
         self.policy = CheckpointPolicy(cfg.checkpoint.every_syncs, cfg.checkpoint.every_s, clock())
         self.written: List[int] = []  # training steps of the checkpoints this process wrote
 
-    def restore(self, found: checkpoint.Found, device: torch.device) -> int:
+    def restore(self, found: checkpoints.Found, device: torch.device) -> int:
         """Load ``found`` into model, optimizer, algorithm and Manager; returns its training step."""
-        state = checkpoint.load(found, device)
+        state = checkpoints.load(found, device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         apply_settings(self.optimizer, settings(self.cfg.optimizer))  # the config's lr, not the saved one
@@ -81,7 +81,7 @@ class Checkpointer:
         if not self.policy.due(pos.syncs, pos.done(), now):
             return
         step = pos.step()
-        path = checkpoint.save(self.cfg, self._payload(step), step, pos.global_syncs)
+        path = checkpoints.save(self.cfg, self._payload(step), step, pos.global_syncs)
         self.policy.wrote(self.clock())
         self.written.append(step)
         print(f"LocalSGD: checkpoint written: {path} (step {step})", flush=True)

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable
 import torch
 from torch import nn
 
-from .config import OptimizerConfig
+from localsgd_ft.config import OptimizerConfig
 
 
 def settings(cfg: OptimizerConfig) -> Dict[str, Any]:

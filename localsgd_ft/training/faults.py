@@ -22,9 +22,9 @@ import subprocess
 import sys
 from typing import Any, List, Optional
 
-from .config import ExperimentConfig, Fault
-from .control import CompletionClient
-from .metrics import MetricsLog
+from localsgd_ft.config import ExperimentConfig, Fault
+from localsgd_ft.launch.completion.client import CompletionClient
+from localsgd_ft.results.metrics import MetricsLog
 
 
 class FaultInjector:

@@ -35,10 +35,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, ExperimentConfig
-from .model import split_into_fragments
-from .optim import apply_settings
-from .position import Position
+from localsgd_ft.config import ConfigError, ExperimentConfig
+from localsgd_ft.training.model import split_into_fragments
+from localsgd_ft.training.optim import apply_settings
+from localsgd_ft.training.position import Position
 
 
 @dataclass

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import ConfigError, ExperimentConfig, to_dict
-from .files import file_digest, write_json_atomic
+from localsgd_ft.config import ConfigError, ExperimentConfig, to_dict
+from localsgd_ft.storage.atomic import file_digest, write_json_atomic
 
 # Config keys a checkpoint cannot outlive: changing one changes what the saved
 # state means. Everything else (max_steps, eval cadence, timeouts, faults, ...) may change.

@@ -147,6 +147,15 @@ class LighthouseConfig:
     memory_mb: int = doc(1536, "Memory requested for the lighthouse role, in MiB (it uses about 30 MB; "
                                "Kubernetes requests this minus torchx's 1024 MB node reserve).")
 
+    @property
+    def completion_port(self) -> int:
+        """Where the lighthouse role's completion service listens: the port after the lighthouse's."""
+        return self.port + 1
+
+    def rendezvous_port(self, group: int) -> int:
+        """Where the torchrun agents of a multi-node group meet (c10d) on its first node."""
+        return self.port + 2 + group
+
 
 @dataclass
 class DataConfig:

@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .config import ExperimentConfig
-from .metrics import MetricsLog
-from .position import Position
-from .sync_monitor import SyncMonitor
+from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.results.metrics import MetricsLog
+from localsgd_ft.training.position import Position
+from localsgd_ft.training.sync_monitor import SyncMonitor
 
 
 class Diverged(RuntimeError):

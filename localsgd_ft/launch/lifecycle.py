@@ -21,10 +21,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 # Environment every process of a run carries (set by the component, inherited below it).
@@ -164,3 +166,18 @@ def wait_for_console_copy(deadline_s: float = 3.0, poll_s: float = 0.05) -> bool
         if time.monotonic() >= end:
             return False
         time.sleep(poll_s)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MiB.
+
+    Linux's VmHWM belongs to this program image; ``ru_maxrss`` would also count
+    the parent's memory inherited through fork before exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Mapping, Optional
 
-from .config import ExperimentConfig
+from localsgd_ft.config import ExperimentConfig
 
 
 def physical_gpus() -> int:

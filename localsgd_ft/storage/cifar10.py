@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import DataConfig
-from .files import file_digest
+from localsgd_ft.config import DataConfig
+from localsgd_ft.storage.atomic import file_digest
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")

@@ -10,7 +10,7 @@ import socket
 import sys
 from typing import List, Mapping, Optional, Tuple
 
-from .config import ConfigError, ExperimentConfig, load_config
+from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
 
 # Environment a replica-group role receives from the component.
 GROUP_ENV = "REPLICA_GROUP_ID"

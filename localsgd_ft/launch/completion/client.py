@@ -1,0 +1,98 @@
+"""The completion service's client: what replica wrappers and trainers call, retrying while it starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+from localsgd_ft.launch.lifecycle import TOKEN_HEADER
+
+log = logging.getLogger("localsgd_ft.control")
+
+
+class Refused(RuntimeError):
+    """The completion service answered with an error (4xx): retrying will not help."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CompletionClient:
+    """Client side of the completion service, used by replica wrappers and trainers."""
+
+    def __init__(self, url: str, token: str, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def _call(self, path: str, body: Optional[dict] = None, timeout_s: Optional[float] = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json", TOKEN_HEADER: self.token})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                raise ConnectionError("the lighthouse role is starting") from None
+            try:
+                message = json.loads(e.read()).get("error", str(e))
+            except (ValueError, OSError):
+                message = str(e)
+            raise Refused(e.code, f"{self.url}{path}: {e.code}: {message}") from None
+
+    def _call_retrying(self, path: str, body: Optional[dict], deadline_s: float) -> dict:
+        """Retry while the service is unreachable or starting, up to ``deadline_s``; never on a refusal."""
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                return self._call(path, body, timeout_s=min(self.timeout_s, max(0.5, end - time.monotonic())))
+            except OSError:  # unreachable, timed out, or starting (URLError, ConnectionError, TimeoutError)
+                if time.monotonic() >= end:
+                    raise
+                time.sleep(0.2)
+
+    def heartbeat(self, group: int, deadline_s: float = 5.0, node: int = 0) -> dict:
+        return self._call_retrying("/heartbeat", {"group": group, "node": node}, deadline_s)
+
+    def started(self, group: int, incarnation: str = "", deadline_s: float = 60.0) -> int:
+        """Report group ``group`` up; returns how many incarnations of it started before this one."""
+        return int(self._call_retrying("/started", {"group": group, "incarnation": incarnation},
+                                       deadline_s).get("restarts", 0))
+
+    def status(self, deadline_s: float = 10.0) -> dict:
+        return self._call_retrying("/status", None, deadline_s)
+
+    def wait_all_started(self, deadline_s: float) -> list:
+        """Poll until every group reported /started or the deadline passes; return who started."""
+        end = time.monotonic() + deadline_s
+        while True:
+            state = self.status(max(1.0, end - time.monotonic()))
+            if len(state["started"]) >= state["expected"] or time.monotonic() >= end:
+                return state["started"]
+            time.sleep(0.1)
+
+    def event(self, group: int, kind: str, deadline_s: float = 10.0, **fields: Any) -> bool:
+        """Report an event; returns False if its ``fault_id`` had already fired."""
+        return self._call_retrying("/event", {"group": group, "kind": kind, **fields}, deadline_s)["first"]
+
+    def report(self, group: int, kind: str, **fields: Any) -> None:
+        """Report an event from training: a failure to report is a warning, never a stopped trainer."""
+        try:
+            self.event(group, kind, **fields)
+        except Exception as e:
+            log.warning("could not report %s: %s", kind, e)
+
+    def completed(self, group: int, global_sync: int, params_sha256: str, deadline_s: float = 10.0) -> None:
+        self._call_retrying("/completed", {"group": group, "global_sync": global_sync,
+                                           "params_sha256": params_sha256}, deadline_s)
+
+    def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0,
+                 node: int = 0) -> None:
+        self._call_retrying("/finished", {"group": group, "node": node, "exit_code": exit_code, "result": result},
+                            deadline_s)

@@ -1,0 +1,341 @@
+"""The lighthouse role: supervises torchft's lighthouse, serves the completion service, ends when training does.
+
+Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env VAR``.
+
+- torchft's lighthouse runs as a child process (``lighthouse_server``); if it
+  dies it is restarted on the same port (replica groups ride through with
+  ``localsgd.quorum_retries``). An injected ``lighthouse`` fault kills it and
+  restarts it after the fault's ``duration_s``.
+- Both servers bind loopback when role 0's host (``$VAR``) is this machine
+  (local schedulers) and all interfaces otherwise (and always on Kubernetes).
+- ``--print-summary`` also prints summary.json to the log, for schedulers
+  whose containers keep no files (Kubernetes): ``torchx log`` shows it.
+- It owns its ports before it touches anything: a port another run holds
+  ends the role at once with one line naming the fix; only then are old
+  checkpoints (``--fresh``) and metrics moved aside.
+- Replica roles heartbeat every second; one silent for
+  ``lighthouse.role_timeout_s`` is declared lost ("role lost: no heartbeat").
+- A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
+  ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
+  the remaining groups are told to stop, and the run fails with that reason.
+- When every group has reported its end it writes ``summary.json``, runs the
+  report (``python -m localsgd_ft.report``: plots and the summary table, in a
+  subprocess so matplotlib never enters this small process and a plotting
+  problem cannot change the verdict) and exits 0 if enough groups trained to
+  the end with identical parameters, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, Optional
+
+from localsgd_ft.launch.completion.server import serve as serve_completion
+from localsgd_ft.launch.completion.state import CompletionState
+from localsgd_ft.launch import lifecycle
+from localsgd_ft.launch import addresses
+from localsgd_ft.storage.checkpoints import move_aside
+from localsgd_ft.config import ExperimentConfig, resolved_yaml
+from localsgd_ft.storage.atomic import write_json_atomic, write_text_atomic
+from localsgd_ft.launch.torchft_lighthouse import command as lighthouse_command
+from localsgd_ft.results.metrics import metrics_dir
+from localsgd_ft.results.summary import build_summary
+
+REPORT_TIMEOUT_S = 120
+
+
+class PortTaken(RuntimeError):
+    """A port this role must own is held by another process (often another run)."""
+
+
+def listen_host(bind_host: str) -> str:
+    """The host to bind a server to: '' (every interface) for addresses.bind_address's '::'."""
+    return "" if bind_host == "::" else bind_host
+
+
+def port_taken(host: str, port: int, what: str, e: OSError) -> PortTaken:
+    """The one-line error for a port this role cannot bind, naming the fix."""
+    return PortTaken(f"port {port} ({what}) is already in use on {host or 'all interfaces'} ({e.strerror}), "
+                     "probably by another run; stop it, or set lighthouse.port to a free port (this run uses "
+                     "lighthouse.port and lighthouse.port + 1)")
+
+
+def claim_port(host: str, port: int, what: str) -> None:
+    """Fail at once, naming the fix, if ``host:port`` cannot be bound (e.g. another run holds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As torchft's server binds (Rust sets SO_REUSEADDR): TIME_WAIT is no obstacle, a listener is.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise port_taken(host, port, what, e) from None
+
+
+class SupervisedLighthouse:
+    """torchft's lighthouse in a child process that is restarted whenever it dies."""
+
+    def __init__(self, cfg: ExperimentConfig, bind_host: str, on_start: Callable[[], None] = lambda: None) -> None:
+        self.on_start = on_start  # counts an incarnation before the new lighthouse can form a quorum
+        # A lighthouse that cannot be restarted for as long as a group waits for a quorum ends the
+        # run with the reason, rather than leaving the groups to time out one by one.
+        self.give_up_s = cfg.localsgd.quorum_timeout_s
+        self.cmd = lighthouse_command(cfg.lighthouse, bind_host)
+        self.port = cfg.lighthouse.port
+        self.bind_host = bind_host
+        self.connect_host = "127.0.0.1" if bind_host != "::" else "localhost"
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self._down_until = 0.0  # an injected outage: do not restart before this time
+        self._failing_since: Optional[float] = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self, deadline_s: float = 30.0) -> None:
+        """Start the child and wait until it accepts connections."""
+        claim_port(listen_host(self.bind_host), self.port, "torchft lighthouse")
+        self.on_start()
+        # The torchft lighthouse dies with this role, however the role dies (SIGKILL included), and
+        # at once: SIGKILL frees the port for the next run without a grace.
+        self.proc = subprocess.Popen(self.cmd, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the torchft lighthouse exited with {self.proc.returncode} at start "
+                                   f"(port {self.port})")
+            try:
+                socket.create_connection((self.connect_host, self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.proc.kill()
+        raise RuntimeError(f"the torchft lighthouse did not listen on port {self.port} within {deadline_s}s")
+
+    def kill_for(self, duration_s: float) -> None:
+        """Injected failure: SIGKILL the lighthouse; it comes back after ``duration_s``."""
+        with self._lock:
+            self._down_until = time.monotonic() + duration_s
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+        print(f"lighthouse: FAULT: lighthouse killed; restarting in {duration_s:g}s", flush=True)
+
+    def watch(self) -> Optional[str]:
+        """Restart the child if it is gone (called periodically); a reason to end the run if it cannot be."""
+        with self._lock:
+            if self._stopped or self.proc is None or self.proc.poll() is None:
+                return None
+            if time.monotonic() < self._down_until:
+                return None
+            code = self.proc.returncode
+            try:
+                if self._failing_since is None:
+                    self.restarts += 1
+                    print(f"lighthouse: torchft lighthouse exited ({code}); restart #{self.restarts}", flush=True)
+                self.start(deadline_s=10.0)
+                self._failing_since = None
+            except RuntimeError as e:
+                now = time.monotonic()
+                self._failing_since = self._failing_since or now
+                print(f"lighthouse: restarting the torchft lighthouse failed: {e}", flush=True)
+                if now - self._failing_since > self.give_up_s:
+                    return (f"the torchft lighthouse could not be restarted for {self.give_up_s:.0f} s "
+                            f"(last error: {e})")
+                self._down_until = now + 1.0  # try again in a second
+        return None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+def _check_losses(cfg: ExperimentConfig, state: CompletionState) -> None:
+    """Abort when too few groups are left to form a quorum (lighthouse.min_replicas)."""
+    reports = state.snapshot(events=False)
+    finished = reports["finished"]
+    lost = [g for g, rep in finished.items() if rep.get("exit_code") != 0]
+    if not lost or reports["abort"]:
+        return
+    alive = cfg.replica_groups.count - len(lost)
+    if alive < cfg.lighthouse.min_replicas:
+        errors = [f"group {g}: {(finished[g].get('result') or {}).get('error')}" for g in sorted(lost)
+                  if (finished[g].get("result") or {}).get("error")]
+        why = "; ".join(errors) if errors else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})"
+        reason = (f"replica group(s) {sorted(lost)} failed ({why}); {alive} group(s) left, fewer than "
+                  f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
+        if state.set_abort(reason):
+            print(f"lighthouse: ABORT: {reason}", flush=True)
+
+
+def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callable[[dict], None]:
+    plan = {f.id: f for f in cfg.fault_plan}
+
+    def on_event(event: dict) -> None:
+        if event.get("kind") != "fault":
+            return
+        print(f"lighthouse: FAULT #{event.get('fault_id')}: {event.get('fault')} of "
+              f"{'the lighthouse' if event.get('fault') == 'lighthouse' else 'group %s' % event.get('target')} "
+              f"at step {event.get('step')}", flush=True)
+        if event.get("fault") == "lighthouse":
+            # Off the HTTP thread: the reporting group must get its answer before the kill.
+            # The outage lasts as planned, whatever the report claims.
+            threading.Thread(target=lighthouse.kill_for, args=(plan[event["fault_id"]].duration_s,),
+                             daemon=True).start()
+
+    return on_event
+
+
+def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
+    started_at = time.time()
+    bind_host = addresses.bind_address(host)
+    token = lifecycle.run_token()
+    run_id = lifecycle.run_id()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Own both ports before anything is moved or written: a port held by another run ends this
+    # role at once with one line, and the replica roles, refused by that run's service, stop too.
+    state = CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan},
+                                    nodes=cfg.replica_groups.nodes)
+    try:
+        completion = serve_completion(listen_host(bind_host), cfg.lighthouse.port + 1, state, token)
+    except OSError as e:
+        raise port_taken(listen_host(bind_host), cfg.lighthouse.port + 1, "completion service", e) from None
+    lighthouse = SupervisedLighthouse(cfg, bind_host, on_start=state.new_incarnation)
+    try:
+        lighthouse.start()
+    except RuntimeError:
+        completion.shutdown()
+        completion.server_close()
+        raise
+
+    role_error: Optional[str] = None
+    try:
+        if cfg.checkpoint.enabled and addresses.fresh_requested(cfg):
+            moved = move_aside(cfg.checkpoint_dir)
+            if moved:
+                print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
+        # The metrics files and the report describe this job; a previous job's are kept beside them.
+        old_metrics = move_aside(metrics_dir(cfg.run_dir))
+        if old_metrics:
+            print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
+        # What this run ran, every default filled in (overrides included): rerunnable as it is.
+        write_text_atomic(cfg.run_dir / "config.yaml", resolved_yaml(cfg, config_path))
+        state.on_event = _on_fault(lighthouse, cfg)
+        state.open()
+        opened = time.monotonic()
+        # A role that never reaches us (it died at start, its pod was never scheduled) is lost too.
+        never_seen = addresses.never_seen_s(cfg, local=bind_host != "::")
+        print(f"lighthouse: run {run_id}: serving {addresses.lighthouse_url(cfg, host)}, bound to {bind_host}; "
+              f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
+        print(f"lighthouse: dashboard: {addresses.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
+              flush=True)
+        if cfg.fault_plan:
+            print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
+                  + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan),
+                  flush=True)
+        while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
+            failure = lighthouse.watch()
+            if failure and state.set_abort(failure):
+                print(f"lighthouse: ABORT: {failure}", flush=True)
+            state.settle_failing()
+            for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
+                print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
+                      f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
+            if time.monotonic() - opened > never_seen:
+                for g in state.declare_never_seen_lost(never_seen):
+                    print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
+                          f"{never_seen:.0f} s", flush=True)
+            _check_losses(cfg, state)
+    except Exception as e:  # never end without a verdict: the summary says what went wrong
+        role_error = f"lighthouse role error: {type(e).__name__}: {e}"
+        print(f"lighthouse: {role_error}", flush=True)
+    finally:
+        completion.shutdown()
+        completion.server_close()  # free the port now, not when the report is done
+        lighthouse.stop()
+
+    reports = state.snapshot()
+    summary = build_summary(cfg, reports, started_at, config_path, lighthouse.restarts, lifecycle.peak_rss_mb(),
+                            run_id=run_id, role_error=role_error,
+                            stopped=stop.is_set() and not _all_trained(cfg, reports))
+    write_json_atomic(cfg.run_dir / "summary.json", summary)
+    for g, rep in summary["replica_groups"].items():
+        print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
+              f"syncs_committed={rep.get('syncs_committed')} restarts={rep.get('restarts')} "
+              f"params_sha256={str(rep.get('params_sha256'))[:12]}", flush=True)
+    if stop.is_set():
+        print("lighthouse: stopped by a signal before every group finished", flush=True)
+        written = summary["checkpoints_written"]
+        if cfg.checkpoint.enabled:
+            where = f"newest checkpoint: step {written[-1]['step']}" if written else "no checkpoint yet: it starts over"
+            print(f"lighthouse: to resume, run the same command again ({where}, in {cfg.checkpoint_dir})", flush=True)
+    if summary["lost_groups"]:
+        print(f"lighthouse: lost replica groups: {summary['lost_groups']}", flush=True)
+    if print_summary:
+        # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
+        print("lighthouse: SUMMARY_JSON " + json.dumps(summary, separators=(",", ":")), flush=True)
+    # Stopped (Ctrl-C, a cancel, the client gone): leave at once; the plots can be made later.
+    report_ok = False if stop.is_set() else _run_report(cfg)
+    if stop.is_set():
+        print(f"lighthouse: report skipped; make it with: python -m localsgd_ft.report {cfg.run_dir}", flush=True)
+    verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
+    why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
+    print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
+          f"summary: {cfg.run_dir / 'summary.json'}"
+          + (f"; report: {cfg.run_dir / 'report'}" if report_ok else ""), flush=True)
+    if not stop.is_set():  # stopped, the client is tearing the run down and copies nothing more
+        lifecycle.wait_for_console_copy()
+    return 0 if summary["succeeded"] else 1
+
+
+def _run_report(cfg: ExperimentConfig) -> bool:
+    """Print the summary table and write the plots; True if the report was written."""
+    try:
+        code = subprocess.run([sys.executable, "-m", "localsgd_ft.report", str(cfg.run_dir)], timeout=REPORT_TIMEOUT_S,
+                              preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL)).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"lighthouse: the report could not be made: {e}", flush=True)
+        return False
+    if code != 0:
+        print(f"lighthouse: the report exited with {code} (see above); summary.json is complete", flush=True)
+    return code == 0
+
+
+def _all_trained(cfg: ExperimentConfig, reports: dict) -> bool:
+    """Whether every group ended well (a group the same signal stopped first reports a failed exit)."""
+    finished = reports["finished"]
+    return len(finished) == cfg.replica_groups.count and all(r.get("exit_code") == 0 for r in finished.values())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # First of all: locally the role follows the `torchx run` client, on Slurm its step process
+    # (SIGTERM: it still writes its verdict). Its own children follow it in turn.
+    lifecycle.die_with_parent(signal.SIGTERM, expected_parent=lifecycle.expected_parent())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--print-summary", action="store_true", help="also print summary.json to the log")
+    args, cfg, host = addresses.parse_role_args(parser, argv, "lighthouse")
+    try:
+        return run(cfg, host, args.config, args.print_summary)
+    except RuntimeError as e:
+        print(f"lighthouse: error: {e}", file=sys.stderr, flush=True)
+        lifecycle.wait_for_console_copy()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

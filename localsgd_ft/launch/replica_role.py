@@ -1,0 +1,269 @@
+"""A replica-group role: runs the group's torchrun, keeps it tied to the run, and reports its end.
+
+Run by the component as
+``python -m localsgd_ft.replica --config C --group G --node N --host-env VAR``
+(one per node of the group: the role's replica N). It finds the lighthouse
+through ``$VAR`` (torchx's rank-0 host macro) and:
+
+1. proves it talks to its own run: its first heartbeat must be accepted by the
+   completion service with this run's token (a port held by another run
+   answers 403, and the role stops with one line instead of training against
+   a stranger);
+2. checks what no restart can fix before torchrun starts: the GPUs it was
+   given and the data (downloaded here, once, when the role runs in an image);
+   a problem is reported as the group's ``failure_reason``, never retried;
+3. runs ``torchrun --standalone --nproc_per_node=W --max_restarts=R
+   train_localsgd.py`` (a group of K nodes: ``--nnodes=K`` and a c10d
+   rendezvous at the group's first node instead of ``--standalone``);
+   torchrun dies with this role (parent-death signal) and its workers die
+   with torchrun, so nothing outlives the role even when it is SIGKILLed;
+4. heartbeats every second (from a thread); stops torchrun when the run is
+   aborted or the lighthouse role has been unreachable for
+   ``lighthouse.role_timeout_s`` (a trainer that meets a permanent error
+   records it in its result and ends torchrun itself, so it is never retried);
+5. posts torchrun's exit code and the trainer's result, then exits 0 (the
+   lighthouse role's exit code is the run's verdict); if it cannot report, it
+   exits with torchrun's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from localsgd_ft.launch import gpus
+from localsgd_ft.launch import lifecycle
+from localsgd_ft.launch import addresses
+from localsgd_ft.storage.cifar10 import DataError, locate
+from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.launch.completion.client import CompletionClient, Refused
+
+HEARTBEAT_S = 1.0
+
+
+def result_path(cfg: ExperimentConfig, group: int) -> Path:
+    """Where group ``group``'s trainer (worker 0) leaves its final result."""
+    return cfg.run_dir / "groups" / f"{group}.json"
+
+
+def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
+                     config_b64: Optional[str] = None, rendezvous: Optional[Tuple[str, int, str, float]] = None,
+                     ) -> List[str]:
+    """torchrun's command line; ``rendezvous`` (host, port, id, timeout) for a group of several nodes."""
+    rg = cfg.replica_groups
+    # The embedded config travels on to the trainer, so no role ever needs the file on disk.
+    embedded = ["--config-b64", config_b64] if config_b64 else []
+    if rendezvous is None:
+        # A free rendezvous port per group, so groups can share a host.
+        meet = ["--standalone", "--nnodes=1"]
+    else:
+        host, port, rdzv_id, timeout_s = rendezvous
+        meet = [f"--nnodes={rg.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
+                # read_timeout: how long a node waits for node 0's store to come up (or answer) at all.
+                f"--rdzv-id={rdzv_id}", f"--rdzv-conf=join_timeout={int(timeout_s)},read_timeout={int(timeout_s)}"]
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        *meet,
+        f"--nproc_per_node={rg.workers}",
+        f"--max_restarts={rg.max_restarts}",
+        script, "--config", config_path, *embedded,
+    ]
+
+
+def read_result(path: Path, group: int) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        return result if isinstance(result, dict) else None
+    except (OSError, ValueError) as e:
+        print(f"replica {group}: cannot read {path}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def stop_torchrun(proc: subprocess.Popen) -> int:
+    """SIGKILL torchrun; its workers die with it (parent-death signal), checkpoints are atomic.
+
+    Nothing is lost against a SIGTERM (trainers do not handle it), and torchrun
+    prints no traceback of its own shutdown.
+    """
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait()
+
+
+class Heartbeat:
+    """Tells the lighthouse role every second that this role lives, from a thread of its own.
+
+    A thread, so that nothing this role does (checking or downloading data,
+    waiting for torchrun) can make it fall silent. It keeps what the role must
+    act on: the reason to stop (the run aborted, a refusal, the lighthouse role
+    unreachable for ``lighthouse.role_timeout_s``).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0) -> None:
+        self.cfg, self.group, self.client, self.node = cfg, group, client, node
+        self.last_contact = time.monotonic()
+        self.stop_reason: Optional[str] = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(HEARTBEAT_S):
+            try:
+                status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S, node=self.node)
+                self.last_contact = time.monotonic()
+                if status.get("abort"):
+                    self.stop_reason = self.stop_reason or f"the run was aborted: {status['abort']}"
+            except Refused as e:
+                self.stop_reason = self.stop_reason or f"the completion service refused this role ({e})"
+            except Exception:  # the lighthouse role busy or restarting: keep training, within reason
+                silent = time.monotonic() - self.last_contact
+                if silent > self.cfg.lighthouse.role_timeout_s and self.stop_reason is None:
+                    self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
+
+
+def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> int:
+    """Wait for torchrun; stop it early when the heartbeat says so (a trainer's permanent error ends it itself)."""
+    while True:
+        try:
+            return proc.wait(HEARTBEAT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if beat.stop_reason:
+            print(f"replica {group}: stopping torchrun: {beat.stop_reason}", file=sys.stderr, flush=True)
+            return stop_torchrun(proc)
+
+
+def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0,
+            node: int = 0) -> int:
+    try:
+        client.finished(group, code, result, deadline_s=deadline_s, node=node)
+    except Exception as e:  # the lighthouse role is gone: our own exit code must tell
+        print(f"replica {group}: could not report to the lighthouse at {client.url}: {e}", file=sys.stderr,
+              flush=True)
+        return code or 1
+    # Reported: the lighthouse role now owns the verdict (its exit code is the run's). Exiting 0
+    # keeps a lost group from failing the whole app (Slurm kills every role on a non-zero exit).
+    return 0
+
+
+def _refuse(client: CompletionClient, group: int, error: str, node: int = 0) -> int:
+    """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
+    print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
+    return _report(client, group, 2, {"error": error, "permanent": True}, node=node)
+
+
+def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
+        config_b64: Optional[str] = None, node: int = 0, rdzv_port: int = 0) -> int:
+    env = dict(os.environ)
+    # Workers meet in a store their worker 0 serves, new with every restart: torchrun's own store
+    # outlives restarts, and gloo would find the dead incarnation's addresses in it.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    env[addresses.GROUP_ENV] = str(group)
+    env[addresses.NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
+    env["TORCHFT_LIGHTHOUSE"] = addresses.lighthouse_url(cfg, host)
+    env[addresses.COMPLETION_ENV] = addresses.completion_url(cfg, host)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    client = CompletionClient(env[addresses.COMPLETION_ENV], lifecycle.run_token())
+
+    # The lighthouse role may still be starting (on a cluster its pod or node may come up later
+    # than ours); a stranger on its port refuses us at once.
+    local = addresses.is_loopback(host)
+    try:
+        client.heartbeat(group, deadline_s=addresses.first_contact_s(cfg, local=local), node=node)
+    except Refused as e:
+        print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
+              "another run holds lighthouse.port + 1: stop it, or set lighthouse.port to a free port",
+              file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:
+        print(f"replica {group}: error: the lighthouse role at {client.url} is not reachable: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+
+    beat = Heartbeat(cfg, group, client, node).start()
+    gpu_problem = gpus.check_role(cfg, group, env)
+    if gpu_problem:
+        beat.stop()
+        return _refuse(client, group, gpu_problem, node)
+    try:  # on this filesystem the component already did this; in an image each role does it
+        locate(cfg.data)
+    except DataError as e:
+        beat.stop()
+        return _refuse(client, group, str(e), node)
+    rendezvous = None
+    if cfg.replica_groups.nodes > 1:
+        try:
+            first = addresses.group_first_host(group, cfg.replica_groups.nodes, host)
+        except RuntimeError as e:
+            beat.stop()
+            return _refuse(client, group, str(e), node)
+        rendezvous = (first, rdzv_port or addresses.rendezvous_port(cfg, group),
+                      f"{lifecycle.run_id() or cfg.name}-{group}", addresses.rendezvous_timeout_s(cfg, local))
+
+    result_file = result_path(cfg, group)
+    result_file.unlink(missing_ok=True)  # never report a previous run's result
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Ctrl-C / a scheduler's cancel: stop torchrun (and so its workers) before leaving.
+        beat.stop_reason = beat.stop_reason or f"received {signal.Signals(signum).name}"
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
+    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64, rendezvous), env=env,
+                            start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+    code = wait_for_torchrun(proc, beat, group)
+    if proc.poll() is None:
+        code = stop_torchrun(proc)
+    beat.stop()
+
+    result = read_result(result_file, group)
+    if beat.stop_reason and not (result and result.get("error")):
+        result = {**(result or {}), "error": beat.stop_reason}
+    if code != 0:
+        why = (beat.stop_reason or (f"permanent error: {result['error']}" if result and result.get("permanent")
+                                    else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed"))
+        print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
+    # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:
+    # either way try once, briefly, rather than keep a finished run waiting on this role.
+    stopping = (beat.stop_reason or "").startswith("received") or "unreachable" in (beat.stop_reason or "")
+    return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0, node=node)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # First of all: locally the role follows the `torchx run` client (SIGTERM lets it stop its
+    # torchrun first), on Slurm its step process.
+    lifecycle.die_with_parent(signal.SIGTERM, expected_parent=lifecycle.expected_parent())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--group", type=int, required=True, help="this role's replica group id")
+    parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
+    parser.add_argument("--node", type=int, default=0, help="which node of the group this is (the role's replica)")
+    parser.add_argument("--rdzv-port", type=int, default=0,
+                        help="where a multi-node group's agents meet (0: lighthouse.port + 2 + group)")
+    args, cfg, host = addresses.parse_role_args(parser, argv, "replica")
+    try:
+        return run(cfg, args.config, args.group, host, args.script, args.config_b64, args.node, args.rdzv_port)
+    except RuntimeError as e:
+        print(f"replica {args.group}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

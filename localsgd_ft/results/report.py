@@ -1,0 +1,385 @@
+"""The run report: PNG plots and a summary table from ``summary.json`` and the groups' metrics files.
+
+``python -m localsgd_ft.report OUTPUT_DIR`` (the lighthouse role runs it at the
+end of every run) writes into ``OUTPUT_DIR/report/``:
+
+- ``loss.png``: training loss against training step (0 to ``train.max_steps``), per group;
+- ``accuracy.png``: test accuracy against training step (the same axis), per group;
+- ``quorum.png``: quorum size over time per group, with failure, restart and
+  recovery markers;
+- ``throughput.png``: samples/s over time per group, with the same markers;
+- ``summary.txt``: the table it prints (accuracy, steps, syncs committed and
+  failed, restarts, samples/s per group; each failure with its recovery time).
+
+Every number in the table comes from ``summary.json``; the plots come from
+``OUTPUT_DIR/metrics/group_<g>.jsonl`` (see ``localsgd_ft.metrics``). Without
+metrics files (e.g. groups in other pods) only the table is produced.
+Plots use matplotlib's Agg backend: no display needed. No torch here: the
+lighthouse role stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from localsgd_ft.results.metrics import read_all
+
+PLOTS = ("loss.png", "accuracy.png", "quorum.png", "throughput.png")
+
+
+class ReportError(Exception):
+    """The report cannot be made; the message says why."""
+
+
+def load_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: no summary.json here; pass the output_dir of a finished run "
+                          "(summary.json is written when a run ends)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot read summary.json: {e}") from None
+
+
+# ---------------------------------------------------------------------------- the table
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _workers(summary: dict) -> str:
+    """' (every worker: 4)' when groups have several workers: the identity covers all of them."""
+    count = sum(len(g.get("worker_params_sha256") or []) for g in summary.get("replica_groups", {}).values()
+                if g.get("succeeded"))
+    return f" (every worker: {count})" if count > len(summary.get("replica_groups", {})) else ""
+
+
+def summary_table(summary: dict) -> str:
+    """The end-of-run table, every number taken from ``summary``."""
+    verdict = "SUCCEEDED" if summary.get("succeeded") else "FAILED"
+    lines = [f"run {summary.get('name')} ({summary.get('algorithm', 'localsgd')}): {verdict}"
+             + (f" ({summary['failure_reason']})" if summary.get("failure_reason") else "")
+             + f"; final test accuracy {_fmt(summary.get('final_test_accuracy'), '.4f')}"
+             + f"; parameters identical: {'yes' if summary.get('params_identical') else 'no'}{_workers(summary)}"
+             + f"; wall time {_fmt(summary.get('wall_time_s'), '.1f')} s"]
+    rows = [["group", "accuracy", "steps", "syncs_committed", "syncs_failed", "restarts", "samples/s", "sent_MB",
+             "status"]]
+    for g, rep in sorted(summary.get("replica_groups", {}).items(), key=lambda kv: int(kv[0])):
+        attempted, committed = rep.get("syncs_attempted"), rep.get("syncs_committed")
+        failed = attempted - committed if attempted is not None and committed is not None else None
+        status = "ok" if rep.get("succeeded") else "lost" if rep.get("lost") else "unfinished"
+        rows.append([g, _fmt(rep.get("final_test_accuracy"), ".4f"), _fmt(rep.get("steps")), _fmt(committed),
+                     _fmt(failed), _fmt(rep.get("restarts")), _fmt(rep.get("samples_per_s"), ".1f"),
+                     _fmt(None if rep.get("sync_bytes") is None else rep["sync_bytes"] / 2**20, ".1f"), status])
+    lines += _columns(rows)
+    faults = summary.get("faults") or {}
+    by_kind = ", ".join(f"{k}: {n}" for k, n in sorted((faults.get("by_kind") or {}).items())) or "none"
+    lines.append(f"failures: {faults.get('injected', 0)} injected of {faults.get('planned', 0)} planned "
+                 f"({by_kind}); lighthouse restarts: {summary.get('lighthouse_restarts', 0)}")
+    recoveries = summary.get("recoveries") or []
+    if recoveries:
+        rows = [["failure", "kind", "group", "step", "recovered", "recovery_s", "survivor_stall_s"]]
+        for r in recoveries:
+            rows.append([f"#{r.get('fault_id')}", str(r.get("kind")),
+                         "lighthouse" if r.get("group") is None else str(r.get("group")), _fmt(r.get("step")),
+                         "yes" if r.get("recovered") else "no", _fmt(r.get("recovery_s"), ".2f"),
+                         _fmt(r.get("survivor_stall_s"), ".2f")])
+        lines += _columns(rows)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the plots
+
+def _markers(metrics: Dict[int, List[dict]], summary: dict) -> Dict[str, List[dict]]:
+    """Failures, restarts and recoveries, each with ``t`` (group clock), ``step`` and ``group``."""
+    faults: Dict[Any, dict] = {}
+    restarts, recovered = [], []
+    for group, events in metrics.items():
+        for e in events:
+            if e["kind"] == "fault":
+                faults.setdefault(e.get("fault_id"), e)
+            elif e["kind"] == "start" and e.get("restart", 0) > 0:
+                restarts.append(e)
+            elif e["kind"] == "recovered":
+                recovered.append(e)
+    # A fault whose target died before its file was flushed is still in summary.json (lighthouse clock).
+    for e in summary.get("events") or []:
+        if e.get("kind") == "fault" and e.get("fault_id") not in faults:
+            faults[e.get("fault_id")] = {**e, "t": e.get("time")}
+    return {"fault": sorted(faults.values(), key=lambda e: e.get("t") or 0), "restart": restarts,
+            "recovered": recovered}
+
+
+def _fault_label(e: dict) -> str:
+    kind = e.get("fault")
+    return f"{kind} (lighthouse)" if kind == "lighthouse" else f"{kind} group {e.get('target')}"
+
+
+def _series(events: List[dict], kind: str, key: str, x: str) -> Tuple[List[float], List[float]]:
+    """(x, y) of ``kind`` events carrying ``key``; a restart breaks the line (NaN) so it does not jump back."""
+    xs: List[float] = []
+    ys: List[float] = []
+    for e in events:
+        if e["kind"] == "start" and xs:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        elif e["kind"] == kind and e.get(key) is not None:
+            xs.append(e[x])
+            ys.append(e[key])
+    return xs, ys
+
+
+def _fault_line(ax: Any, x: float, f: dict, first: bool) -> None:
+    ax.axvline(x, color="red", linestyle="--", linewidth=1, label="injected failure" if first else None)
+    ax.annotate(" " + _fault_label(f), (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,
+                va="top", ha="left", fontsize=8, color="red")
+
+
+def _mark_faults_at_steps(ax: Any, markers: Dict[str, List[dict]]) -> None:
+    for i, f in enumerate(markers["fault"]):
+        _fault_line(ax, f["step"], f, i == 0)
+
+
+def _mark_events_in_time(ax: Any, markers: Dict[str, List[dict]], t0: float, y_of: Any) -> None:
+    """Failures (line, and a band until the hit group's next full-quorum commit), restarts, recoveries."""
+    for i, f in enumerate(markers["fault"]):
+        if f.get("t") is None:
+            continue
+        _fault_line(ax, f["t"] - t0, f, i == 0)
+        lighthouse = f.get("fault") == "lighthouse"
+        back = [r["t"] for r in markers["recovered"]
+                if r["t"] > f["t"] and (lighthouse or r["group"] == f.get("target"))]
+        if back:
+            ax.axvspan(f["t"] - t0, min(back) - t0, color="red", alpha=0.08,
+                       label="failure until recovered" if i == 0 else None)
+    for i, e in enumerate(markers["restart"]):
+        ax.plot([e["t"] - t0], [y_of(e)], marker="x", color="black", markersize=9, linestyle="none",
+                label="group restarted (new process)" if i == 0 else None)
+    for i, e in enumerate(markers["recovered"]):
+        ax.plot([e["t"] - t0], [y_of(e)], marker="^", color="green", markersize=8, linestyle="none",
+                label="recovered (full-quorum commit after a failure or stall)" if i == 0 else None)
+
+
+def _incarnations(events: List[dict]) -> List[List[dict]]:
+    """A group's events split at each (re)start: one list per process lifetime."""
+    out: List[List[dict]] = []
+    for e in events:
+        if e["kind"] == "start" or not out:
+            out.append([])
+        out[-1].append(e)
+    return out
+
+
+def value_at(points: Sequence[Tuple[float, float]], t: float) -> Optional[float]:
+    """A series' value at time ``t``: its latest point at or before ``t``, else its earliest after it.
+
+    A marker placed before its group's first value (a restart before the new process's first sync)
+    takes that first value: 0 would read as "no quorum" or "stalled". None when there are no points.
+    """
+    ordered = sorted(points, key=lambda p: p[0])  # stable: of points at the same time, the last one written wins
+    before = [y for x, y in ordered if x <= t]
+    if before:
+        return before[-1]
+    return ordered[0][1] if ordered else None
+
+
+def _marker_y(series: Dict[int, List[Tuple[float, float]]], group: int, t: float, default: float) -> float:
+    """Height of a group's marker at time ``t`` on a time plot: on the group's own line; for a group
+    with no values at all, at the other groups' mean value then, else at ``default`` (mid-axis)."""
+    own = value_at(series.get(group, []), t)
+    if own is not None:
+        return own
+    others = [v for g, pts in series.items() if g != group for v in [value_at(pts, t)] if v is not None]
+    return sum(others) / len(others) if others else default
+
+
+def _colors(metrics: Dict[int, List[dict]]) -> Dict[int, str]:
+    return {g: f"C{i}" for i, g in enumerate(sorted(metrics))}
+
+
+def _start_time(metrics: Dict[int, List[dict]]) -> float:
+    """The first event's time: time axes count seconds from it."""
+    return min(e["t"] for events in metrics.values() for e in events)
+
+
+def last_step(metrics: Dict[int, List[dict]], summary: dict) -> int:
+    """The right end of the step axes, so that they span the whole run (one evaluation does not fill the
+    axis, a run cut short shows how far it got): ``train.max_steps`` from summary.json's config; without
+    it, the largest of the ``start`` events' ``max_steps`` and the steps recorded."""
+    configured = ((summary.get("config") or {}).get("train") or {}).get("max_steps")
+    if configured is not None:
+        return int(configured)
+    steps = [e.get("max_steps") if e["kind"] == "start" else e.get("step")
+             for events in metrics.values() for e in events]
+    return int(max([s for s in steps if s is not None], default=0))
+
+
+def _step_axis(ax: Any, end: int) -> None:
+    ax.set_xlim(0, max(end, 1))  # a zero-width axis draws nothing useful and warns
+
+
+def _plot_loss(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], end: int) -> None:
+    """Training loss against step, one line per group (named even without a loss point)."""
+    colors = _colors(metrics)
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series(events, "train", "loss", "step")
+        ax.plot(xs, ys, color=colors[g], label=f"group {g}" if xs else f"group {g} (no loss recorded)")
+    _mark_faults_at_steps(ax, markers)
+    losses = [e["loss"] for ev in metrics.values() for e in ev if e["kind"] == "train" and e.get("loss")]
+    if losses and max(losses) > 100 * min(losses):
+        ax.set_yscale("log")  # a loss that falls by orders of magnitude is flat on a linear axis
+    _step_axis(ax, end)
+
+
+def _plot_accuracy(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], end: int) -> None:
+    """Test accuracy against step: evaluations as a line, each final evaluation as a star."""
+    colors = _colors(metrics)
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series([e for e in events if e["kind"] != "start"], "eval", "test_accuracy", "step")
+        ax.plot(xs, ys, color=colors[g], marker="o",
+                label=f"group {g}: evaluations" if xs else f"group {g} (no evaluation recorded)")
+        for e in events:
+            if e["kind"] == "end" and e.get("test_accuracy") is not None:
+                ax.plot([e["step"]], [e["test_accuracy"]], color=colors[g], marker="*", markersize=14,
+                        linestyle="none", label=f"group {g}: final ({e['test_accuracy']:.4f})")
+    _mark_faults_at_steps(ax, markers)
+    ax.set_ylim(0, 1.05)
+    _step_axis(ax, end)
+
+
+def _plot_quorum(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], t0: float,
+                 n_groups: int) -> None:
+    """Quorum size over time, one line per group and process lifetime, with the failure markers."""
+    colors = _colors(metrics)
+    # Groups usually share the quorum size; a small offset per group keeps every line visible.
+    offset = {g: 0.04 * (i - (len(metrics) - 1) / 2) for i, g in enumerate(sorted(metrics))}
+    for g, events in sorted(metrics.items()):
+        label: Optional[str] = f"group {g}"  # on the group's first line, whichever lifetime draws it
+        # One line per process lifetime, ending at its last event: a dead group draws nothing.
+        for life in _incarnations(events):
+            pts = [(e["t"], e["quorum_size"]) for e in life if e.get("quorum_size") is not None]
+            if not pts:
+                continue
+            pts.append((life[-1]["t"], pts[-1][1]))
+            ax.step([x - t0 for x, _ in pts], [y + offset[g] for _, y in pts], where="post", color=colors[g],
+                    label=label)
+            label = None
+        if label:
+            ax.plot([], [], color=colors[g], label=f"group {g} (no sync recorded)")
+    quorum_at = {g: [(e["t"], e["quorum_size"]) for e in ev if e.get("quorum_size") is not None]
+                 for g, ev in metrics.items()}
+
+    def y_quorum(e: dict) -> float:
+        g = e["group"]
+        size = e.get("participants")
+        if size is None:
+            size = _marker_y(quorum_at, g, e["t"], n_groups / 2)
+        return size + offset.get(g, 0)
+
+    _mark_events_in_time(ax, markers, t0, y_quorum)
+    ax.set_ylim(-0.2, n_groups + 0.6)
+    ax.set_yticks(range(0, n_groups + 1))
+
+
+def _plot_throughput(ax: Any, metrics: Dict[int, List[dict]], markers: Dict[str, List[dict]], t0: float) -> None:
+    """Samples/s over time, one line per group, with the failure markers."""
+    colors = _colors(metrics)
+    rate_at = {}
+    for g, events in sorted(metrics.items()):
+        xs, ys = _series(events, "train", "samples_per_s", "t")
+        ax.plot([x - t0 for x in xs], ys, color=colors[g], marker=".",
+                label=f"group {g}" if xs else f"group {g} (no progress recorded)")
+        rate_at[g] = [(x, y) for x, y in zip(xs, ys) if x == x]  # without the NaN restart breaks
+    rates = [y for pts in rate_at.values() for _, y in pts]
+    middle = max(rates) / 2 if rates else 1.0
+    _mark_events_in_time(ax, markers, t0, lambda e: _marker_y(rate_at, e["group"], e["t"], middle))
+    ax.set_ylim(bottom=0)
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_plots(run_dir: Path, summary: dict, out: Path) -> List[Path]:
+    """Write the four PNGs into ``out``; returns their paths ([] without metrics files)."""
+    metrics = read_all(run_dir)
+    if not any(metrics.values()):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; there is no display
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    markers = _markers(metrics, summary)
+    t0 = _start_time(metrics)
+    end = last_step(metrics, summary)
+    name = summary.get("name", "")
+    n_groups = len(summary.get("replica_groups") or metrics)
+    plots = [
+        ("loss.png", lambda ax: _plot_loss(ax, metrics, markers, end),
+         f"{name}: training loss (mean over each progress interval)", "training step", "cross-entropy loss"),
+        ("accuracy.png", lambda ax: _plot_accuracy(ax, metrics, markers, end),
+         f"{name}: test accuracy", "training step", "top-1 accuracy"),
+        ("quorum.png", lambda ax: _plot_quorum(ax, metrics, markers, t0, n_groups),
+         f"{name}: quorum size (replica groups in the last sync's quorum)", "time since start (s)",
+         "groups in quorum"),
+        ("throughput.png", lambda ax: _plot_throughput(ax, metrics, markers, t0),
+         f"{name}: training throughput per group (between progress lines)", "time since start (s)", "samples/s"),
+    ]
+    paths = []
+    for filename, draw, title, xlabel, ylabel in plots:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        draw(ax)
+        _finish(fig, ax, out / filename, title, xlabel, ylabel)
+        plt.close(fig)
+        paths.append(out / filename)
+    return paths
+
+
+def make_report(run_dir: Path) -> Tuple[str, List[Path]]:
+    """Write the report into ``run_dir/report``; returns the table and the files written."""
+    run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary_table(summary)
+    (out / "summary.txt").write_text(table + "\n")
+    return table, [out / "summary.txt", *write_plots(run_dir, summary, out)]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="a run's output_dir (holds summary.json and metrics/)")
+    args = parser.parse_args(argv)
+    try:
+        table, files = make_report(Path(args.output_dir))
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    run_dir = Path(args.output_dir)
+    if len(files) == 1:
+        print(f"report: no metrics files in {run_dir / 'metrics'}: table only")
+    print(f"report: {run_dir / 'report'} ({', '.join(f.name for f in files)}); summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
