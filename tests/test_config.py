@@ -38,50 +38,50 @@ def test_sync_mode_begins_with_an_alignment_sync():
     assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 0)
 
 
-@pytest.mark.parametrize(
-    "raw, key, words",
-    [
-        ({"replica_group": {}}, "replica_group", "unknown key"),
-        ({"localsgd": {"sync_evry": 5}}, "localsgd.sync_evry", "allowed keys here"),
-        ({"localsgd": {"sync_every": "10"}}, "localsgd.sync_every", "expected an integer"),
-        ({"localsgd": {"sync_every": 0}}, "localsgd.sync_every", ">= 1"),
-        ({"localsgd": {"sync_every": 2.5}}, "localsgd.sync_every", "expected an integer"),
-        ({"replica_groups": {"count": 0}}, "replica_groups.count", ">= 1"),
-        ({"replica_groups": {"count": True}}, "replica_groups.count", "expected an integer"),
-        ({"replica_groups": {"workers": 0}}, "replica_groups.workers", ">= 1"),
-        ({"replica_groups": {"workers": 4, "cpus": 2}}, "replica_groups.cpus", "at least one CPU per worker"),
-        ({"replica_groups": {"workers": 8, "cpus": 8, "memory_mb": 1024}}, "replica_groups.memory_mb",
-         "expected at least 2048 (256 MiB per worker"),
-        ({"replica_groups": {"count": 2, "workers": 2, "cpus": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[1]",
-         "expected 2 non-negative GPU index(es) per group"),
-        ({"replica_groups": {"workers": 2, "cpus": 2, "gpus_per_group": 1}}, "replica_groups.gpus_per_group",
-         "expected 0 (CPU) or replica_groups.workers (2)"),
-        ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
-        ({"replica_groups": {"count": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[0]", "GPU index"),
-        ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
-        ({"replica_groups": {"gpus": 1}}, "replica_groups.gpus", "use replica_groups.gpus_per_group instead"),
-        ({"faults": {"random_kinds": "kill"}}, "faults.random_kinds", "expected a list of strings, got 'kill'"),
-        ({"replica_groups": {"gpus": [0, 0]}}, "replica_groups.gpus", "GPU 0 is given to groups 0 and 1"),
-        ({"train": {"max_steps": 105}}, "train.max_steps", "use 100 or 110"),
-        ({"localsgd": {"recovery": "lazy"}}, "localsgd.recovery", "'sync' or 'async'"),
-        ({"lighthouse": {"min_replicas": 3}}, "lighthouse.min_replicas", "1..replica_groups.count"),
-        ({"localsgd": {"quorum_timeout_s": 1}}, "localsgd.quorum_timeout_s", "heartbeat_timeout_ms"),
-        ({"data": {"verify": "yes"}}, "data.verify", "true/false"),
-        ({"model": {"arch": "vit"}}, "model.arch", "'cnn' or 'resnet'"),
-        ({"optimizer": {"name": "lion"}}, "optimizer.name", "'sgd' or 'adamw'"),
-        ({"name": "a b"}, "name", "letters, digits"),
-        ({"data": []}, "data", "expected a mapping"),
-        ({"faults": {"schedule": [{"kind": "lighthouse", "moment": "lunch"}]}}, "faults.schedule[0].moment",
-         "step, quorum, allreduce, heal"),
-        ({"faults": {"schedule": [{"kind": "kill", "moment": "quorum"}]}}, "faults.schedule[0].moment",
-         "only 'lighthouse' failures take a moment"),
-        ({"train": {"max_steps": 200}, "checkpoint": {"every_s": 0}}, "checkpoint.every_syncs", "only 20 syncs"),
-        ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", ">= 0"),
-        ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
-        ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
-        ([1, 2], "", "mapping of keys at the top level"),
-    ],
-)
+BAD_VALUES = [
+    ({"replica_group": {}}, "replica_group", "unknown key"),
+    ({"localsgd": {"sync_evry": 5}}, "localsgd.sync_evry", "allowed keys here"),
+    ({"localsgd": {"sync_every": "10"}}, "localsgd.sync_every", "expected an integer"),
+    ({"localsgd": {"sync_every": 0}}, "localsgd.sync_every", ">= 1"),
+    ({"localsgd": {"sync_every": 2.5}}, "localsgd.sync_every", "expected an integer"),
+    ({"replica_groups": {"count": 0}}, "replica_groups.count", ">= 1"),
+    ({"replica_groups": {"count": True}}, "replica_groups.count", "expected an integer"),
+    ({"replica_groups": {"workers": 0}}, "replica_groups.workers", ">= 1"),
+    ({"replica_groups": {"workers": 4, "cpus": 2}}, "replica_groups.cpus", "at least one CPU per worker"),
+    ({"replica_groups": {"workers": 8, "cpus": 8, "memory_mb": 1024}}, "replica_groups.memory_mb",
+     "expected at least 2048 (256 MiB per worker"),
+    ({"replica_groups": {"count": 2, "workers": 2, "cpus": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[1]",
+     "expected 2 non-negative GPU index(es) per group"),
+    ({"replica_groups": {"workers": 2, "cpus": 2, "gpus_per_group": 1}}, "replica_groups.gpus_per_group",
+     "expected 0 (CPU) or replica_groups.workers (2)"),
+    ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
+    ({"replica_groups": {"count": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[0]", "GPU index"),
+    ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
+    ({"replica_groups": {"gpus": 1}}, "replica_groups.gpus", "use replica_groups.gpus_per_group instead"),
+    ({"faults": {"random_kinds": "kill"}}, "faults.random_kinds", "expected a list of strings, got 'kill'"),
+    ({"replica_groups": {"gpus": [0, 0]}}, "replica_groups.gpus", "GPU 0 is given to groups 0 and 1"),
+    ({"train": {"max_steps": 105}}, "train.max_steps", "use 100 or 110"),
+    ({"localsgd": {"recovery": "lazy"}}, "localsgd.recovery", "'sync' or 'async'"),
+    ({"lighthouse": {"min_replicas": 3}}, "lighthouse.min_replicas", "1..replica_groups.count"),
+    ({"localsgd": {"quorum_timeout_s": 1}}, "localsgd.quorum_timeout_s", "heartbeat_timeout_ms"),
+    ({"data": {"verify": "yes"}}, "data.verify", "true/false"),
+    ({"model": {"arch": "vit"}}, "model.arch", "'cnn' or 'resnet'"),
+    ({"optimizer": {"name": "lion"}}, "optimizer.name", "'sgd' or 'adamw'"),
+    ({"name": "a b"}, "name", "letters, digits"),
+    ({"data": []}, "data", "expected a mapping"),
+    ({"faults": {"schedule": [{"kind": "lighthouse", "moment": "lunch"}]}}, "faults.schedule[0].moment",
+     "step, quorum, allreduce, heal"),
+    ({"faults": {"schedule": [{"kind": "kill", "moment": "quorum"}]}}, "faults.schedule[0].moment",
+     "only 'lighthouse' failures take a moment"),
+    ({"train": {"max_steps": 200}, "checkpoint": {"every_s": 0}}, "checkpoint.every_syncs", "only 20 syncs"),
+    ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", ">= 0"),
+    ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
+    ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
+    ([1, 2], "", "mapping of keys at the top level"),
+]
+
+
+@pytest.mark.parametrize("raw, key, words", BAD_VALUES)
 def test_bad_values_name_key_value_and_allowed(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "exp.yaml")
@@ -165,24 +165,24 @@ def test_fault_plan_picks_workers_only_in_groups_of_many():
     assert next(f for f in many if f.at_step == 600).worker == 1  # as named
 
 
-@pytest.mark.parametrize(
-    "raw, key, words",
-    [
-        (_faults(schedule=[{"kind": "explode", "at_step": 5}]), "faults.schedule[0].kind", "one of kill, hang"),
-        (_faults(schedule=[{"kind": "kill", "at_step": 1000}]), "faults.schedule[0].at_step", "inside train.max_steps"),
-        (_faults(schedule=[{"kind": "kill", "group": 2, "at_step": 5}]), "faults.schedule[0].group", "0..1"),
-        (_faults(schedule=[{"kind": "kill", "worker": 1, "at_step": 5}]), "faults.schedule[0].worker",
-         "expected -1 (random) or 0..0 (a rank of the group's 1 worker(s))"),
-        (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": 0}]), "faults.schedule[0].duration_s", "> 0"),
-        (_faults(schedule=[{"kind": "kill", "at_step": 5, "when": 3}]), "faults.schedule[0].when", "unknown key"),
-        (_faults(random_kinds=["meteor"]), "faults.random_kinds[0]", "one of kill"),
-        (_faults(mtbf_steps=-1), "faults.mtbf_steps", ">= 0"),
-        ({**_faults(schedule=[{"kind": "kill", "at_step": 5}]), "replica_groups": {"max_restarts": 0}},
-         "replica_groups.max_restarts", "faults kill workers"),
-        ({**_faults(schedule=[{"kind": "lighthouse", "at_step": 5}]), "localsgd": {"quorum_retries": 0}},
-         "localsgd.quorum_retries", "faults kill the lighthouse"),
-    ],
-)
+BAD_FAULTS = [
+    (_faults(schedule=[{"kind": "explode", "at_step": 5}]), "faults.schedule[0].kind", "one of kill, hang"),
+    (_faults(schedule=[{"kind": "kill", "at_step": 1000}]), "faults.schedule[0].at_step", "inside train.max_steps"),
+    (_faults(schedule=[{"kind": "kill", "group": 2, "at_step": 5}]), "faults.schedule[0].group", "0..1"),
+    (_faults(schedule=[{"kind": "kill", "worker": 1, "at_step": 5}]), "faults.schedule[0].worker",
+     "expected -1 (random) or 0..0 (a rank of the group's 1 worker(s))"),
+    (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": 0}]), "faults.schedule[0].duration_s", "> 0"),
+    (_faults(schedule=[{"kind": "kill", "at_step": 5, "when": 3}]), "faults.schedule[0].when", "unknown key"),
+    (_faults(random_kinds=["meteor"]), "faults.random_kinds[0]", "one of kill"),
+    (_faults(mtbf_steps=-1), "faults.mtbf_steps", ">= 0"),
+    ({**_faults(schedule=[{"kind": "kill", "at_step": 5}]), "replica_groups": {"max_restarts": 0}},
+     "replica_groups.max_restarts", "faults kill workers"),
+    ({**_faults(schedule=[{"kind": "lighthouse", "at_step": 5}]), "localsgd": {"quorum_retries": 0}},
+     "localsgd.quorum_retries", "faults kill the lighthouse"),
+]
+
+
+@pytest.mark.parametrize("raw, key, words", BAD_FAULTS)
 def test_bad_faults_are_refused(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "exp.yaml")
@@ -197,15 +197,16 @@ def test_threads_default_to_cpus_per_worker():
 
 def test_type_names_read_as_english():
     """Messages built from types never say 'a list of an integer' (every list field, every item type)."""
-    import dataclasses
     import typing
 
-    from localsgd_ft.config import _type_name
+    from pydantic import BaseModel
+
+    from localsgd_ft.config.errors import type_name as _type_name
 
     def fields(cls):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
+        for f in cls.model_fields.values():
+            tp = f.annotation
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
                 yield from fields(tp)
             else:
                 yield tp
@@ -219,25 +220,25 @@ def test_type_names_read_as_english():
 DILOCO = {"algorithm": "diloco"}
 
 
-@pytest.mark.parametrize(
-    "localsgd, key, words",
-    [
-        ({"algorithm": "adam"}, "localsgd.algorithm", "localsgd, diloco"),
-        ({**DILOCO, "recovery": "async"}, "localsgd.recovery", "synchronous quorum"),
-        ({**DILOCO, "fragments": 3}, "localsgd.fragments", "divides localsgd.sync_every (10)"),
-        ({**DILOCO, "fragments": 0}, "localsgd.fragments", ">= 1"),
-        ({**DILOCO, "fragments": 2, "fragment_sync_delay": 5}, "localsgd.fragment_sync_delay", "expected 0..4"),
-        ({**DILOCO, "fragment_update_alpha": 1.5}, "localsgd.fragment_update_alpha", "in [0, 1]"),
-        ({**DILOCO, "outer_optimizer": {"lr": 0}}, "localsgd.outer_optimizer.lr", "> 0"),
-        ({**DILOCO, "outer_optimizer": {"momentum": 1.0}}, "localsgd.outer_optimizer.momentum", "< 1"),
-        ({**DILOCO, "outer_optimizer": {"lrr": 1}}, "localsgd.outer_optimizer.lrr", "unknown key"),
-        ({**DILOCO, "quantize": True}, "localsgd.quantize", "GPUs only"),
-        ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", ">= 0"),
-        ({"fragments": 2}, "localsgd.fragments", "localsgd.algorithm is 'localsgd'"),
-        ({"outer_optimizer": {"lr": 0.5}}, "localsgd.outer_optimizer", "set localsgd.algorithm: diloco"),
-        ({"fragment_update_alpha": 0.5}, "localsgd.fragment_update_alpha", "a DiLoCo setting"),
-    ],
-)
+BAD_DILOCO = [
+    ({"algorithm": "adam"}, "localsgd.algorithm", "localsgd, diloco"),
+    ({**DILOCO, "recovery": "async"}, "localsgd.recovery", "synchronous quorum"),
+    ({**DILOCO, "fragments": 3}, "localsgd.fragments", "divides localsgd.sync_every (10)"),
+    ({**DILOCO, "fragments": 0}, "localsgd.fragments", ">= 1"),
+    ({**DILOCO, "fragments": 2, "fragment_sync_delay": 5}, "localsgd.fragment_sync_delay", "expected 0..4"),
+    ({**DILOCO, "fragment_update_alpha": 1.5}, "localsgd.fragment_update_alpha", "in [0, 1]"),
+    ({**DILOCO, "outer_optimizer": {"lr": 0}}, "localsgd.outer_optimizer.lr", "> 0"),
+    ({**DILOCO, "outer_optimizer": {"momentum": 1.0}}, "localsgd.outer_optimizer.momentum", "< 1"),
+    ({**DILOCO, "outer_optimizer": {"lrr": 1}}, "localsgd.outer_optimizer.lrr", "unknown key"),
+    ({**DILOCO, "quantize": True}, "localsgd.quantize", "GPUs only"),
+    ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", ">= 0"),
+    ({"fragments": 2}, "localsgd.fragments", "localsgd.algorithm is 'localsgd'"),
+    ({"outer_optimizer": {"lr": 0.5}}, "localsgd.outer_optimizer", "set localsgd.algorithm: diloco"),
+    ({"fragment_update_alpha": 0.5}, "localsgd.fragment_update_alpha", "a DiLoCo setting"),
+]
+
+
+@pytest.mark.parametrize("localsgd, key, words", BAD_DILOCO)
 def test_diloco_settings_that_torchft_would_reject_or_mishandle_are_refused(localsgd, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config({"localsgd": localsgd}, "exp.yaml")
@@ -304,3 +305,20 @@ def test_config_cli_prints_the_resolved_config_with_overrides(tmp_path):
     res = subprocess.run([sys.executable, "-m", "localsgd_ft.config", str(path), "train.max_steps=99"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert res.returncode == 1 and "train.max_steps: got 99" in res.stderr
+
+
+def test_every_choice_the_schema_offers_is_implemented():
+    """Each value of model.arch and optimizer.name builds (the schema's Literal types are the one list of them)."""
+    import typing
+
+    import torch
+
+    from localsgd_ft.config.sections import ModelArch, OptimizerName
+    from localsgd_ft.training.model import ARCHITECTURES, build_model
+    from localsgd_ft.training.optim import build_optimizer
+
+    assert set(ARCHITECTURES) == set(typing.get_args(ModelArch))
+    model = build_model(parse_config({"model": {"width": 8}}).model)
+    built = {name: type(build_optimizer(parse_config({"optimizer": {"name": name}}).optimizer, model.parameters()))
+             for name in typing.get_args(OptimizerName)}
+    assert built == {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}

@@ -62,8 +62,12 @@ class ResNet(nn.Module):
         return self.head(self.features(x).amax(dim=(2, 3)))
 
 
+# One network per choice of model.arch (the schema's ModelArch names them).
+ARCHITECTURES = {"cnn": SmallCNN, "resnet": ResNet}
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    return {"cnn": SmallCNN, "resnet": ResNet}[cfg.arch](cfg.width)
+    return ARCHITECTURES[cfg.arch](cfg.width)
 
 
 def _layers(module: nn.Module) -> List[nn.Module]:

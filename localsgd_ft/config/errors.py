@@ -1,0 +1,162 @@
+"""How the schema refuses a config: :class:`ConfigError`, and pydantic's errors as one line naming key, value and fix.
+
+pydantic finds what is wrong; this module says it the way a user reads it:
+``localsgd.sync_every: got 0, expected an integer >= 1``.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from pydantic import BaseModel, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says why and how to fix it.
+
+    ``rule`` is true when a rule across fields refused it (one a JSON Schema cannot state).
+    """
+
+    def __init__(self, message: str, rule: bool = False) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """Field metadata: what a refusal of this field's value says is allowed (replaces the generic text)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Field metadata: what a refusal of this field's *type* adds, where a natural guess needs another key."""
+
+    text: str
+
+
+def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Refuse ``value`` of ``key`` unless ``ok``: one line naming the key, the value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, {allowed}", rule=True)
+
+
+_SINGULAR = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+_PLURAL = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def type_name(tp: Any, plural: bool = False) -> str:
+    """How a message names type ``tp``: 'an integer', 'a list of integers', 'a list whose entries are ...'."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return type_name(typing.get_args(tp)[0], plural)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if typing.get_origin(item) is Union:
+            name = f"a list whose entries are each {type_name(item)}"
+        else:
+            name = f"a list of {type_name(item, plural=True)}"
+        return f"lists ({name[2:]})" if plural else name
+    if origin is Union:
+        return " or ".join(type_name(a, plural) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return type_name(type(typing.get_args(tp)[0]), plural)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "mappings" if plural else "a mapping of keys"
+    return (_PLURAL if plural else _SINGULAR).get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def choices_text(tp: Any) -> str:
+    """'expected 'a' or 'b'' / 'expected one of a, b, c' for a Literal type."""
+    values = typing.get_args(tp)
+    if len(values) == 2:
+        return f"expected {values[0]!r} or {values[1]!r}"
+    return f"expected one of {', '.join(map(str, values))}"
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _bounds_text(tp: Any, metadata: Sequence[Any]) -> str:
+    found = {name: getattr(m, name) for m in metadata for name, _ in _BOUNDS if getattr(m, name, None) is not None}
+    if "ge" in found and "le" in found:
+        return f"expected {type_name(tp)} in [{found['ge']}, {found['le']}]"
+    return f"expected {type_name(tp)} " + " and ".join(f"{op} {found[name]}" for name, op in _BOUNDS if name in found)
+
+
+@dataclass
+class _Place:
+    """Where an error's location lands in the schema: the dotted key, its type and the field's metadata."""
+
+    key: str
+    tp: Any
+    metadata: List[Any]
+    model: Optional[type]  # the model holding the last named key (for unknown keys: where it was written)
+    depth: int  # how many location items were consumed (a union's member tags are not)
+
+
+def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
+    key, tp, metadata, model = "", root, [], root
+    for depth, item in enumerate(loc):
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            model = tp
+            key = f"{key}.{item}" if key else str(item)
+            info = tp.model_fields.get(item)
+            if info is None:
+                return _Place(key, None, [], model, depth + 1)
+            tp, metadata = info.annotation, list(info.metadata)
+        elif origin is list and isinstance(item, int):
+            key, tp, metadata = f"{key}[{item}]", typing.get_args(tp)[0], []
+        else:  # a union's member tag, or deeper than the schema names: report at this level
+            return _Place(key, tp, metadata, model, depth)
+    return _Place(key, tp, metadata, model, len(loc))
+
+
+def _value_at(raw: Any, loc: Sequence[Any]) -> Any:
+    for item in loc:
+        if isinstance(raw, dict) and item in raw:
+            raw = raw[item]
+        elif isinstance(raw, list) and isinstance(item, int) and item < len(raw):
+            raw = raw[item]
+        else:
+            return None
+    return raw
+
+
+def _first(metadata: Sequence[Any], kind: type) -> Optional[Any]:
+    return next((m for m in metadata if isinstance(m, kind)), None)
+
+
+def describe(error: dict, root: type, raw: Any) -> ConfigError:
+    """One of pydantic's errors (validating ``raw`` as ``root``) as a one-line :class:`ConfigError`."""
+    kind, loc = error["type"], tuple(error["loc"])
+    if kind == "value_error" and isinstance((error.get("ctx") or {}).get("error"), ConfigError):
+        return error["ctx"]["error"]  # a rule across fields: its message is already written
+    place = _place(root, loc)
+    value = _value_at(raw, loc[: place.depth])
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(place.model.model_fields))
+        return ConfigError(f"{place.key}: unknown key; allowed keys here: {allowed}")
+    allowed = _first(place.metadata, Allowed)
+    if kind.endswith("_type") or kind in ("model_attributes_type", "union_tag_invalid"):
+        hint = _first(place.metadata, Hint)
+        return ConfigError(f"{place.key}: expected {type_name(place.tp)}, got {value!r}"
+                           + (f": {hint.text}" if hint else ""))
+    if allowed is not None:
+        text = allowed.text
+    elif kind == "literal_error":
+        text = choices_text(place.tp)
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        text = _bounds_text(place.tp, place.metadata)
+    else:
+        text = f"expected {type_name(place.tp)} ({error['msg']})"
+    return ConfigError(f"{place.key}: got {value!r}, {text}")
+
+
+def refusal(e: ValidationError, root: type, raw: Any) -> ConfigError:
+    """The first of pydantic's errors, the way :func:`describe` says it."""
+    return describe(e.errors()[0], root, raw)

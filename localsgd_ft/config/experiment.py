@@ -1,0 +1,113 @@
+"""The whole experiment file: its sections, the facts derived from them, and the order their rules run in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List
+
+from pydantic import Field, model_validator
+
+from localsgd_ft.config.errors import Allowed
+from localsgd_ft.config.fault_plan import Fault, plan_faults
+from localsgd_ft.config.schedule import CheckpointConfig, FaultsConfig, LocalSGDConfig, TrainConfig
+from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig,
+                                         ReplicaGroupsConfig, Section, section)
+
+# With localsgd.quorum_retries -1: one quorum try every this many seconds while the lighthouse is away.
+QUORUM_RETRY_INTERVAL_S = 0.5
+
+
+class ExperimentConfig(Section):
+    """One experiment: what ``torchx run -- --config FILE`` launches and every trainer trains."""
+
+    name: Annotated[str, Allowed("expected letters, digits, '-' or '_' (it names the torchx app)")] = Field(
+        "localsgd", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Experiment name: the torchx app name and the default output directory.")
+    output_dir: str = Field("", description="Where summary.json and per-group results go. Empty: outputs/<name>.")
+    replica_groups: ReplicaGroupsConfig = section(ReplicaGroupsConfig, "Replica groups and their resources.")
+    localsgd: LocalSGDConfig = section(LocalSGDConfig, "LocalSGD synchronisation and fault-tolerance timings.")
+    lighthouse: LighthouseConfig = section(LighthouseConfig, "The torchft lighthouse (quorum service).")
+    data: DataConfig = section(DataConfig, "CIFAR-10 location, checks and batching.")
+    model: ModelConfig = section(ModelConfig, "The network.")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "The local optimizer.")
+    train: TrainConfig = section(TrainConfig, "Steps, evaluation, seeding.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Durable checkpoints and resuming.")
+    faults: FaultsConfig = section(FaultsConfig, "Failures to inject (off by default).")
+
+    @model_validator(mode="after")
+    def _rules_across_fields(self) -> "ExperimentConfig":
+        for part in (self.replica_groups, self.localsgd, self.lighthouse, self.train, self.checkpoint, self.faults):
+            part.check(self)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The output directory this run writes to."""
+        return Path(self.output_dir or f"outputs/{self.name}")
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads per worker process."""
+        return self.train.threads or max(1, self.replica_groups.cpus // self.replica_groups.workers)
+
+    @property
+    def group_size(self) -> int:
+        """Worker processes per replica group, over all its nodes."""
+        return self.replica_groups.workers * self.replica_groups.nodes
+
+    @property
+    def group_batch(self) -> int:
+        """Samples per training step of one replica group (all its workers; data.batch_size is per worker)."""
+        return self.data.batch_size * self.group_size
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where this run's durable checkpoints go."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def group_gpus(self) -> List[List[int]]:
+        """Explicit GPU indices per replica group (empty lists on CPU and with gpus_per_group)."""
+        return self.replica_groups.group_gpus()
+
+    @property
+    def steps_per_sync(self) -> int:
+        """Local steps between two syncs: sync_every, or one fragment's share of it (Streaming DiLoCo)."""
+        ls = self.localsgd
+        return ls.sync_every // ls.fragments if ls.algorithm == "diloco" else ls.sync_every
+
+    @property
+    def training_syncs(self) -> int:
+        """Syncs of training after which every group stops."""
+        return self.train.max_steps // self.steps_per_sync
+
+    @property
+    def gpus_per_group(self) -> int:
+        """How many GPUs each replica group uses (requested from the scheduler); 0 on CPU."""
+        if self.replica_groups.gpus:
+            return len(self.group_gpus[0])
+        return self.replica_groups.gpus_per_group
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.gpus_per_group > 0
+
+    @property
+    def quorum_retries(self) -> int:
+        """Retries handed to torchft's Manager (localsgd.quorum_retries, or the automatic count)."""
+        if self.localsgd.quorum_retries >= 0:
+            return self.localsgd.quorum_retries
+        # torchft sleeps quorum_timeout / (retries + 1) after a failed try; the Python side gives
+        # up after quorum_timeout anyway, so more retries only shorten the wait after an outage.
+        return max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
+
+    @property
+    def initial_syncs(self) -> int:
+        """Syncs before the first step at each job start: LocalSGD in sync mode begins with one that aligns every
+        group. DiLoCo needs none: its first quorum heals a joining group before any pseudo-gradient is sent."""
+        return 1 if self.localsgd.recovery == "sync" and self.localsgd.algorithm == "localsgd" else 0
+
+    @property
+    def fault_plan(self) -> List[Fault]:
+        """Every failure this run injects, in step order (empty unless faults.enabled)."""
+        return plan_faults(self)

@@ -1,0 +1,230 @@
+"""The sections that say what a run does over time: how groups sync, how long they train, checkpoints, failures.
+
+Like :mod:`localsgd_ft.config.sections`: typed fields with their docs, and each
+section's rules across fields in its ``check(cfg)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, List
+
+from pydantic import Field
+
+from localsgd_ft.config.errors import Allowed, ConfigError, need
+from localsgd_ft.config.sections import Algorithm, FaultKind, FaultMoment, Number, Recovery, Section, section
+
+if TYPE_CHECKING:
+    from localsgd_ft.config.experiment import ExperimentConfig
+
+# DiLoCo's keys: set with algorithm 'localsgd' they would be ignored, so they are refused.
+DILOCO_KEYS = ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_update_alpha", "quantize",
+               "bucket_cap_mb")
+
+
+class OuterOptimizerConfig(Section):
+    lr: Number = Field(0.7, gt=0, description="DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
+    momentum: Number = Field(0.9, ge=0, lt=1, description="Outer momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum for the outer step.")
+
+
+class LocalSGDConfig(Section):
+    algorithm: Annotated[Algorithm, Allowed(
+        "expected one of localsgd, diloco (Streaming DiLoCo is diloco with fragments > 1)")] = Field(
+        "localsgd",
+        description="'localsgd': average the parameters every sync_every steps; 'diloco': average the change since "
+                    "the last sync (a pseudo-gradient) and apply it with an outer optimizer (DiLoCo; Streaming "
+                    "DiLoCo with fragments > 1). Needs recovery: sync.")
+    sync_every: int = Field(10, ge=1, description="Local optimizer steps between two fault-tolerant syncs of the "
+                                                  "whole model.")
+    recovery: Recovery = Field(
+        "sync",
+        description="How a joining group recovers: 'sync' restores the live weights before its first step; "
+                    "'async' recovers in the background and its first sync_every steps are discarded.")
+    timeout_s: Number = Field(30.0, gt=0, description="Timeout of collectives, commits and checkpoint transfers, "
+                                                      "in seconds.")
+    quorum_timeout_s: Number = Field(
+        120.0, description="How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus "
+                           "one sync interval.")
+    quorum_retries: Annotated[int, Allowed("expected an integer >= 0, or -1 (automatic)")] = Field(
+        -1, ge=-1,
+        description="Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / "
+                    "(retries + 1) between them, so they ride through a lighthouse restart. -1: one try every "
+                    "0.5 s, so an outage costs little more than its own length; 0: none (a lighthouse restart "
+                    "crashes every group).")
+    outer_optimizer: OuterOptimizerConfig = section(OuterOptimizerConfig, "DiLoCo only: the outer optimizer.")
+    fragments: int = Field(
+        1, ge=1,
+        description="DiLoCo only: split the model into this many fragments of consecutive layers, synced one after "
+                    "another (Streaming DiLoCo): one fragment every sync_every / fragments steps. 1: plain DiLoCo.")
+    fragment_sync_delay: int = Field(
+        0, ge=0,
+        description="DiLoCo only: local steps a fragment's allreduce overlaps with training before it is waited "
+                    "for; less than sync_every / fragments.")
+    fragment_update_alpha: Annotated[Number, Allowed(
+        "expected a number in [0, 1] (0: take the synced parameters; 1: keep the local ones)")] = Field(
+        0.0, ge=0, le=1,
+        description="DiLoCo only: weight of the local parameters mixed into the synced ones, in [0, 1] (0: synced "
+                    "only).")
+    quantize: bool = Field(False, description="DiLoCo only: quantize pseudo-gradients for the allreduce (torchft's "
+                                              "triton kernels: GPUs only).")
+    bucket_cap_mb: Annotated[int, Allowed("expected an integer >= 0 (0: one allreduce per parameter)")] = Field(
+        0, ge=0, description="DiLoCo only: allreduce pseudo-gradients in buckets of this many MiB; 0: one allreduce "
+                             "per parameter.")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        """What torchft would reject at start or silently mishandle, refused here."""
+        heartbeat_ms = cfg.lighthouse.heartbeat_timeout_ms
+        need(self.quorum_timeout_s * 1000 > heartbeat_ms, "localsgd.quorum_timeout_s", self.quorum_timeout_s,
+             f"expected more than lighthouse.heartbeat_timeout_ms ({heartbeat_ms} ms) plus one sync interval")
+        if self.algorithm == "localsgd":
+            plain = LocalSGDConfig()
+            for key in DILOCO_KEYS:
+                if getattr(self, key) != getattr(plain, key):
+                    raise ConfigError(
+                        f"localsgd.{key}: set to {getattr(self, key)!r}, but it is a DiLoCo setting and "
+                        "localsgd.algorithm is 'localsgd', which would ignore it; set localsgd.algorithm: diloco, "
+                        f"or remove localsgd.{key}", rule=True)
+            return
+        self._check_diloco(cfg)
+
+    def _check_diloco(self, cfg: ExperimentConfig) -> None:
+        if self.recovery != "sync":
+            raise ConfigError(
+                f"localsgd.recovery: got {self.recovery!r}, but DiLoCo needs a synchronous quorum (torchft's DiLoCo "
+                "refuses an asynchronous one); use recovery: sync, or algorithm: localsgd", rule=True)
+        if self.sync_every % self.fragments:
+            raise ConfigError(
+                f"localsgd.fragments: got {self.fragments}, expected an integer >= 1 that divides "
+                f"localsgd.sync_every ({self.sync_every}): each fragment is synced once every sync_every steps, one "
+                "every sync_every / fragments steps", rule=True)
+        per_fragment = self.sync_every // self.fragments
+        if self.fragment_sync_delay >= per_fragment:
+            raise ConfigError(
+                f"localsgd.fragment_sync_delay: got {self.fragment_sync_delay}, expected 0..{per_fragment - 1}: a "
+                f"fragment's allreduce must finish before the next fragment's starts (sync_every {self.sync_every} "
+                f"/ fragments {self.fragments} = {per_fragment} steps apart)", rule=True)
+        if self.quantize and not cfg.uses_gpus:
+            raise ConfigError(
+                "localsgd.quantize: true, but the groups train on CPU: torchft quantizes with triton kernels on "
+                "CUDA GPUs only (without them it silently sends the data unquantized); set "
+                "localsgd.quantize: false, or give the groups GPUs", rule=True)
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="Local optimizer steps per replica group; a multiple of "
+                                                   "localsgd.sync_every so groups stop on a sync.")
+    eval_every: Annotated[int, Allowed("expected an integer >= 0 (0: only at the end)")] = Field(
+        500, ge=0, description="Evaluate on the test split every this many local steps (0: only at the end).")
+    seed: int = Field(0, description="Seed of model initialisation (same in every group), data order and "
+                                     "augmentation.")
+    threads: Annotated[int, Allowed("expected an integer >= 0 (0: replica_groups.cpus / workers)")] = Field(
+        0, ge=0, description="Intra-op CPU threads per worker; 0: replica_groups.cpus / workers, so groups sharing "
+                             "a host do not oversubscribe it.")
+    channels_last: bool = Field(False, description="Keep images and conv weights in channels_last memory format "
+                                                   "(faster convolutions on GPU).")
+    bf16: bool = Field(False, description="Run forward and loss under bfloat16 autocast (GPU; weights and optimizer "
+                                          "stay float32).")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs; compiling "
+                                             "takes a while).")
+    log_every: int = Field(
+        100, ge=1,
+        description="Progress cadence: every N local steps each group prints 'LocalSGD: Number of local optimizer "
+                    "steps completed: N' and a progress line (step/max, loss, accuracy, samples/s, quorum, ETA) and "
+                    "appends a 'train' event to its metrics file.")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        sync_every = cfg.localsgd.sync_every
+        if self.max_steps % sync_every:
+            lo = max(sync_every, self.max_steps - self.max_steps % sync_every)
+            hi = lo + sync_every if lo < self.max_steps else lo
+            raise ConfigError(
+                f"train.max_steps: got {self.max_steps}, which is not a multiple of localsgd.sync_every "
+                f"({sync_every}); groups must stop on a sync boundary: use {lo} or {hi}", rule=True)
+
+
+class CheckpointConfig(Section):
+    enabled: bool = Field(True, description="Write durable checkpoints, so a whole-job restart resumes instead of "
+                                            "starting over.")
+    dir: str = Field("", description="Checkpoint directory. Empty: <output_dir>/checkpoints.")
+    every_syncs: int = Field(50, ge=1, description="Write one every this many committed syncs (by the lowest-ranked "
+                                                   "live group; with Streaming DiLoCo each fragment's sync counts).")
+    every_s: Annotated[Number, Allowed("expected a number of seconds >= 0 (0: off)")] = Field(
+        300.0, ge=0,
+        description="Also write one at the first committed sync after this many seconds since the writing group's "
+                    "last one (or its start): with both cadences a whole-job crash loses at most this long or "
+                    "every_syncs syncs of training, whichever is less. 0: by sync count only. The final sync always "
+                    "writes one.")
+    keep: int = Field(3, ge=1, description="Keep this many of the newest valid checkpoints; older ones are deleted.")
+    resume: bool = Field(
+        True,
+        description="Resume from the newest valid checkpoint. false (or `torchx run -- --fresh True`) starts over; "
+                    "the old checkpoints are moved aside, not deleted.")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        syncs = cfg.training_syncs
+        if self.enabled and self.every_syncs > syncs and not self.every_s:
+            raise ConfigError(
+                f"checkpoint.every_syncs: got {self.every_syncs}, but the run has only {syncs} syncs "
+                f"(train.max_steps {cfg.train.max_steps} / {cfg.steps_per_sync} steps per sync) and "
+                "checkpoint.every_s is 0, so no checkpoint would be written before the end and a crash would lose "
+                f"all the work; use every_syncs at most {syncs} (e.g. {max(1, syncs // 4)}), a time cadence "
+                "(checkpoint.every_s, e.g. 300), or checkpoint.enabled: false", rule=True)
+
+
+class FaultConfig(Section):
+    kind: FaultKind = Field(
+        "kill",
+        description="'kill': SIGKILL the group's worker (a machine loss); 'hang': SIGSTOP it for duration_s; "
+                    "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
+                    "lighthouse and restart it after duration_s.")
+    group: int = Field(-1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by "
+                                              "faults.seed). Unused for 'lighthouse'.")
+    worker: int = Field(-1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random "
+                                               "(0 with one worker). Unused for 'lighthouse'.")
+    at_step: int = Field(1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at "
+                                              "which it happens.")
+    duration_s: Number = Field(3.0, gt=0, description="How long a 'hang' lasts, or how long the lighthouse stays "
+                                                      "down.")
+    moment: FaultMoment = Field(
+        "step",
+        description="When a 'lighthouse' failure strikes: 'step' (at at_step, between syncs), 'quorum' (as the "
+                    "first sync after at_step asks for its quorum), 'allreduce' (inside that sync's parameter "
+                    "allreduce), 'heal' (while the first group to recover live loads the state it was sent; "
+                    "at_step is then ignored).")
+
+    def check(self, cfg: ExperimentConfig, key: str) -> None:
+        count, size, steps = cfg.replica_groups.count, cfg.group_size, cfg.train.max_steps
+        need(self.group < count, f"{key}.group", self.group, f"expected -1 (random) or 0..{count - 1}")
+        need(self.worker < size, f"{key}.worker", self.worker,
+             f"expected -1 (random) or 0..{size - 1} (a rank of the group's {size} worker(s))")
+        need(self.at_step < steps, f"{key}.at_step", self.at_step,
+             f"expected 1..{steps - 1} (inside train.max_steps)")
+        need(self.moment == "step" or self.kind == "lighthouse", f"{key}.moment", self.moment,
+             "only 'lighthouse' failures take a moment; other kinds strike at at_step")
+
+
+class FaultsConfig(Section):
+    enabled: bool = Field(False, description="Inject the failures below. Nothing is ever injected unless this is "
+                                             "true.")
+    schedule: List[FaultConfig] = Field(default_factory=list, description="Failures at given steps: a list of "
+                                                                          "{kind, group, at_step, duration_s, "
+                                                                          "moment}.")
+    mtbf_steps: Annotated[int, Allowed("expected an integer >= 0 (0: no random failures)")] = Field(
+        0, ge=0, description="Random failures: mean training steps between them (exponential); 0: none.")
+    max_random: int = Field(0, ge=0, description="Random failures: at most this many.")
+    random_kinds: List[FaultKind] = Field(default_factory=lambda: ["kill"], description="Random failures: the kinds "
+                                                                                        "to draw from.")
+    seed: int = Field(0, description="Seed for random failures and random target groups.")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        for i, fault in enumerate(self.schedule):
+            fault.check(cfg, f"faults.schedule[{i}]")
+        need(bool(self.random_kinds) or not self.mtbf_steps, "faults.random_kinds", self.random_kinds,
+             "expected at least one kind when faults.mtbf_steps > 0")
+        plan = cfg.fault_plan
+        if any(f.kind != "lighthouse" for f in plan):
+            need(cfg.replica_groups.max_restarts >= 1, "replica_groups.max_restarts", cfg.replica_groups.max_restarts,
+                 "expected >= 1 when faults kill workers (a killed group is restarted by torchrun)")
+        if any(f.kind == "lighthouse" for f in plan):
+            need(cfg.quorum_retries >= 1, "localsgd.quorum_retries", cfg.localsgd.quorum_retries,
+                 "expected >= 1 when faults kill the lighthouse (groups retry the quorum while it restarts)")

@@ -1,0 +1,196 @@
+"""The experiment file's sections as pydantic models: each field with its type, range, default and doc.
+
+A field's rules that involve other fields sit next to it, in its section's
+``check(cfg)``; :class:`~localsgd_ft.config.experiment.ExperimentConfig` runs
+them in file order once every field has its type.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any, List, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from localsgd_ft.config.errors import Allowed, ConfigError, Hint, need
+
+if TYPE_CHECKING:
+    from localsgd_ft.config.experiment import ExperimentConfig
+
+# The choices, each defined once; the code that implements them is keyed by these names.
+Algorithm = Literal["localsgd", "diloco"]
+Recovery = Literal["sync", "async"]
+ModelArch = Literal["cnn", "resnet"]
+OptimizerName = Literal["sgd", "adamw"]
+FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse"]
+FaultMoment = Literal["step", "quorum", "allreduce", "heal"]
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_exponent(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; in a number field it is the number."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
+
+
+Number = Annotated[float, BeforeValidator(_yaml_exponent)]
+
+
+class Section(BaseModel):
+    """A mapping of keys in the experiment file: unknown keys and loose types are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_defaults(cls, value: Any) -> Any:
+        return {} if value is None else value  # `data:` with nothing under it: every default
+
+
+def section(cls: type, doc: str) -> Any:
+    """A field holding a whole section, every key at its default unless the file says otherwise."""
+    return Field(default_factory=cls, description=doc)
+
+
+class ReplicaGroupsConfig(Section):
+    count: int = Field(2, ge=1, description="Number of replica groups (torchx roles replica_0..N-1), each a "
+                                            "separate torchrun.")
+    workers: int = Field(
+        1, ge=1,
+        description="Worker processes per replica group (torchrun --nproc_per_node), one per GPU on GPUs. Inside a "
+                    "group DDP averages gradients every step, so its workers stay identical; across groups worker r "
+                    "syncs with worker r of the others. data.batch_size is per worker.")
+    nodes: int = Field(
+        1, ge=1,
+        description="Nodes per replica group: the group's role gets this many replicas, each a torchrun agent of "
+                    "`workers` processes, meeting (c10d rendezvous) at the group's first node on port "
+                    "lighthouse.port + 2 + group (a free port on local runs, where all nodes are this host). cpus, "
+                    "memory_mb and gpus_per_group are per node.")
+    gpus: Annotated[List[Union[int, List[int]]], Hint(
+        "one entry per replica group, each a GPU index or a list of indices (e.g. [0, 1] or [[0], [1]]); for a "
+        "number of GPUs per group use replica_groups.gpus_per_group instead")] = Field(
+        default_factory=list,
+        description="GPUs per group on the machine you launch from: one entry per group, a GPU index or a list of "
+                    "indices (e.g. [0, 1] or [[0], [1]]); each group sees only its own (CUDA_VISIBLE_DEVICES). "
+                    "Empty: see gpus_per_group; both empty: CPU training with gloo.")
+    gpus_per_group: int = Field(
+        0, ge=0,
+        description="GPUs per group as a count the scheduler satisfies (Slurm --gpus-per-task, Kubernetes "
+                    "nvidia.com/gpu); the scheduler picks the devices. Use this on clusters; exclusive with gpus.")
+    max_restarts: int = Field(3, ge=0, description="How often torchrun restarts a group's crashed workers before "
+                                                   "the group gives up.")
+    cpus: int = Field(1, ge=1, description="CPUs requested per group from the scheduler (torchx resource); at "
+                                           "least one per worker.")
+    memory_mb: int = Field(2048, ge=256, description="Memory requested per group (per node) from the scheduler, in "
+                                                     "MiB; at least 256 per worker.")
+
+    def group_gpus(self) -> List[List[int]]:
+        """Explicit GPU indices per replica group (empty lists on CPU and with gpus_per_group)."""
+        if not self.gpus:
+            return [[] for _ in range(self.count)]
+        return [[g] if isinstance(g, int) else list(g) for g in self.gpus]
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        need(self.nodes == 1 or not self.gpus, "replica_groups.gpus", self.gpus,
+             f"explicit GPU indices name one machine's devices, but replica_groups.nodes is {self.nodes}: use "
+             "replica_groups.gpus_per_group (one GPU per worker on every node) and let the scheduler place them")
+        need(self.cpus >= self.workers, "replica_groups.cpus", self.cpus,
+             f"expected at least one CPU per worker (replica_groups.workers: {self.workers}); raise "
+             "replica_groups.cpus or lower replica_groups.workers")
+        need(self.memory_mb >= 256 * self.workers, "replica_groups.memory_mb", self.memory_mb,
+             f"expected at least {256 * self.workers} (256 MiB per worker; a CPU worker of the default model "
+             "takes about 900)")
+        if self.gpus:
+            self._check_gpu_lists()
+        need(self.gpus_per_group in (0, self.workers), "replica_groups.gpus_per_group", self.gpus_per_group,
+             f"expected 0 (CPU) or replica_groups.workers ({self.workers}): one GPU per worker")
+        if self.gpus and self.gpus_per_group:
+            raise ConfigError(
+                f"replica_groups.gpus_per_group: got {self.gpus_per_group} together with replica_groups.gpus "
+                f"{self.gpus!r}; use one: explicit device lists (gpus, for this machine) or a count the "
+                "scheduler satisfies (gpus_per_group, for Slurm/Kubernetes)", rule=True)
+
+    def _check_gpu_lists(self) -> None:
+        need(len(self.gpus) == self.count, "replica_groups.gpus", self.gpus,
+             f"expected one entry per replica group ({self.count}), or [] for CPU")
+        owner: dict = {}
+        for i, g in enumerate(self.group_gpus()):
+            need(len(g) == self.workers and all(x >= 0 for x in g), f"replica_groups.gpus[{i}]", self.gpus[i],
+                 f"expected {self.workers} non-negative GPU index(es) per group (one per worker)")
+            for x in g:
+                if x in owner:
+                    raise ConfigError(
+                        f"replica_groups.gpus: GPU {x} is given to groups {owner[x]} and {i}; NCCL cannot put two "
+                        "members of one collective on the same device (it fails every sync with 'Duplicate GPU "
+                        "detected'): give each group its own GPU(s), or use fewer groups", rule=True)
+                owner[x] = i
+
+
+class LighthouseConfig(Section):
+    port: Annotated[int, Allowed("expected a port in 1..65534 (port + 1 is used too)")] = Field(
+        29510, ge=1, le=65534, description="Port of the torchft lighthouse; the completion service listens on "
+                                           "port + 1.")
+    min_replicas: int = Field(1, ge=1, description="Fewest replica groups that may form a quorum and commit a sync.")
+    join_timeout_ms: int = Field(10000, ge=1, description="How long a quorum waits for heartbeating stragglers, "
+                                                          "in ms.")
+    quorum_tick_ms: int = Field(100, ge=1, description="How often the lighthouse re-evaluates a pending quorum, "
+                                                       "in ms.")
+    heartbeat_timeout_ms: int = Field(5000, ge=1, description="Silence after which a group counts as dead; "
+                                                              "survivors stall about this long after a failure.")
+    role_timeout_s: Annotated[Number, Allowed("expected at least 3 seconds (roles send a heartbeat every second)")] \
+        = Field(15.0, ge=3,
+                description="A replica role sends a heartbeat every second; one silent this long (its node gone, its "
+                            "wrapper killed) is declared lost, and the run goes on without it or ends, as for any "
+                            "lost group.")
+    cpus: int = Field(1, ge=1, description="CPUs requested for the lighthouse role from the scheduler.")
+    memory_mb: int = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
+                                                     "about 30 MB; Kubernetes requests this minus torchx's 1024 MB "
+                                                     "node reserve).")
+
+    @property
+    def completion_port(self) -> int:
+        """Where the lighthouse role's completion service listens: the port after the lighthouse's."""
+        return self.port + 1
+
+    def rendezvous_port(self, group: int) -> int:
+        """Where the torchrun agents of a multi-node group meet (c10d) on its first node."""
+        return self.port + 2 + group
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        rg = cfg.replica_groups
+        need(rg.nodes == 1 or self.rendezvous_port(rg.count - 1) <= 65535, "lighthouse.port", self.port,
+             f"expected at most {65534 - rg.count}: multi-node groups meet on ports lighthouse.port + 2 + group")
+        need(self.min_replicas <= rg.count, "lighthouse.min_replicas", self.min_replicas,
+             f"expected 1..replica_groups.count ({rg.count})")
+
+
+class DataConfig(Section):
+    root: str = Field("data", description="Directory holding (or receiving) CIFAR-10's 'cifar-10-batches-py' "
+                                          "folder.")
+    download: bool = Field(False, description="Download CIFAR-10 into root when it is missing (once, before "
+                                              "training starts).")
+    url: Annotated[str, Allowed("expected an http(s) URL")] = Field(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", pattern=r"^https?://",
+        description="Where to download CIFAR-10's python archive from (a mirror must serve the official file: its "
+                    "checksum is checked unless verify is false).")
+    download_timeout_s: Number = Field(600.0, gt=0, description="The download must finish within this many seconds "
+                                                                "(and a stalled connection gives up after 30 s).")
+    verify: bool = Field(True, description="Enforce the official CIFAR-10 checksums. Set false to use a CIFAR-format "
+                                           "subset or fixture on purpose.")
+    batch_size: int = Field(128, ge=1, description="Training batch size per worker.")
+    augment: bool = Field(True, description="Random crop (4 px padding) and horizontal flip, done in batches; never "
+                                            "on eval.")
+
+
+class ModelConfig(Section):
+    arch: ModelArch = Field("cnn", description="'cnn': small fast CNN for CPU runs; 'resnet': a residual network "
+                                               "for GPU runs.")
+    width: int = Field(32, ge=1, description="Channels of the first stage; later stages double it.")
+
+
+class OptimizerConfig(Section):
+    name: OptimizerName = Field("sgd", description="'sgd' (with momentum) or 'adamw'.")
+    lr: Number = Field(0.05, gt=0, description="Learning rate.")
+    momentum: Number = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adamw).")
+    weight_decay: Number = Field(5e-4, ge=0, description="Weight decay.")
+    nesterov: bool = Field(True, description="Nesterov momentum for sgd.")
