@@ -144,7 +144,7 @@ class LighthouseConfig(Section):
                             "lost group.")
     cpus: int = Field(1, ge=1, description="CPUs requested for the lighthouse role from the scheduler.")
     memory_mb: int = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
-                                                     "about 30 MB; Kubernetes requests this minus torchx's 1024 MB "
+                                                     "about 40 MB; Kubernetes requests this minus torchx's 1024 MB "
                                                      "node reserve).")
 
     @property

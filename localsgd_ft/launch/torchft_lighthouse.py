@@ -1,8 +1,8 @@
 """torchft's lighthouse as a process of its own, which the lighthouse role supervises and restarts.
 
 ``python -m localsgd_ft.lighthouse_server --bind HOST:PORT --min_replicas N ...``
-serves until SIGTERM, or until its parent (the lighthouse role) is gone. It loads torchft's native extension without importing
-torch (``torchft/__init__`` does), so it needs about 20 MB instead of 600 MB.
+serves until SIGTERM, or until its parent (the lighthouse role) is gone. It loads torchft's native extension
+without importing torch (``torchft/__init__`` does): see :mod:`localsgd_ft.launch` for what that saves.
 """
 
 from __future__ import annotations
