@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, List
 import pytest
 import yaml
 
-from localsgd_ft.storage.fixture import write_fixture
-from localsgd_ft.launch.lifecycle import processes_of_run
 from localsgd_ft.launch.addresses import free_port_pair
+from localsgd_ft.launch.lifecycle import processes_of_run
+from localsgd_ft.storage.fixture import write_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHX = str(Path(sys.executable).with_name("torchx"))

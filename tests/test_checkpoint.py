@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TORCHX, small_config, write_config
-from localsgd_ft.storage import checkpoints as checkpoint
+
 from localsgd_ft.config import ConfigError, parse_config
+from localsgd_ft.storage import checkpoints as checkpoint
 
 
 def _cfg(tmp_path, **over):

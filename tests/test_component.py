@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torchx.specs as specs
-from torchx.specs.finder import ComponentValidationException, get_component
-
 from conftest import REPO, TORCHX, small_config, write_config
+from torchx.specs.finder import ComponentValidationException, get_component
 
 COMPONENT = "components/localsgd.py:localsgd"
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from localsgd_ft.config import DataConfig
 from localsgd_ft.storage import cifar10 as cifar_files
 from localsgd_ft.storage.cifar10 import DataError, locate, read_batch
-from localsgd_ft.config import DataConfig
 from localsgd_ft.training.data import PAD, ShardedBatches, Split, augment, load_cifar10, normalize
 
 

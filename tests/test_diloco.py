@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-
 from conftest import (finish, finish_with_a_worker_killed, model_bytes, read_summary, small_config, wait_gone,
                       wait_no_processes, write_config)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import (assert_rejoin_hashes_match, finish, finish_with_a_worker_killed, kill_trainer_at, model_bytes,
                       read_summary, small_config, wait_no_processes, write_config)
+
 from localsgd_ft.config import parse_config
 
 pytestmark = pytest.mark.integration
@@ -138,6 +138,7 @@ def test_chaos_run_finishes_with_nothing_lost(tmp_path, cifar_root, torchx_run):
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_whole_app_killed_resumes_from_last_checkpoint(tmp_path, cifar_root, torchx_run, recovery):
     from conftest import wait_gone
+
     from localsgd_ft.storage import checkpoints as checkpoint
 
     cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 1000},

@@ -14,10 +14,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from test_config import BAD_DILOCO, BAD_FAULTS, BAD_VALUES
 
 from localsgd_ft.config import ConfigError, json_schema, parse_config
 from localsgd_ft.config.reference import json_schema_text
-from test_config import BAD_DILOCO, BAD_FAULTS, BAD_VALUES
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO / "configs" / "experiment.schema.json"

@@ -12,9 +12,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "localsgd_ft"
 
 # Lowest first. A module may import from its own floor and the floors below it, never from one above.
-FLOORS = ["config", "storage", "results", "launch", "training"]
+FLOORS = ["config", "contract", "storage", "results", "launch", "training"]
 ENTRY = len(FLOORS)  # the modules at the top level: the command lines, above every floor
-TORCH_FREE = ["config", "storage", "results", "launch"]
+TORCH_FREE = ["config", "contract", "storage", "results", "launch"]
 
 
 def _floor(module: str) -> int:

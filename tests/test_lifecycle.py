@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from conftest import REPO, TORCHX, read_summary, small_config, wait_gone, write_config
 
-from conftest import TORCHX, REPO, read_summary, small_config, wait_gone, write_config
 from localsgd_ft.launch.lifecycle import processes_of_run
 
 pytestmark = pytest.mark.integration
@@ -249,8 +249,8 @@ def test_ctrl_c_stops_everything_keeps_the_checkpoint_and_says_how_to_resume(tmp
     # The client prints the way back after its own exit (the roles' output no longer reaches the terminal).
     assert any("to resume, run the same command again (it continues from the newest checkpoint, step" in line
                for line in run.lines), run.tail()
-    from localsgd_ft.storage.checkpoints import resume_point
     from localsgd_ft.config import load_config
+    from localsgd_ft.storage.checkpoints import resume_point
 
     found, _ = resume_point(load_config(path), start_over=False)
     assert found is not None and found.step >= 50
@@ -302,8 +302,8 @@ def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root,
 def test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first(tmp_path, monkeypatch, capsys):
     """CI once saw a replica role stopped by the Ctrl-C report before the lighthouse role saw the signal:
     summary.json then said FAILED but not "stopped", and the client printed no way back."""
-    from localsgd_ft.launch import client_hooks as client
     from localsgd_ft.config import parse_config
+    from localsgd_ft.launch import client_hooks as client
 
     cfg = parse_config({"output_dir": str(tmp_path / "out")})
     cfg.run_dir.mkdir(parents=True)

@@ -15,11 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import small_config, write_config
+
+from localsgd_ft.contract import RUN_ID_ENV, RUN_TOKEN_ENV
 from localsgd_ft.launch.completion.client import CompletionClient, Refused
 from localsgd_ft.launch.completion.server import MAX_BODY
-from localsgd_ft.launch.lifecycle import RUN_ID_ENV, RUN_TOKEN_ENV
 
 TOKEN = "0123456789abcdef"
 LIGHTHOUSE_FAULT = {"faults": {"enabled": True, "schedule": [{"kind": "lighthouse", "at_step": 5, "duration_s": 2.0}]}}

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-
 from conftest import REPO, small_config, wait_no_processes, write_config
+
 from localsgd_ft.results.metrics import MetricsLog, metrics_path, read_all, read_events
 from localsgd_ft.results.report import (PLOTS, _markers, _plot_accuracy, _plot_loss, _plot_quorum, _plot_throughput,
-                                _start_time, last_step, main, make_report, summary_table, value_at)
+                                        _start_time, last_step, main, make_report, summary_table, value_at)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,10 +18,10 @@ from typing import Any, Dict, List
 
 import pytest
 import yaml
-
 from conftest import REPO, TORCHX, small_config, write_config
-from localsgd_ft.launch import gpus
+
 from localsgd_ft.config import ConfigError, embed_config, load_config
+from localsgd_ft.launch import gpus
 
 COMPONENT = str(REPO / "components/localsgd.py") + ":localsgd"
 IMAGE = "registry.example.com/localsgd-ft:1.0"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-
 from conftest import REPO, TORCHX, small_config, write_config
 
 pytestmark = pytest.mark.slurm

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import small_config, write_config
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, small_config, write_config
-from localsgd_ft.results.compare import compare, label_runs, Run
+
 from localsgd_ft.config import ConfigError
+from localsgd_ft.results.compare import Run, compare, label_runs
 from localsgd_ft.results.sweep import parse_grid, point_name
 
 

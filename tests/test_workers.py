@@ -14,9 +14,9 @@ import pytest
 from conftest import (assert_rejoin_hashes_match, finish, finish_with_a_worker_killed, read_summary, small_config,
                       trainer_pid, wait_gone, wait_no_processes, write_config)
 
-from localsgd_ft.storage import checkpoints as checkpoint
 from localsgd_ft.config import parse_config
 from localsgd_ft.launch.lifecycle import processes_of_run
+from localsgd_ft.storage import checkpoints as checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,12 @@ from localsgd_ft.config.loading import (apply_overrides, describe_source, embed_
 from localsgd_ft.config.reference import json_schema, reference_markdown
 from localsgd_ft.config.schedule import (CheckpointConfig, FaultConfig, FaultsConfig, LocalSGDConfig,
                                          OuterOptimizerConfig, TrainConfig)
-from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig,
+from localsgd_ft.config.sections import (HEARTBEAT_S, Algorithm, DataConfig, FaultKind, FaultMoment, LighthouseConfig,
+                                         ModelArch, ModelConfig, OptimizerConfig, OptimizerName, Recovery,
                                          ReplicaGroupsConfig)
 
 __all__ = [
+    "HEARTBEAT_S", "Algorithm", "FaultKind", "FaultMoment", "ModelArch", "OptimizerName", "Recovery",
     "CheckpointConfig", "ConfigError", "DataConfig", "ExperimentConfig", "Fault", "FaultConfig", "FaultsConfig",
     "LighthouseConfig", "LocalSGDConfig", "ModelConfig", "OptimizerConfig", "OuterOptimizerConfig",
     "ReplicaGroupsConfig", "TrainConfig", "apply_overrides", "describe_source", "embed_config", "json_schema",

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from localsgd_ft.config.experiment import ExperimentConfig
 
+
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 

@@ -25,6 +25,10 @@ OptimizerName = Literal["sgd", "adamw"]
 FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse"]
 FaultMoment = Literal["step", "quorum", "allreduce", "heal"]
 
+# How often a replica role tells the lighthouse role it lives (and learns whether the run goes on), in
+# seconds. Defined here, below everything, because lighthouse.role_timeout_s is judged against it.
+HEARTBEAT_S = 1.0
+
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -137,11 +141,12 @@ class LighthouseConfig(Section):
                                                        "in ms.")
     heartbeat_timeout_ms: int = Field(5000, ge=1, description="Silence after which a group counts as dead; "
                                                               "survivors stall about this long after a failure.")
-    role_timeout_s: Annotated[Number, Allowed("expected at least 3 seconds (roles send a heartbeat every second)")] \
-        = Field(15.0, ge=3,
-                description="A replica role sends a heartbeat every second; one silent this long (its node gone, its "
-                            "wrapper killed) is declared lost, and the run goes on without it or ends, as for any "
-                            "lost group.")
+    role_timeout_s: Annotated[Number, Allowed(
+        f"expected at least {3 * HEARTBEAT_S:g} seconds (roles send a heartbeat every {HEARTBEAT_S:g} s)")] = Field(
+        15.0, ge=3 * HEARTBEAT_S,
+        description=f"A replica role sends a heartbeat every {HEARTBEAT_S:g} s; one silent this long (its node gone, "
+                    "its wrapper killed) is declared lost, and the run goes on without it or ends, as for any lost "
+                    "group.")
     cpus: int = Field(1, ge=1, description="CPUs requested for the lighthouse role from the scheduler.")
     memory_mb: int = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
                                                      "about 40 MB; Kubernetes requests this minus torchx's 1024 MB "

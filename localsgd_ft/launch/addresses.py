@@ -1,4 +1,4 @@
-"""Facts shared by the component and the role processes: addresses and environment names."""
+"""Where the component and the role processes find each other: hosts, ports, URLs and timeouts."""
 
 from __future__ import annotations
 
@@ -11,14 +11,7 @@ import sys
 from typing import List, Mapping, Optional, Tuple
 
 from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
-
-# Environment a replica-group role receives from the component.
-GROUP_ENV = "REPLICA_GROUP_ID"
-NUM_GROUPS_ENV = "NUM_REPLICA_GROUPS"
-# Set by the replica wrapper for the trainer: where the completion service listens.
-COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"
-# Set by the component on every role for `torchx run -- --fresh True`: ignore old checkpoints.
-FRESH_ENV = "LOCALSGD_FT_FRESH"
+from localsgd_ft.contract import FRESH_ENV
 
 
 def fresh_requested(cfg: ExperimentConfig) -> bool:
@@ -73,11 +66,6 @@ def never_seen_s(cfg: ExperimentConfig, local: bool) -> float:
     return twice if local else max(300.0, twice)
 
 
-def rendezvous_port(cfg: ExperimentConfig, group: int) -> int:
-    """Where a multi-node group's torchrun agents meet on a cluster: its first node, this port."""
-    return cfg.lighthouse.port + 2 + group
-
-
 def group_first_host(group: int, nodes: int, lighthouse_host: str, env: Mapping[str, str] = os.environ) -> str:
     """The host of node 0 of replica group ``group``, where its torchrun agents rendezvous.
 
@@ -116,7 +104,7 @@ def lighthouse_url(cfg: ExperimentConfig, host: str) -> str:
 
 
 def completion_url(cfg: ExperimentConfig, host: str) -> str:
-    return f"http://{host}:{cfg.lighthouse.port + 1}"
+    return f"http://{host}:{cfg.lighthouse.completion_port}"
 
 
 def parse_role_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],

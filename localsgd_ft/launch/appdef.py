@@ -14,8 +14,9 @@ from typing import Dict, List
 import torchx.specs as specs
 
 from localsgd_ft.config import ExperimentConfig
-from localsgd_ft.launch.addresses import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, free_port
-from localsgd_ft.launch.lifecycle import PARENT_PID_ENV, new_identity
+from localsgd_ft.contract import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, PARENT_PID_ENV
+from localsgd_ft.launch.addresses import free_port
+from localsgd_ft.launch.lifecycle import new_identity
 
 
 @dataclass

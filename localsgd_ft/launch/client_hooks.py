@@ -10,13 +10,13 @@ line saying how to resume and from which checkpoint.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import List, Optional
 
-from localsgd_ft.storage.checkpoints import resume_point
 from localsgd_ft.config import ConfigError, ExperimentConfig
+from localsgd_ft.contract import Summary
+from localsgd_ft.storage.checkpoints import resume_point
 
 SUMMARY_WAIT_S = 10.0
 _interrupted = False  # set by the hook below when the client ends on a signal
@@ -74,18 +74,18 @@ def say_how_to_resume(cfg: ExperimentConfig, launched_at: float, fresh: bool = F
         return  # it ended on its own: the lighthouse role already gave the verdict
     path = cfg.run_dir / "summary.json"
     end = time.monotonic() + SUMMARY_WAIT_S
-    summary: Optional[dict] = None
+    summary: Optional[Summary] = None
     while time.monotonic() < end:
         try:
             if path.stat().st_mtime >= launched_at:
-                summary = json.loads(path.read_text())
+                summary = Summary.load(path)
                 break
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
     # The summary says SUCCEEDED only if training had ended before the interrupt. Its "stopped" flag is not
     # enough: a replica role stopped by the same interrupt may report before the lighthouse role sees it.
-    if summary is not None and summary.get("succeeded"):
+    if summary is not None and summary.succeeded:
         return
     again = "the same command again" + (" without --fresh" if fresh else "")
     where = "no checkpoint was written yet, so it starts over"

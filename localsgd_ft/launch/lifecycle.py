@@ -29,12 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-# Environment every process of a run carries (set by the component, inherited below it).
-RUN_ID_ENV = "LOCALSGD_FT_RUN_ID"
-RUN_TOKEN_ENV = "LOCALSGD_FT_RUN_TOKEN"
-TOKEN_HEADER = "X-LocalSGD-Run-Token"
-# On local launches: the `torchx run` client's pid, which every role's parent must be.
-PARENT_PID_ENV = "LOCALSGD_FT_CLIENT_PID"
+from localsgd_ft.contract import PARENT_PID_ENV, RUN_ID_ENV, RUN_TOKEN_ENV, TORCHRUN_ENV
 
 _PR_SET_PDEATHSIG = 1
 
@@ -96,7 +91,7 @@ def follow_torchrun() -> None:
     Call it first, before importing torch: a worker whose torchrun died while
     it was starting ends at once instead of training as an orphan.
     """
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
+    if os.environ.get(TORCHRUN_ENV):
         die_with_parent(signal.SIGKILL, parent_marker=(b"torch.distributed.run", b"torchrun"))
 
 

@@ -13,7 +13,7 @@ Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env
 - It owns its ports before it touches anything: a port another run holds
   ends the role at once with one line naming the fix; only then are old
   checkpoints (``--fresh``) and metrics moved aside.
-- Replica roles heartbeat every second; one silent for
+- Replica roles heartbeat every ``HEARTBEAT_S``; one silent for
   ``lighthouse.role_timeout_s`` is declared lost ("role lost: no heartbeat").
 - A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
   ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
@@ -35,18 +35,19 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+from http.server import ThreadingHTTPServer
+from typing import Callable, List, Optional, Tuple
 
+from localsgd_ft.config import ExperimentConfig, resolved_yaml
+from localsgd_ft.contract import FaultEvent, Snapshot, Summary, read_event
+from localsgd_ft.launch import addresses, lifecycle
 from localsgd_ft.launch.completion.server import serve as serve_completion
 from localsgd_ft.launch.completion.state import CompletionState
-from localsgd_ft.launch import lifecycle
-from localsgd_ft.launch import addresses
-from localsgd_ft.storage.checkpoints import move_aside
-from localsgd_ft.config import ExperimentConfig, resolved_yaml
-from localsgd_ft.storage.atomic import write_json_atomic, write_text_atomic
 from localsgd_ft.launch.torchft_lighthouse import command as lighthouse_command
 from localsgd_ft.results.metrics import metrics_dir
-from localsgd_ft.results.summary import build_summary
+from localsgd_ft.results.summary import summarize
+from localsgd_ft.storage.atomic import write_json_atomic, write_text_atomic
+from localsgd_ft.storage.checkpoints import move_aside
 
 REPORT_TIMEOUT_S = 120
 
@@ -165,102 +166,75 @@ class SupervisedLighthouse:
 
 def _check_losses(cfg: ExperimentConfig, state: CompletionState) -> None:
     """Abort when too few groups are left to form a quorum (lighthouse.min_replicas)."""
-    reports = state.snapshot(events=False)
-    finished = reports["finished"]
-    lost = [g for g, rep in finished.items() if rep.get("exit_code") != 0]
-    if not lost or reports["abort"]:
+    reports = Snapshot.model_validate(state.snapshot(events=False))
+    lost = {g: rep for g, rep in sorted(reports.finished.items()) if rep.exit_code != 0}
+    if not lost or reports.abort:
         return
     alive = cfg.replica_groups.count - len(lost)
     if alive < cfg.lighthouse.min_replicas:
-        errors = [f"group {g}: {(finished[g].get('result') or {}).get('error')}" for g in sorted(lost)
-                  if (finished[g].get("result") or {}).get("error")]
-        why = "; ".join(errors) if errors else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})"
-        reason = (f"replica group(s) {sorted(lost)} failed ({why}); {alive} group(s) left, fewer than "
+        errors = {g: rep.result.error for g, rep in lost.items() if rep.result is not None and rep.result.error}
+        why = ("; ".join(f"group {g}: {e}" for g, e in errors.items()) if errors
+               else f"exhausted replica_groups.max_restarts ({cfg.replica_groups.max_restarts})")
+        reason = (f"replica group(s) {list(lost)} failed ({why}); {alive} group(s) left, fewer than "
                   f"lighthouse.min_replicas ({cfg.lighthouse.min_replicas}): training cannot continue")
-        if state.set_abort(reason):
+        if state.set_abort(reason, quoted=errors):
             print(f"lighthouse: ABORT: {reason}", flush=True)
 
 
 def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callable[[dict], None]:
     plan = {f.id: f for f in cfg.fault_plan}
 
-    def on_event(event: dict) -> None:
-        if event.get("kind") != "fault":
+    def on_event(recorded: dict) -> None:
+        event = read_event(recorded)
+        if not isinstance(event, FaultEvent):
             return
-        print(f"lighthouse: FAULT #{event.get('fault_id')}: {event.get('fault')} of "
-              f"{'the lighthouse' if event.get('fault') == 'lighthouse' else 'group %s' % event.get('target')} "
-              f"at step {event.get('step')}", flush=True)
-        if event.get("fault") == "lighthouse":
+        print(f"lighthouse: FAULT #{event.fault_id}: {event.fault} of "
+              f"{'the lighthouse' if event.fault == 'lighthouse' else 'group %s' % event.target} "
+              f"at step {event.step}", flush=True)
+        if event.fault == "lighthouse":
             # Off the HTTP thread: the reporting group must get its answer before the kill.
             # The outage lasts as planned, whatever the report claims.
-            threading.Thread(target=lighthouse.kill_for, args=(plan[event["fault_id"]].duration_s,),
+            threading.Thread(target=lighthouse.kill_for, args=(plan[event.fault_id].duration_s,),
                              daemon=True).start()
 
     return on_event
 
 
-def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
-    started_at = time.time()
-    bind_host = addresses.bind_address(host)
-    token = lifecycle.run_token()
-    run_id = lifecycle.run_id()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    # Own both ports before anything is moved or written: a port held by another run ends this
-    # role at once with one line, and the replica roles, refused by that run's service, stop too.
-    state = CompletionState(cfg.replica_groups.count, run_id, {f.id: f.kind for f in cfg.fault_plan},
-                                    nodes=cfg.replica_groups.nodes)
-    try:
-        completion = serve_completion(listen_host(bind_host), cfg.lighthouse.port + 1, state, token)
-    except OSError as e:
-        raise port_taken(listen_host(bind_host), cfg.lighthouse.port + 1, "completion service", e) from None
-    lighthouse = SupervisedLighthouse(cfg, bind_host, on_start=state.new_incarnation)
-    try:
-        lighthouse.start()
-    except RuntimeError:
-        completion.shutdown()
-        completion.server_close()
-        raise
+def _supervise(cfg: ExperimentConfig, state: CompletionState, lighthouse: SupervisedLighthouse,
+               stop: threading.Event, opened: float, never_seen: float) -> None:
+    """Until every group has finished (or a signal came): keep the torchft lighthouse up, settle and
+    declare lost groups, and abort when too few are left."""
+    while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
+        failure = lighthouse.watch()
+        if failure and state.set_abort(failure):
+            print(f"lighthouse: ABORT: {failure}", flush=True)
+        state.settle_failing()
+        for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
+            print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
+                  f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
+        if time.monotonic() - opened > never_seen:
+            for g in state.declare_never_seen_lost(never_seen):
+                print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
+                      f"{never_seen:.0f} s", flush=True)
+        _check_losses(cfg, state)
 
+
+def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
+    """Own the ports, prepare the outputs, supervise until training ends, then give the verdict (the exit code)."""
+    started_at = time.time()
+    stop = _stop_on_signals()
+    bind_host = addresses.bind_address(host)
+    state, completion, lighthouse = _bind(cfg, bind_host)
     role_error: Optional[str] = None
     try:
-        if cfg.checkpoint.enabled and addresses.fresh_requested(cfg):
-            moved = move_aside(cfg.checkpoint_dir)
-            if moved:
-                print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
-        # The metrics files and the report describe this job; a previous job's are kept beside them.
-        old_metrics = move_aside(metrics_dir(cfg.run_dir))
-        if old_metrics:
-            print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
-        # What this run ran, every default filled in (overrides included): rerunnable as it is.
-        write_text_atomic(cfg.run_dir / "config.yaml", resolved_yaml(cfg, config_path))
+        _prepare_outputs(cfg, config_path)
         state.on_event = _on_fault(lighthouse, cfg)
         state.open()
         opened = time.monotonic()
+        _announce(cfg, host, bind_host)
         # A role that never reaches us (it died at start, its pod was never scheduled) is lost too.
         never_seen = addresses.never_seen_s(cfg, local=bind_host != "::")
-        print(f"lighthouse: run {run_id}: serving {addresses.lighthouse_url(cfg, host)}, bound to {bind_host}; "
-              f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
-        print(f"lighthouse: dashboard: {addresses.lighthouse_url(cfg, host)}/ ; metrics: {metrics_dir(cfg.run_dir)}",
-              flush=True)
-        if cfg.fault_plan:
-            print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
-                  + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan),
-                  flush=True)
-        while not stop.is_set() and not state.wait(state.all_finished, timeout=0.5):
-            failure = lighthouse.watch()
-            if failure and state.set_abort(failure):
-                print(f"lighthouse: ABORT: {failure}", flush=True)
-            state.settle_failing()
-            for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
-                print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
-                      f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
-            if time.monotonic() - opened > never_seen:
-                for g in state.declare_never_seen_lost(never_seen):
-                    print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
-                          f"{never_seen:.0f} s", flush=True)
-            _check_losses(cfg, state)
+        _supervise(cfg, state, lighthouse, stop, opened, never_seen)
     except Exception as e:  # never end without a verdict: the summary says what went wrong
         role_error = f"lighthouse role error: {type(e).__name__}: {e}"
         print(f"lighthouse: {role_error}", flush=True)
@@ -268,39 +242,97 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         completion.shutdown()
         completion.server_close()  # free the port now, not when the report is done
         lighthouse.stop()
-
     reports = state.snapshot()
-    summary = build_summary(cfg, reports, started_at, config_path, lighthouse.restarts, lifecycle.peak_rss_mb(),
-                            run_id=run_id, role_error=role_error,
-                            stopped=stop.is_set() and not _all_trained(cfg, reports))
-    write_json_atomic(cfg.run_dir / "summary.json", summary)
-    for g, rep in summary["replica_groups"].items():
-        print(f"lighthouse: group {g}: exit_code={rep['exit_code']} steps={rep.get('steps')} "
-              f"syncs_committed={rep.get('syncs_committed')} restarts={rep.get('restarts')} "
-              f"params_sha256={str(rep.get('params_sha256'))[:12]}", flush=True)
-    if stop.is_set():
+    summary = summarize(cfg, reports, started_at, config_path, lighthouse.restarts, lifecycle.peak_rss_mb(),
+                        run_id=lifecycle.run_id(), role_error=role_error,
+                        stopped=stop.is_set() and not _all_trained(cfg, reports))
+    return _conclude(cfg, summary, stop.is_set(), print_summary)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set (Ctrl-C, a scheduler's cancel): the role then ends with a partial summary."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def _bind(cfg: ExperimentConfig, bind_host: str) -> Tuple[CompletionState, ThreadingHTTPServer,
+                                                          "SupervisedLighthouse"]:
+    """Own both ports before anything is moved or written: a port held by another run ends this role at
+    once with one line, and the replica roles, refused by that run's service, stop too."""
+    state = CompletionState(cfg.replica_groups.count, lifecycle.run_id(), {f.id: f.kind for f in cfg.fault_plan},
+                            nodes=cfg.replica_groups.nodes)
+    port = cfg.lighthouse.completion_port
+    try:
+        completion = serve_completion(listen_host(bind_host), port, state, lifecycle.run_token())
+    except OSError as e:
+        raise port_taken(listen_host(bind_host), port, "completion service", e) from None
+    lighthouse = SupervisedLighthouse(cfg, bind_host, on_start=state.new_incarnation)
+    try:
+        lighthouse.start()
+    except RuntimeError:
+        completion.shutdown()
+        completion.server_close()
+        raise
+    return state, completion, lighthouse
+
+
+def _prepare_outputs(cfg: ExperimentConfig, config_path: str) -> None:
+    """Set aside what a previous job left (its checkpoints with --fresh, its metrics); record this run's config."""
+    if cfg.checkpoint.enabled and addresses.fresh_requested(cfg):
+        moved = move_aside(cfg.checkpoint_dir)
+        if moved:
+            print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
+    # The metrics files and the report describe this job; a previous job's are kept beside them.
+    old_metrics = move_aside(metrics_dir(cfg.run_dir))
+    if old_metrics:
+        print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
+    # What this run ran, every default filled in (overrides included): rerunnable as it is.
+    write_text_atomic(cfg.run_dir / "config.yaml", resolved_yaml(cfg, config_path))
+
+
+def _announce(cfg: ExperimentConfig, host: str, bind_host: str) -> None:
+    url = addresses.lighthouse_url(cfg, host)
+    print(f"lighthouse: run {lifecycle.run_id()}: serving {url}, bound to {bind_host}; "
+          f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
+    print(f"lighthouse: dashboard: {url}/ ; metrics: {metrics_dir(cfg.run_dir)}", flush=True)
+    if cfg.fault_plan:
+        print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
+              + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan),
+              flush=True)
+
+
+def _conclude(cfg: ExperimentConfig, summary: Summary, stopped: bool, print_summary: bool) -> int:
+    """Write summary.json, say what happened and make the report; the role's exit code (the run's verdict)."""
+    write_json_atomic(cfg.run_dir / "summary.json", summary.wire())
+    for g, rep in summary.replica_groups.items():
+        print(f"lighthouse: group {g}: exit_code={rep.exit_code} steps={rep.steps} "
+              f"syncs_committed={rep.syncs_committed} restarts={rep.restarts} "
+              f"params_sha256={str(rep.params_sha256)[:12]}", flush=True)
+    if stopped:
         print("lighthouse: stopped by a signal before every group finished", flush=True)
-        written = summary["checkpoints_written"]
+        written = summary.checkpoints_written
         if cfg.checkpoint.enabled:
-            where = f"newest checkpoint: step {written[-1]['step']}" if written else "no checkpoint yet: it starts over"
+            where = f"newest checkpoint: step {written[-1].step}" if written else "no checkpoint yet: it starts over"
             print(f"lighthouse: to resume, run the same command again ({where}, in {cfg.checkpoint_dir})", flush=True)
-    if summary["lost_groups"]:
-        print(f"lighthouse: lost replica groups: {summary['lost_groups']}", flush=True)
+    if summary.lost_groups:
+        print(f"lighthouse: lost replica groups: {summary.lost_groups}", flush=True)
     if print_summary:
         # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
-        print("lighthouse: SUMMARY_JSON " + json.dumps(summary, separators=(",", ":")), flush=True)
+        print("lighthouse: SUMMARY_JSON " + json.dumps(summary.wire(), separators=(",", ":")), flush=True)
     # Stopped (Ctrl-C, a cancel, the client gone): leave at once; the plots can be made later.
-    report_ok = False if stop.is_set() else _run_report(cfg)
-    if stop.is_set():
+    report_ok = False if stopped else _run_report(cfg)
+    if stopped:
         print(f"lighthouse: report skipped; make it with: python -m localsgd_ft.report {cfg.run_dir}", flush=True)
-    verdict = "SUCCEEDED" if summary["succeeded"] else "FAILED"
-    why = f" ({summary['failure_reason']})" if summary.get("failure_reason") else ""
-    print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary['final_test_accuracy']}; "
+    verdict = "SUCCEEDED" if summary.succeeded else "FAILED"
+    why = f" ({summary.failure_reason})" if summary.failure_reason else ""
+    print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary.final_test_accuracy}; "
           f"summary: {cfg.run_dir / 'summary.json'}"
           + (f"; report: {cfg.run_dir / 'report'}" if report_ok else ""), flush=True)
-    if not stop.is_set():  # stopped, the client is tearing the run down and copies nothing more
+    if not stopped:  # stopped, the client is tearing the run down and copies nothing more
         lifecycle.wait_for_console_copy()
-    return 0 if summary["succeeded"] else 1
+    return 0 if summary.succeeded else 1
 
 
 def _run_report(cfg: ExperimentConfig) -> bool:
@@ -318,8 +350,8 @@ def _run_report(cfg: ExperimentConfig) -> bool:
 
 def _all_trained(cfg: ExperimentConfig, reports: dict) -> bool:
     """Whether every group ended well (a group the same signal stopped first reports a failed exit)."""
-    finished = reports["finished"]
-    return len(finished) == cfg.replica_groups.count and all(r.get("exit_code") == 0 for r in finished.values())
+    finished = Snapshot.model_validate(reports).finished
+    return len(finished) == cfg.replica_groups.count and all(r.exit_code == 0 for r in finished.values())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

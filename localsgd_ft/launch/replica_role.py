@@ -17,7 +17,7 @@ through ``$VAR`` (torchx's rank-0 host macro) and:
    rendezvous at the group's first node instead of ``--standalone``);
    torchrun dies with this role (parent-death signal) and its workers die
    with torchrun, so nothing outlives the role even when it is SIGKILLed;
-4. heartbeats every second (from a thread); stops torchrun when the run is
+4. heartbeats every ``HEARTBEAT_S`` (from a thread); stops torchrun when the run is
    aborted or the lighthouse role has been unreachable for
    ``lighthouse.role_timeout_s`` (a trainer that meets a permanent error
    records it in its result and ends torchrun itself, so it is never retried);
@@ -36,17 +36,24 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from localsgd_ft.launch import gpus
-from localsgd_ft.launch import lifecycle
-from localsgd_ft.launch import addresses
-from localsgd_ft.storage.cifar10 import DataError, locate
 from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.contract import (COMPLETION_ENV, GROUP_ENV, HEARTBEAT_S, NUM_GROUPS_ENV, TORCHFT_LIGHTHOUSE_ENV,
+                                  Status, StopReason, TrainerResult, read)
+from localsgd_ft.launch import addresses, gpus, lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient, Refused
+from localsgd_ft.storage.cifar10 import DataError, locate
 
-HEARTBEAT_S = 1.0
+
+@dataclass(frozen=True)
+class Stop:
+    """Why this role stops its torchrun: the reason, and the line that says it."""
+
+    reason: StopReason
+    message: str
 
 
 def result_path(cfg: ExperimentConfig, group: int) -> Path:
@@ -78,13 +85,13 @@ def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
     ]
 
 
-def read_result(path: Path, group: int) -> Optional[dict]:
+def read_result(path: Path, group: int) -> Optional[TrainerResult]:
+    """The trainer's result left at ``path`` (None: none, or not a result, which is said on stderr)."""
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
-        return result if isinstance(result, dict) else None
-    except (OSError, ValueError) as e:
+        return read(TrainerResult, json.loads(path.read_text()))
+    except (OSError, ValueError) as e:  # ContractError is a ValueError
         print(f"replica {group}: cannot read {path}: {e}", file=sys.stderr, flush=True)
         return None
 
@@ -101,18 +108,18 @@ def stop_torchrun(proc: subprocess.Popen) -> int:
 
 
 class Heartbeat:
-    """Tells the lighthouse role every second that this role lives, from a thread of its own.
+    """Tells the lighthouse role every ``HEARTBEAT_S`` that this role lives, from a thread of its own.
 
     A thread, so that nothing this role does (checking or downloading data,
     waiting for torchrun) can make it fall silent. It keeps what the role must
     act on: the reason to stop (the run aborted, a refusal, the lighthouse role
-    unreachable for ``lighthouse.role_timeout_s``).
+    unreachable for ``lighthouse.role_timeout_s``, a signal); the first one stands.
     """
 
     def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0) -> None:
         self.cfg, self.group, self.client, self.node = cfg, group, client, node
         self.last_contact = time.monotonic()
-        self.stop_reason: Optional[str] = None
+        self.stopping: Optional[Stop] = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -123,19 +130,25 @@ class Heartbeat:
     def stop(self) -> None:
         self._done.set()
 
+    def stop_for(self, reason: StopReason, message: str) -> None:
+        """Stop torchrun for ``reason`` (unless a reason to stop came first)."""
+        self.stopping = self.stopping or Stop(reason, message)
+
     def _run(self) -> None:
         while not self._done.wait(HEARTBEAT_S):
             try:
-                status = self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S, node=self.node)
+                status = Status.model_validate(self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S,
+                                                                     node=self.node))
                 self.last_contact = time.monotonic()
-                if status.get("abort"):
-                    self.stop_reason = self.stop_reason or f"the run was aborted: {status['abort']}"
+                if status.abort:
+                    self.stop_for(StopReason.ABORTED, f"the run was aborted: {status.abort}")
             except Refused as e:
-                self.stop_reason = self.stop_reason or f"the completion service refused this role ({e})"
+                self.stop_for(StopReason.REFUSED, f"the completion service refused this role ({e})")
             except Exception:  # the lighthouse role busy or restarting: keep training, within reason
                 silent = time.monotonic() - self.last_contact
-                if silent > self.cfg.lighthouse.role_timeout_s and self.stop_reason is None:
-                    self.stop_reason = f"the lighthouse role has been unreachable for {silent:.0f} s"
+                if silent > self.cfg.lighthouse.role_timeout_s:
+                    self.stop_for(StopReason.UNREACHABLE,
+                                  f"the lighthouse role has been unreachable for {silent:.0f} s")
 
 
 def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> int:
@@ -145,13 +158,13 @@ def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> in
             return proc.wait(HEARTBEAT_S)
         except subprocess.TimeoutExpired:
             pass
-        if beat.stop_reason:
-            print(f"replica {group}: stopping torchrun: {beat.stop_reason}", file=sys.stderr, flush=True)
+        if beat.stopping:
+            print(f"replica {group}: stopping torchrun: {beat.stopping.message}", file=sys.stderr, flush=True)
             return stop_torchrun(proc)
 
 
-def _report(client: CompletionClient, group: int, code: int, result: Optional[dict], deadline_s: float = 60.0,
-            node: int = 0) -> int:
+def _report(client: CompletionClient, group: int, code: int, result: Optional[TrainerResult],
+            deadline_s: float = 60.0, node: int = 0) -> int:
     try:
         client.finished(group, code, result, deadline_s=deadline_s, node=node)
     except Exception as e:  # the lighthouse role is gone: our own exit code must tell
@@ -166,7 +179,7 @@ def _report(client: CompletionClient, group: int, code: int, result: Optional[di
 def _refuse(client: CompletionClient, group: int, error: str, node: int = 0) -> int:
     """Report a group that cannot start at all (no torchrun, so no pointless restarts)."""
     print(f"replica {group}: error: {error}", file=sys.stderr, flush=True)
-    return _report(client, group, 2, {"error": error, "permanent": True}, node=node)
+    return _report(client, group, 2, TrainerResult(error=error, permanent=True), node=node)
 
 
 def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
@@ -175,26 +188,15 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     # Workers meet in a store their worker 0 serves, new with every restart: torchrun's own store
     # outlives restarts, and gloo would find the dead incarnation's addresses in it.
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    env[addresses.GROUP_ENV] = str(group)
-    env[addresses.NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
-    env["TORCHFT_LIGHTHOUSE"] = addresses.lighthouse_url(cfg, host)
-    env[addresses.COMPLETION_ENV] = addresses.completion_url(cfg, host)
+    env[GROUP_ENV] = str(group)
+    env[NUM_GROUPS_ENV] = str(cfg.replica_groups.count)
+    env[TORCHFT_LIGHTHOUSE_ENV] = addresses.lighthouse_url(cfg, host)
+    env[COMPLETION_ENV] = addresses.completion_url(cfg, host)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    client = CompletionClient(env[addresses.COMPLETION_ENV], lifecycle.run_token())
+    client = CompletionClient(env[COMPLETION_ENV], lifecycle.run_token())
 
-    # The lighthouse role may still be starting (on a cluster its pod or node may come up later
-    # than ours); a stranger on its port refuses us at once.
     local = addresses.is_loopback(host)
-    try:
-        client.heartbeat(group, deadline_s=addresses.first_contact_s(cfg, local=local), node=node)
-    except Refused as e:
-        print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
-              "another run holds lighthouse.port + 1: stop it, or set lighthouse.port to a free port",
-              file=sys.stderr, flush=True)
-        return 1
-    except Exception as e:
-        print(f"replica {group}: error: the lighthouse role at {client.url} is not reachable: {e}",
-              file=sys.stderr, flush=True)
+    if not _first_contact(cfg, client, group, node, local):
         return 1
 
     beat = Heartbeat(cfg, group, client, node).start()
@@ -214,7 +216,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
         except RuntimeError as e:
             beat.stop()
             return _refuse(client, group, str(e), node)
-        rendezvous = (first, rdzv_port or addresses.rendezvous_port(cfg, group),
+        rendezvous = (first, rdzv_port or cfg.lighthouse.rendezvous_port(group),
                       f"{lifecycle.run_id() or cfg.name}-{group}", addresses.rendezvous_timeout_s(cfg, local))
 
     result_file = result_path(cfg, group)
@@ -222,7 +224,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
 
     def on_signal(signum: int, _frame: object) -> None:
         # Ctrl-C / a scheduler's cancel: stop torchrun (and so its workers) before leaving.
-        beat.stop_reason = beat.stop_reason or f"received {signal.Signals(signum).name}"
+        beat.stop_for(StopReason.SIGNAL, f"received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -233,18 +235,39 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     if proc.poll() is None:
         code = stop_torchrun(proc)
     beat.stop()
+    return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping)
 
-    result = read_result(result_file, group)
-    if beat.stop_reason and not (result and result.get("error")):
-        result = {**(result or {}), "error": beat.stop_reason}
+
+def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, local: bool) -> bool:
+    """Whether this run's lighthouse role answers; if not, one line on stderr says why."""
+    # The lighthouse role may still be starting (on a cluster its pod or node may come up later
+    # than ours); a stranger on its port refuses us at once.
+    try:
+        client.heartbeat(group, deadline_s=addresses.first_contact_s(cfg, local=local), node=node)
+        return True
+    except Refused as e:
+        print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
+              f"another run holds port {cfg.lighthouse.completion_port} (lighthouse.port + 1): stop it, or set "
+              "lighthouse.port to a free port", file=sys.stderr, flush=True)
+    except Exception as e:
+        print(f"replica {group}: error: the lighthouse role at {client.url} is not reachable: {e}",
+              file=sys.stderr, flush=True)
+    return False
+
+
+def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, code: int,
+                result: Optional[TrainerResult], stop: Optional[Stop]) -> int:
+    """Report torchrun's exit and the trainer's result; why this role stopped it, if it did, is the error."""
+    if stop:
+        result = TrainerResult.failed(result, stop.message)
     if code != 0:
-        why = (beat.stop_reason or (f"permanent error: {result['error']}" if result and result.get("permanent")
-                                    else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed"))
+        why = (stop.message if stop else f"permanent error: {result.error}" if result and result.permanent
+               else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed")
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:
     # either way try once, briefly, rather than keep a finished run waiting on this role.
-    stopping = (beat.stop_reason or "").startswith("received") or "unreachable" in (beat.stop_reason or "")
-    return _report(client, group, code, result, deadline_s=1.0 if stopping else 60.0, node=node)
+    brief = stop is not None and stop.reason in (StopReason.SIGNAL, StopReason.UNREACHABLE)
+    return _report(client, group, code, result, deadline_s=1.0 if brief else 60.0, node=node)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -256,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--script", default="train_localsgd.py", help="what torchrun runs")
     parser.add_argument("--node", type=int, default=0, help="which node of the group this is (the role's replica)")
     parser.add_argument("--rdzv-port", type=int, default=0,
-                        help="where a multi-node group's agents meet (0: lighthouse.port + 2 + group)")
+                        help="where a multi-node group's agents meet (0: lighthouse.rendezvous_port(group))")
     args, cfg, host = addresses.parse_role_args(parser, argv, "replica")
     try:
         return run(cfg, args.config, args.group, host, args.script, args.config_b64, args.node, args.rdzv_port)

@@ -27,11 +27,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from localsgd_ft.storage.atomic import write_text_atomic
+from localsgd_ft.contract import GroupSummary
 from localsgd_ft.results.metrics import read_all
 from localsgd_ft.results.report import ReportError, _columns, _fmt, _incarnations, load_summary
+from localsgd_ft.storage.atomic import write_text_atomic
 
 # Keys that differ between any two runs without saying anything about the experiment.
 INCIDENTAL = ("name", "output_dir", "lighthouse.port", "data.root", "checkpoint.dir")
@@ -43,19 +44,17 @@ class Run:
     def __init__(self, run_dir: Path) -> None:
         self.dir = Path(run_dir)
         self.summary = load_summary(self.dir)
-        self.config = flatten(self.summary.get("config") or {})
+        self.config = flatten(self.summary.config)
         self.metrics = read_all(self.dir)
         self.label = self.dir.name
 
-    def groups(self) -> List[dict]:
-        return [g for _, g in sorted((self.summary.get("replica_groups") or {}).items(), key=lambda kv: int(kv[0]))]
-
-    def mean(self, key: str) -> Optional[float]:
-        values = [g[key] for g in self.groups() if isinstance(g.get(key), (int, float))]
+    def mean(self, value: Callable[[GroupSummary], Optional[float]]) -> Optional[float]:
+        """The mean over the groups of ``value`` (groups without one left out)."""
+        values = [v for v in map(value, self.summary.groups()) if v is not None]
         return sum(values) / len(values) if values else None
 
     def sent_mb(self) -> Optional[float]:
-        sent = [g["sync_bytes"] for g in self.groups() if isinstance(g.get("sync_bytes"), int)]
+        sent = [g.sync_bytes for g in self.summary.groups() if g.sync_bytes is not None]
         return max(sent) / 2**20 if sent else None
 
 
@@ -96,12 +95,11 @@ def table_rows(runs: Sequence[Run]) -> List[List[str]]:
              "verdict"]]
     for run in runs:
         s = run.summary
-        recoveries = s.get("recoveries") or []
-        rows.append([run.label, _fmt(s.get("final_test_accuracy"), ".4f"), _fmt(s.get("wall_time_s"), ".1f"),
-                     _fmt(run.mean("samples_per_s"), ".0f"), _fmt(run.mean("syncs_committed"), ".0f"),
-                     _fmt(run.sent_mb(), ".2f"), str((s.get("faults") or {}).get("injected", 0)),
-                     str(sum(1 for r in recoveries if r.get("recovered"))),
-                     "SUCCEEDED" if s.get("succeeded") else "FAILED"])
+        rows.append([run.label, _fmt(s.final_test_accuracy, ".4f"), _fmt(s.wall_time_s, ".1f"),
+                     _fmt(run.mean(lambda g: g.samples_per_s), ".0f"),
+                     _fmt(run.mean(lambda g: g.syncs_committed), ".0f"), _fmt(run.sent_mb(), ".2f"),
+                     str(s.faults.injected), str(sum(1 for r in s.recoveries if r.recovered)),
+                     "SUCCEEDED" if s.succeeded else "FAILED"])
     return rows
 
 
@@ -125,8 +123,8 @@ def _accuracy_curve(run: Run) -> Tuple[List[float], List[float], List[float], Li
     life = _incarnations(events)[-1] if events else []
     points = [(e["step"], e["t"] - t0, e.get("test_accuracy")) for e in life if e["kind"] in ("eval", "end")]
     points = [(s, t, a) for s, t, a in points if a is not None]
-    result = (run.summary.get("replica_groups") or {}).get(str(group)) or {}
-    steps, sent = result.get("steps") or 0, result.get("sync_bytes")
+    result = run.summary.replica_groups.get(str(group)) or GroupSummary()
+    steps, sent = result.steps or 0, result.sync_bytes
     per_step = sent / steps / 2**20 if sent and steps else None
     return ([p[0] for p in points], [p[1] for p in points],
             [p[0] * per_step if per_step is not None else float("nan") for p in points], [p[2] for p in points])
@@ -156,7 +154,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> List[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(runs) + 3), 4.8))
-    rates = [run.mean("samples_per_s") or 0.0 for run in runs]
+    rates = [run.mean(lambda g: g.samples_per_s) or 0.0 for run in runs]
     ax.bar(range(len(runs)), rates, color=[f"C{i}" for i in range(len(runs))])
     ax.set_xticks(range(len(runs)), [run.label for run in runs], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("samples/s per group (mean over groups)")

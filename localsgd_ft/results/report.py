@@ -21,11 +21,11 @@ lighthouse role stays small.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from localsgd_ft.contract import EventKind, FaultEvent, Summary
 from localsgd_ft.results.metrics import read_all
 
 PLOTS = ("loss.png", "accuracy.png", "quorum.png", "throughput.png")
@@ -35,14 +35,14 @@ class ReportError(Exception):
     """The report cannot be made; the message says why."""
 
 
-def load_summary(run_dir: Path) -> dict:
+def load_summary(run_dir: Path) -> Summary:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise ReportError(f"{path}: no summary.json here; pass the output_dir of a finished run "
                           "(summary.json is written when a run ends)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return Summary.load(path)
+    except (OSError, ValueError) as e:
         raise ReportError(f"{path}: cannot read summary.json: {e}") from None
 
 
@@ -57,67 +57,71 @@ def _columns(rows: Sequence[Sequence[str]]) -> List[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def _workers(summary: dict) -> str:
+SummaryLike = Union[Summary, Mapping[str, Any]]  # a Summary, or summary.json as JSON values
+
+
+def _workers(summary: Summary) -> str:
     """' (every worker: 4)' when groups have several workers: the identity covers all of them."""
-    count = sum(len(g.get("worker_params_sha256") or []) for g in summary.get("replica_groups", {}).values()
-                if g.get("succeeded"))
-    return f" (every worker: {count})" if count > len(summary.get("replica_groups", {})) else ""
+    count = sum(len(g.worker_params_sha256 or []) for g in summary.groups() if g.succeeded)
+    return f" (every worker: {count})" if count > len(summary.replica_groups) else ""
 
 
-def summary_table(summary: dict) -> str:
-    """The end-of-run table, every number taken from ``summary``."""
-    verdict = "SUCCEEDED" if summary.get("succeeded") else "FAILED"
-    lines = [f"run {summary.get('name')} ({summary.get('algorithm', 'localsgd')}): {verdict}"
-             + (f" ({summary['failure_reason']})" if summary.get("failure_reason") else "")
-             + f"; final test accuracy {_fmt(summary.get('final_test_accuracy'), '.4f')}"
-             + f"; parameters identical: {'yes' if summary.get('params_identical') else 'no'}{_workers(summary)}"
-             + f"; wall time {_fmt(summary.get('wall_time_s'), '.1f')} s"]
+def _group_rows(summary: Summary) -> List[List[str]]:
     rows = [["group", "accuracy", "steps", "syncs_committed", "syncs_failed", "restarts", "samples/s", "sent_MB",
              "status"]]
-    for g, rep in sorted(summary.get("replica_groups", {}).items(), key=lambda kv: int(kv[0])):
-        attempted, committed = rep.get("syncs_attempted"), rep.get("syncs_committed")
+    for g, rep in sorted(summary.replica_groups.items(), key=lambda kv: int(kv[0])):
+        attempted, committed = rep.syncs_attempted, rep.syncs_committed
         failed = attempted - committed if attempted is not None and committed is not None else None
-        status = "ok" if rep.get("succeeded") else "lost" if rep.get("lost") else "unfinished"
-        rows.append([g, _fmt(rep.get("final_test_accuracy"), ".4f"), _fmt(rep.get("steps")), _fmt(committed),
-                     _fmt(failed), _fmt(rep.get("restarts")), _fmt(rep.get("samples_per_s"), ".1f"),
-                     _fmt(None if rep.get("sync_bytes") is None else rep["sync_bytes"] / 2**20, ".1f"), status])
-    lines += _columns(rows)
-    faults = summary.get("faults") or {}
-    by_kind = ", ".join(f"{k}: {n}" for k, n in sorted((faults.get("by_kind") or {}).items())) or "none"
-    lines.append(f"failures: {faults.get('injected', 0)} injected of {faults.get('planned', 0)} planned "
-                 f"({by_kind}); lighthouse restarts: {summary.get('lighthouse_restarts', 0)}")
-    recoveries = summary.get("recoveries") or []
-    if recoveries:
+        status = "ok" if rep.succeeded else "lost" if rep.lost else "unfinished"
+        rows.append([g, _fmt(rep.final_test_accuracy, ".4f"), _fmt(rep.steps), _fmt(committed),
+                     _fmt(failed), _fmt(rep.restarts), _fmt(rep.samples_per_s, ".1f"),
+                     _fmt(None if rep.sync_bytes is None else rep.sync_bytes / 2**20, ".1f"), status])
+    return rows
+
+
+def summary_table(summary: SummaryLike) -> str:
+    """The end-of-run table, every number taken from ``summary``."""
+    s = Summary.of(summary)
+    verdict = "SUCCEEDED" if s.succeeded else "FAILED"
+    lines = [f"run {s.name} ({s.algorithm}): {verdict}"
+             + (f" ({s.failure_reason})" if s.failure_reason else "")
+             + f"; final test accuracy {_fmt(s.final_test_accuracy, '.4f')}"
+             + f"; parameters identical: {'yes' if s.params_identical else 'no'}{_workers(s)}"
+             + f"; wall time {_fmt(s.wall_time_s, '.1f')} s"]
+    lines += _columns(_group_rows(s))
+    by_kind = ", ".join(f"{k}: {n}" for k, n in sorted(s.faults.by_kind.items())) or "none"
+    lines.append(f"failures: {s.faults.injected} injected of {s.faults.planned} planned "
+                 f"({by_kind}); lighthouse restarts: {s.lighthouse_restarts}")
+    if s.recoveries:
         rows = [["failure", "kind", "group", "step", "recovered", "recovery_s", "survivor_stall_s"]]
-        for r in recoveries:
-            rows.append([f"#{r.get('fault_id')}", str(r.get("kind")),
-                         "lighthouse" if r.get("group") is None else str(r.get("group")), _fmt(r.get("step")),
-                         "yes" if r.get("recovered") else "no", _fmt(r.get("recovery_s"), ".2f"),
-                         _fmt(r.get("survivor_stall_s"), ".2f")])
+        for r in s.recoveries:
+            rows.append([f"#{r.fault_id}", str(r.kind), "lighthouse" if r.group is None else str(r.group),
+                         _fmt(r.step), "yes" if r.recovered else "no", _fmt(r.recovery_s, ".2f"),
+                         _fmt(r.survivor_stall_s, ".2f")])
         lines += _columns(rows)
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the plots
 
-def _markers(metrics: Dict[int, List[dict]], summary: dict) -> Dict[str, List[dict]]:
+def _markers(metrics: Dict[int, List[dict]], summary: SummaryLike) -> Dict[str, List[dict]]:
     """Failures, restarts and recoveries, each with ``t`` (group clock), ``step`` and ``group``."""
     faults: Dict[Any, dict] = {}
     restarts, recovered = [], []
     for group, events in metrics.items():
         for e in events:
-            if e["kind"] == "fault":
+            if e["kind"] == EventKind.FAULT:
                 faults.setdefault(e.get("fault_id"), e)
             elif e["kind"] == "start" and e.get("restart", 0) > 0:
                 restarts.append(e)
-            elif e["kind"] == "recovered":
+            elif e["kind"] == EventKind.RECOVERED:
                 recovered.append(e)
     # A fault whose target died before its file was flushed is still in summary.json (lighthouse clock).
-    for e in summary.get("events") or []:
-        if e.get("kind") == "fault" and e.get("fault_id") not in faults:
-            faults[e.get("fault_id")] = {**e, "t": e.get("time")}
-    return {"fault": sorted(faults.values(), key=lambda e: e.get("t") or 0), "restart": restarts,
-            "recovered": recovered}
+    for e in Summary.of(summary).events:
+        if isinstance(e, FaultEvent) and e.fault_id not in faults:
+            faults[e.fault_id] = {**e.wire(), "t": e.time}
+    return {EventKind.FAULT: sorted(faults.values(), key=lambda e: e.get("t") or 0), "restart": restarts,
+            EventKind.RECOVERED: recovered}
 
 
 def _fault_label(e: dict) -> str:
@@ -146,18 +150,18 @@ def _fault_line(ax: Any, x: float, f: dict, first: bool) -> None:
 
 
 def _mark_faults_at_steps(ax: Any, markers: Dict[str, List[dict]]) -> None:
-    for i, f in enumerate(markers["fault"]):
+    for i, f in enumerate(markers[EventKind.FAULT]):
         _fault_line(ax, f["step"], f, i == 0)
 
 
 def _mark_events_in_time(ax: Any, markers: Dict[str, List[dict]], t0: float, y_of: Any) -> None:
     """Failures (line, and a band until the hit group's next full-quorum commit), restarts, recoveries."""
-    for i, f in enumerate(markers["fault"]):
+    for i, f in enumerate(markers[EventKind.FAULT]):
         if f.get("t") is None:
             continue
         _fault_line(ax, f["t"] - t0, f, i == 0)
         lighthouse = f.get("fault") == "lighthouse"
-        back = [r["t"] for r in markers["recovered"]
+        back = [r["t"] for r in markers[EventKind.RECOVERED]
                 if r["t"] > f["t"] and (lighthouse or r["group"] == f.get("target"))]
         if back:
             ax.axvspan(f["t"] - t0, min(back) - t0, color="red", alpha=0.08,
@@ -165,7 +169,7 @@ def _mark_events_in_time(ax: Any, markers: Dict[str, List[dict]], t0: float, y_o
     for i, e in enumerate(markers["restart"]):
         ax.plot([e["t"] - t0], [y_of(e)], marker="x", color="black", markersize=9, linestyle="none",
                 label="group restarted (new process)" if i == 0 else None)
-    for i, e in enumerate(markers["recovered"]):
+    for i, e in enumerate(markers[EventKind.RECOVERED]):
         ax.plot([e["t"] - t0], [y_of(e)], marker="^", color="green", markersize=8, linestyle="none",
                 label="recovered (full-quorum commit after a failure or stall)" if i == 0 else None)
 
@@ -212,11 +216,11 @@ def _start_time(metrics: Dict[int, List[dict]]) -> float:
     return min(e["t"] for events in metrics.values() for e in events)
 
 
-def last_step(metrics: Dict[int, List[dict]], summary: dict) -> int:
+def last_step(metrics: Dict[int, List[dict]], summary: SummaryLike) -> int:
     """The right end of the step axes, so that they span the whole run (one evaluation does not fill the
     axis, a run cut short shows how far it got): ``train.max_steps`` from summary.json's config; without
     it, the largest of the ``start`` events' ``max_steps`` and the steps recorded."""
-    configured = ((summary.get("config") or {}).get("train") or {}).get("max_steps")
+    configured = (Summary.of(summary).config.get("train") or {}).get("max_steps")  # the config's own record
     if configured is not None:
         return int(configured)
     steps = [e.get("max_steps") if e["kind"] == "start" else e.get("step")
@@ -316,7 +320,7 @@ def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str)
     fig.savefig(path, dpi=110)
 
 
-def write_plots(run_dir: Path, summary: dict, out: Path) -> List[Path]:
+def write_plots(run_dir: Path, summary: Summary, out: Path) -> List[Path]:
     """Write the four PNGs into ``out``; returns their paths ([] without metrics files)."""
     metrics = read_all(run_dir)
     if not any(metrics.values()):
@@ -330,8 +334,8 @@ def write_plots(run_dir: Path, summary: dict, out: Path) -> List[Path]:
     markers = _markers(metrics, summary)
     t0 = _start_time(metrics)
     end = last_step(metrics, summary)
-    name = summary.get("name", "")
-    n_groups = len(summary.get("replica_groups") or metrics)
+    name = summary.name or ""
+    n_groups = len(summary.replica_groups or metrics)
     plots = [
         ("loss.png", lambda ax: _plot_loss(ax, metrics, markers, end),
          f"{name}: training loss (mean over each progress interval)", "training step", "cross-entropy loss"),

@@ -45,10 +45,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from localsgd_ft.results.compare import compare, flatten
 from localsgd_ft.config import ConfigError, load_config, to_dict
-from localsgd_ft.storage.atomic import write_json_atomic
+from localsgd_ft.contract import Summary
+from localsgd_ft.results.compare import compare, flatten
 from localsgd_ft.results.report import ReportError
+from localsgd_ft.storage.atomic import write_json_atomic
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -121,7 +122,7 @@ def _verdict(run_dir: Path, since: float = 0.0) -> Optional[bool]:
     try:
         if path.stat().st_mtime < since:
             return None
-        return bool(json.loads(path.read_text()).get("succeeded"))
+        return Summary.load(path).succeeded
     except (OSError, ValueError):
         return None
 

@@ -18,11 +18,12 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from localsgd_ft.storage import checkpoints
 from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.contract import EventKind
 from localsgd_ft.launch.completion.client import CompletionClient
-from localsgd_ft.training.data import ShardedBatches
 from localsgd_ft.results.metrics import MetricsLog
+from localsgd_ft.storage import checkpoints
+from localsgd_ft.training.data import ShardedBatches
 from localsgd_ft.training.optim import apply_settings, settings
 from localsgd_ft.training.position import Position
 
@@ -85,9 +86,9 @@ class Checkpointer:
         self.policy.wrote(self.clock())
         self.written.append(step)
         print(f"LocalSGD: checkpoint written: {path} (step {step})", flush=True)
-        self.completion.report(self.group, "checkpoint", step=step, sync=pos.global_syncs)
+        self.completion.report(self.group, EventKind.CHECKPOINT, step=step, sync=pos.global_syncs)
         if self.metrics is not None:
-            self.metrics.add("checkpoint", step, global_sync=pos.global_syncs)
+            self.metrics.add(EventKind.CHECKPOINT, step, global_sync=pos.global_syncs)
 
     def _payload(self, step: int) -> Dict[str, Any]:
         epoch, batch_in_epoch = self.batches.position(step)

@@ -14,8 +14,8 @@ from typing import Iterator, Tuple
 
 import torch
 
-from localsgd_ft.storage.cifar10 import DataError, TEST_FILES, TRAIN_FILES, locate, read_batch
 from localsgd_ft.config import DataConfig
+from localsgd_ft.storage.cifar10 import TEST_FILES, TRAIN_FILES, DataError, locate, read_batch
 
 # Channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -23,6 +23,7 @@ import sys
 from typing import Any, List, Optional
 
 from localsgd_ft.config import ExperimentConfig, Fault
+from localsgd_ft.contract import EventKind
 from localsgd_ft.launch.completion.client import CompletionClient
 from localsgd_ft.results.metrics import MetricsLog
 
@@ -92,12 +93,12 @@ class FaultInjector:
 
     def _fire(self, fault: Fault) -> None:
         step = self.step
-        first = self.completion.event(self.group, "fault", fault=fault.kind, fault_id=fault.id,
+        first = self.completion.event(self.group, EventKind.FAULT, fault=fault.kind, fault_id=fault.id,
                                       target=fault.group, worker=fault.worker, step=step,
                                       duration_s=fault.duration_s, moment=fault.moment)
         if first:
             if self.metrics is not None:  # written before a kill can lose it
-                self.metrics.add("fault", step, flush=True, fault=fault.kind, fault_id=fault.id,
+                self.metrics.add(EventKind.FAULT, step, flush=True, fault=fault.kind, fault_id=fault.id,
                                  target=fault.group, worker=fault.worker, duration_s=fault.duration_s,
                                  moment=fault.moment)
             self._inject(fault, step)

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Optional, Tuple
 
+from localsgd_ft.contract import EventKind
 from localsgd_ft.launch.completion.client import CompletionClient
 from localsgd_ft.results.metrics import MetricsLog
 
@@ -131,12 +132,12 @@ class SyncMonitor:
             self.disrupt(since=time.monotonic() - duration)
         if self.stalls.is_stall(duration, disrupted=self.disrupted):
             self.disrupt(since=time.monotonic() - duration)
-            self._report("sync_stall", step=step, local_step=local_step, duration_s=round(duration, 3),
+            self._report(EventKind.SYNC_STALL, step=step, local_step=local_step, duration_s=round(duration, 3),
                          committed=committed, participants=participants)
         if whole and self.disrupted:
             self.disrupted = False
             since = round(time.monotonic() - self.disrupted_at, 3) if self.disrupted_at is not None else None
-            self._report("recovered", step=step, local_step=local_step, participants=participants,
+            self._report(EventKind.RECOVERED, step=step, local_step=local_step, participants=participants,
                          global_sync=manager.current_step(), params_sha256=self.fingerprint(),
                          healed_from=self.healed_from(), disrupted_s=since)
 
@@ -144,7 +145,7 @@ class SyncMonitor:
         if self.metrics is not None:
             self.metrics.add(kind, step, flush=flush, **fields)
 
-    def _report(self, kind: str, step: int, **fields: Any) -> None:
-        self._record(kind, step, flush=kind == "recovered", **fields)
+    def _report(self, kind: EventKind, step: int, **fields: Any) -> None:
+        self._record(kind, step, flush=kind == EventKind.RECOVERED, **fields)
         if self.completion is not None:
             self.completion.report(self.group, kind, step=step, **fields)

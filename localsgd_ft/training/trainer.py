@@ -8,7 +8,8 @@ evaluation and the result the replica wrapper reports. A group of several
 workers averages gradients inside itself and agrees its decisions through
 :mod:`localsgd_ft.workers`; its worker 0 speaks for it (metrics, events,
 checkpoints, the result). The loop only steps; each concern has its own
-collaborator: the sync algorithm (:mod:`localsgd_ft.algorithms`), where the
+collaborator: torchft's Manager and what live recovery hands over
+(:mod:`localsgd_ft.training.manager`), the sync algorithm (:mod:`localsgd_ft.algorithms`), where the
 group stands and when it stops (:mod:`localsgd_ft.position`), sync accounting
 (:mod:`localsgd_ft.sync_monitor`), checkpoints
 (:mod:`localsgd_ft.checkpointer`), failure injection
@@ -24,25 +25,25 @@ import signal
 import sys
 import time
 import uuid
-from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
+from localsgd_ft.contract import COMPLETION_ENV, GROUP_ENV, TORCHRUN_ENV, EventKind, FinalSync, Status, TrainerResult
+from localsgd_ft.launch import addresses, lifecycle
+from localsgd_ft.launch.completion.client import CompletionClient, Refused
+from localsgd_ft.results.metrics import MetricsLog, metrics_path
 from localsgd_ft.storage import checkpoints
-from localsgd_ft.launch import lifecycle
+from localsgd_ft.storage.atomic import write_json_atomic
 from localsgd_ft.training import quorums
-from localsgd_ft.launch import addresses
 from localsgd_ft.training.algorithms import Sync, build_algorithm
 from localsgd_ft.training.checkpointer import Checkpointer
-from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
-from localsgd_ft.launch.completion.client import CompletionClient, Refused
 from localsgd_ft.training.data import DataError, ShardedBatches, eval_batches, load_cifar10, shard_of
 from localsgd_ft.training.faults import FaultInjector
-from localsgd_ft.storage.atomic import write_json_atomic
-from localsgd_ft.results.metrics import MetricsLog, metrics_path
+from localsgd_ft.training.manager import LiveState, build_manager
 from localsgd_ft.training.model import build_model
 from localsgd_ft.training.optim import build_optimizer
 from localsgd_ft.training.position import Position
@@ -100,63 +101,6 @@ def _device(cfg: ExperimentConfig, group: int) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-class LiveState:
-    """What live recovery hands a joining group, and what it does with what it receives.
-
-    Weights, inner optimizer state, the sync offset (see
-    :mod:`localsgd_ft.position`), and which group sent it: torchft keeps the
-    recovery source to itself; the metrics say whom a group healed from. An
-    algorithm's own state (DiLoCo's outer optimizer and last synced
-    parameters) torchft's algorithm registers with the Manager itself.
-    """
-
-    def __init__(self, group: int, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> None:
-        self.group, self.model, self.optimizer, self.position = group, model, optimizer, position
-        self.healed_from: Optional[int] = None
-        self.on_heal: Optional[Callable[[], None]] = None  # an armed failure may strike then (faults.moment: heal)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
-                "offset": self.position.offset, "group": self.group}
-
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optim"])
-        self.position.offset = sd["offset"]
-        self.healed_from = sd["group"]
-        if self.on_heal is not None:
-            self.on_heal()
-
-
-def _manager(cfg: ExperimentConfig, group: int, device: torch.device, live: LiveState,
-             workers: GroupWorkers) -> Any:
-    from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
-
-    timeout = timedelta(seconds=cfg.localsgd.timeout_s)
-    pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
-    store_host, store_port = workers.manager_store()
-    return Manager(
-        pg=pg,
-        load_state_dict=live.load_state_dict,
-        state_dict=live.state_dict,
-        min_replica_size=cfg.lighthouse.min_replicas,
-        use_async_quorum=cfg.localsgd.recovery == "async",
-        timeout=timeout,
-        quorum_timeout=timedelta(seconds=cfg.localsgd.quorum_timeout_s),
-        connect_timeout=timeout,
-        # The run id makes every launch's groups distinct to any lighthouse they might reach.
-        replica_id=f"{lifecycle.run_id() or cfg.name}_{group}",
-        # Every group seeds its model identically, so step 0 needs no weight transfer;
-        # a group that (re)joins later is still healed from a live one.
-        init_sync=False,
-        quorum_retries=cfg.quorum_retries,
-        store_addr=store_host,
-        store_port=store_port,
-        rank=workers.rank,
-        world_size=workers.world_size,
-    )
-
-
 def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) -> Tuple[Optional[checkpoints.Found], str]:
     """The checkpoint to resume from, the same for every worker of the group: worker 0's choice.
 
@@ -174,7 +118,7 @@ def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) 
     return chosen, ""
 
 
-def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> Dict[str, Any]:
+def train(cfg: ExperimentConfig, group: int, workers: GroupWorkers) -> TrainerResult:
     """Train one worker's part of group ``group`` to the end; the result the replica role reports."""
     return GroupTraining(cfg, group, workers).run()
 
@@ -214,23 +158,23 @@ class GroupTraining:
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
         self.position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
         self.live = LiveState(group, model, self.optimizer, self.position)
-        self.manager = self.position.manager = _manager(cfg, group, device, self.live, workers)
+        self.manager = self.position.manager = build_manager(cfg, group, device, self.live, workers)
         self.algorithm = build_algorithm(cfg, self.manager, model, self.optimizer, self.position)
-        self.completion = completion = CompletionClient(os.environ[addresses.COMPLETION_ENV], lifecycle.run_token())
+        self.completion = completion = CompletionClient(os.environ[COMPLETION_ENV], lifecycle.run_token())
         # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
         self.unique = quorums.install(self.manager,
-                                      lambda: completion.status(deadline_s=1.0)["lighthouse_incarnation"])
+                                      lambda: completion.run_status(deadline_s=1.0).lighthouse_incarnation)
 
     def eval_data(self) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
         return eval_batches(self.test_split, channels_last=self.cfg.train.channels_last)
 
-    def run(self) -> Dict[str, Any]:
+    def run(self) -> TrainerResult:
         self._join()
-        status = self.workers.leader_answer(self.completion.status)
-        if status["completed"] is not None:
+        status = Status.model_validate(self.workers.leader_answer(self.completion.status))
+        if status.completed is not None:
             # The others already committed the final sync: training alone from here would only diverge.
-            return self._finished_late(status["completed"])
-        self._watch(status["fired"])
+            return self._finished_late(status.completed)
+        self._watch(status.fired)
         position, progress, algorithm = self.position, self.progress, self.algorithm
         with algorithm:
             if self.cfg.initial_syncs:
@@ -267,7 +211,7 @@ class GroupTraining:
             return  # the others follow worker 0 into the next collective
         print(f"LocalSGD: group {group}: {how}", flush=True)
         if restarts == 0:
-            completion.report(group, "resumed", step=self.resumed_from)
+            completion.report(group, EventKind.RESUMED, step=self.resumed_from)
         started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
         print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
               f"training to step {cfg.train.max_steps}", flush=True)
@@ -275,7 +219,7 @@ class GroupTraining:
         self.metrics.add("start", self.resumed_from, flush=True, restart=restarts, resumed_from=self.resumed_from,
                          max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
 
-    def _watch(self, fired: Any) -> None:
+    def _watch(self, fired: List[int]) -> None:
         """The loop's collaborators: planned failures, sync accounting, progress."""
         cfg, group, leader = self.cfg, self.group, self.leader
         self.faults = (FaultInjector(cfg, group, self.manager, self.completion, fired, self.metrics,
@@ -292,7 +236,7 @@ class GroupTraining:
                                  lambda: evaluate(self.model, self.eval_data()), self.metrics, self.device,
                                  quiet=not leader)
 
-    def _after_sync(self, sync: Sync, trained: bool = True) -> Optional[Dict[str, Any]]:
+    def _after_sync(self, sync: Sync, trained: bool = True) -> Optional[TrainerResult]:
         """The monitor, then a checkpoint; a result if the run ended without us."""
         position = self.position
         self.monitor.after_sync(self.manager, position.step(), position.local_steps, sync.duration_s, sync.committed)
@@ -302,10 +246,10 @@ class GroupTraining:
             # A partial quorum: if the others have already finished the run, we are training alone.
             final = self.workers.leader_answer(lambda: _run_completed(self.completion))
             if final is not None:
-                return self._finished_late(final, position.local_steps)
+                return self._finished_late(FinalSync.model_validate(final), position.local_steps)
         return None
 
-    def _finished_late(self, final: dict, steps: int = 0) -> Dict[str, Any]:
+    def _finished_late(self, final: FinalSync, steps: int = 0) -> TrainerResult:
         """The result of a group that (re)started after the run's final sync: the final state, no training alone.
 
         The final state comes from the final checkpoint (the final commit always
@@ -315,28 +259,28 @@ class GroupTraining:
         """
         cfg, group, model, workers = self.cfg, self.group, self.model, self.workers
         self.manager.shutdown(wait=False)
-        result: Dict[str, Any] = {"steps": steps, "restarts": self.restarts, "finished_late": True,
-                                  "global_syncs": int(final["global_sync"]), "peak_rss_mb": lifecycle.peak_rss_mb()}
+        late = dict(steps=steps, restarts=self.restarts, finished_late=True, global_syncs=final.global_sync,
+                    peak_rss_mb=lifecycle.peak_rss_mb())
         last = [f for f in checkpoints.list_valid(cfg.checkpoint_dir, warn=False)
-                if int(f.meta.get("sync", -1)) == final["global_sync"]] if cfg.checkpoint.enabled else []
-        if last:
-            model.load_state_dict(checkpoints.load(last[0], self.device)["model"])
-            digest = params_sha256(model)
-            every_worker = workers.gather(digest)
-            if not workers.leader:
-                return result
-            acc = evaluate(model, self.eval_data())
-            result.update(params_sha256=digest, worker_params_sha256=every_worker, final_test_accuracy=acc)
-            print(f"LocalSGD: group {group} restarted after the run's final sync {final['global_sync']}: took "
-                  f"the final state from the final checkpoint (params_sha256 {digest}); not training alone",
-                  flush=True)
-        else:
-            result["error"] = (f"restarted after the run's final sync {final['global_sync']}, with no checkpoint "
-                               "of it to take the final state from (enable checkpoints); did not train alone")
-            print(f"LocalSGD: group {group}: {result['error']}", flush=True)
-        return result
+                if int(f.meta.get("sync", -1)) == final.global_sync] if cfg.checkpoint.enabled else []
+        if not last:
+            error = (f"restarted after the run's final sync {final.global_sync}, with no checkpoint "
+                     "of it to take the final state from (enable checkpoints); did not train alone")
+            print(f"LocalSGD: group {group}: {error}", flush=True)
+            return TrainerResult(**late, error=error)
+        model.load_state_dict(checkpoints.load(last[0], self.device)["model"])
+        digest = params_sha256(model)
+        every_worker = workers.gather(digest)
+        if not workers.leader:
+            return TrainerResult(**late)
+        acc = evaluate(model, self.eval_data())
+        print(f"LocalSGD: group {group} restarted after the run's final sync {final.global_sync}: took "
+              f"the final state from the final checkpoint (params_sha256 {digest}); not training alone",
+              flush=True)
+        return TrainerResult(**late, params_sha256=digest, worker_params_sha256=every_worker,
+                             final_test_accuracy=acc)
 
-    def _result(self, train_time: float) -> Dict[str, Any]:
+    def _result(self, train_time: float) -> TrainerResult:
         """Report the final sync, evaluate, and say what this group did (worker 0; the others only hash)."""
         cfg, group, monitor, position = self.cfg, self.group, self.monitor, self.position
         digest = params_sha256(self.model)
@@ -344,7 +288,7 @@ class GroupTraining:
         committed_total = self.manager.current_step()
         if not self.leader:
             self.manager.shutdown(wait=False)
-            return {"params_sha256": digest}
+            return TrainerResult(params_sha256=digest)
         try:  # first, so that a group restarting from now on takes this final state
             self.completion.completed(group, committed_total, digest)
         except Exception as e:
@@ -360,32 +304,33 @@ class GroupTraining:
                              syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
                              global_sync=committed_total, samples_per_s=samples_per_s,
                              train_time_s=round(train_time, 3))
-        return {
-            "algorithm": self.algorithm.name,
-            "sync_bytes": self.algorithm.sync_bytes,
-            "steps": steps,
-            "syncs_attempted": monitor.attempted,
-            "syncs_committed": monitor.committed,
-            "sync_time_s": round(monitor.total_s, 3),
-            "max_sync_s": round(monitor.max_s, 3),
-            "global_syncs": committed_total,
-            "restarts": self.restarts,
-            "resumed_from_step": self.resumed_from,
-            "checkpoints_written": self.checkpointer.written,
-            "params_sha256": digest,
-            "worker_params_sha256": every_worker,
-            "final_test_accuracy": final_acc,
-            "evals": self.progress.evals,
-            "train_time_s": round(train_time, 3),
-            "samples_per_s": samples_per_s,
-            "peak_rss_mb": lifecycle.peak_rss_mb(),
-        }
+        return TrainerResult(
+            algorithm=self.algorithm.name,
+            sync_bytes=self.algorithm.sync_bytes,
+            steps=steps,
+            syncs_attempted=monitor.attempted,
+            syncs_committed=monitor.committed,
+            sync_time_s=round(monitor.total_s, 3),
+            max_sync_s=round(monitor.max_s, 3),
+            global_syncs=committed_total,
+            restarts=self.restarts,
+            resumed_from_step=self.resumed_from,
+            checkpoints_written=self.checkpointer.written,
+            params_sha256=digest,
+            worker_params_sha256=every_worker,
+            final_test_accuracy=final_acc,
+            evals=self.progress.evals,
+            train_time_s=round(train_time, 3),
+            samples_per_s=samples_per_s,
+            peak_rss_mb=lifecycle.peak_rss_mb(),
+        )
 
 
 def _run_completed(completion: CompletionClient) -> Optional[dict]:
-    """The run's final sync as the lighthouse role knows it (None: training goes on, or no answer)."""
+    """The run's final sync as the lighthouse role knows it, as JSON (None: training goes on, or no answer)."""
     try:
-        return completion.status(deadline_s=2.0).get("completed")
+        final = completion.run_status(deadline_s=2.0).completed
+        return final.wire() if final is not None else None
     except Exception as e:
         log.warning("could not ask whether the run has completed: %s", e)
         return None
@@ -413,9 +358,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = None
         try:
             cfg = load_config(args.config, args.config_b64)
-            group = int(os.environ.get(addresses.GROUP_ENV, 0))
+            group = int(os.environ.get(GROUP_ENV, 0))
             if not 0 <= group < cfg.replica_groups.count:
-                raise ConfigError(f"${addresses.GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
+                raise ConfigError(f"${GROUP_ENV}={group} is outside 0..{cfg.replica_groups.count - 1}")
             result = train(cfg, group, workers)
         except (ConfigError, DataError, Diverged, ForeignQuorum, Refused) as e:
             # No restart can fix these: leave the reason for the replica role, then end torchrun (and with
@@ -425,12 +370,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if cfg is not None:
                 path = result_path(cfg, group)
                 if workers.leader or not path.exists():
-                    write_json_atomic(path, {"error": str(e), "permanent": True})
-                if os.environ.get("TORCHELASTIC_RUN_ID"):  # our parent is torchrun
+                    write_json_atomic(path, TrainerResult(error=str(e), permanent=True).wire())
+                if os.environ.get(TORCHRUN_ENV):  # our parent is torchrun
                     os.kill(os.getppid(), signal.SIGKILL)
             return 2
         if workers.leader:
-            write_json_atomic(result_path(cfg, group), result)
+            write_json_atomic(result_path(cfg, group), result.wire())
         workers.close()
         return 0
 

@@ -7,9 +7,10 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from localsgd_ft.launch.lifecycle import TOKEN_HEADER
+from localsgd_ft.contract import (TOKEN_HEADER, CompletedRequest, ErrorReply, EventKind, EventReply, FinishedRequest,
+                                  HeartbeatRequest, Route, StartedReply, StartedRequest, Status, TrainerResult)
 
 log = logging.getLogger("localsgd_ft.control")
 
@@ -32,7 +33,7 @@ class CompletionClient:
 
     def _call(self, path: str, body: Optional[dict] = None, timeout_s: Optional[float] = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data,
+        req = urllib.request.Request(self.url + str(path), data=data,
                                      headers={"Content-Type": "application/json", TOKEN_HEADER: self.token})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
@@ -41,7 +42,7 @@ class CompletionClient:
             if e.code == 503:
                 raise ConnectionError("the lighthouse role is starting") from None
             try:
-                message = json.loads(e.read()).get("error", str(e))
+                message = ErrorReply.model_validate(json.loads(e.read())).error
             except (ValueError, OSError):
                 message = str(e)
             raise Refused(e.code, f"{self.url}{path}: {e.code}: {message}") from None
@@ -58,30 +59,37 @@ class CompletionClient:
                 time.sleep(0.2)
 
     def heartbeat(self, group: int, deadline_s: float = 5.0, node: int = 0) -> dict:
-        return self._call_retrying("/heartbeat", {"group": group, "node": node}, deadline_s)
+        """Say this node lives; the run's :class:`Status` as JSON."""
+        return self._call_retrying(Route.HEARTBEAT, HeartbeatRequest(group=group, node=node).wire(), deadline_s)
 
     def started(self, group: int, incarnation: str = "", deadline_s: float = 60.0) -> int:
         """Report group ``group`` up; returns how many incarnations of it started before this one."""
-        return int(self._call_retrying("/started", {"group": group, "incarnation": incarnation},
-                                       deadline_s).get("restarts", 0))
+        body = StartedRequest(group=group, incarnation=incarnation).wire()
+        return StartedReply.model_validate(self._call_retrying(Route.STARTED, body, deadline_s)).restarts
 
     def status(self, deadline_s: float = 10.0) -> dict:
-        return self._call_retrying("/status", None, deadline_s)
+        """The run's :class:`Status` as JSON."""
+        return self._call_retrying(Route.STATUS, None, deadline_s)
 
-    def wait_all_started(self, deadline_s: float) -> list:
+    def run_status(self, deadline_s: float = 10.0) -> Status:
+        return Status.model_validate(self.status(deadline_s))
+
+    def wait_all_started(self, deadline_s: float) -> List[int]:
         """Poll until every group reported /started or the deadline passes; return who started."""
         end = time.monotonic() + deadline_s
         while True:
-            state = self.status(max(1.0, end - time.monotonic()))
-            if len(state["started"]) >= state["expected"] or time.monotonic() >= end:
-                return state["started"]
+            state = self.run_status(max(1.0, end - time.monotonic()))
+            if len(state.started) >= state.expected or time.monotonic() >= end:
+                return state.started
             time.sleep(0.1)
 
-    def event(self, group: int, kind: str, deadline_s: float = 10.0, **fields: Any) -> bool:
-        """Report an event; returns False if its ``fault_id`` had already fired."""
-        return self._call_retrying("/event", {"group": group, "kind": kind, **fields}, deadline_s)["first"]
+    def event(self, group: int, kind: EventKind, deadline_s: float = 10.0, **fields: Any) -> bool:
+        """Report an event (its fields as its model in :mod:`localsgd_ft.contract` names them); returns False
+        if its ``fault_id`` had already fired. The service checks it."""
+        reply = self._call_retrying(Route.EVENT, {"group": group, "kind": str(kind), **fields}, deadline_s)
+        return EventReply.model_validate(reply).first
 
-    def report(self, group: int, kind: str, **fields: Any) -> None:
+    def report(self, group: int, kind: EventKind, **fields: Any) -> None:
         """Report an event from training: a failure to report is a warning, never a stopped trainer."""
         try:
             self.event(group, kind, **fields)
@@ -89,10 +97,12 @@ class CompletionClient:
             log.warning("could not report %s: %s", kind, e)
 
     def completed(self, group: int, global_sync: int, params_sha256: str, deadline_s: float = 10.0) -> None:
-        self._call_retrying("/completed", {"group": group, "global_sync": global_sync,
-                                           "params_sha256": params_sha256}, deadline_s)
+        body = CompletedRequest(group=group, global_sync=global_sync, params_sha256=params_sha256).wire()
+        self._call_retrying(Route.COMPLETED, body, deadline_s)
 
-    def finished(self, group: int, exit_code: int, result: Optional[dict], deadline_s: float = 60.0,
-                 node: int = 0) -> None:
-        self._call_retrying("/finished", {"group": group, "node": node, "exit_code": exit_code, "result": result},
-                            deadline_s)
+    def finished(self, group: int, exit_code: int, result: Union[TrainerResult, Dict[str, Any], None],
+                 deadline_s: float = 60.0, node: int = 0) -> None:
+        """Report this node's end; ``result`` a TrainerResult, or its JSON (the service checks it)."""
+        report = FinishedRequest(group=group, node=node, exit_code=exit_code, result=None).wire()
+        report["result"] = result.wire() if isinstance(result, TrainerResult) else result
+        self._call_retrying(Route.FINISHED, report, deadline_s)

@@ -8,8 +8,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from localsgd_ft.launch.completion.state import CompletionState, RequestError, _check_event, _check_finished, _valid_group, _valid_node
-from localsgd_ft.launch.lifecycle import TOKEN_HEADER
+from localsgd_ft.contract import (TOKEN_HEADER, CompletedRequest, ContractError, ErrorReply, EventReply, FaultEvent,
+                                  FinishedRequest, GroupRequest, HeartbeatRequest, OkReply, Route, StartedReply,
+                                  StartedRequest, read_request)
+from localsgd_ft.launch.completion.state import CompletionState, RequestError
 
 MAX_BODY = 1 << 20
 SOCKET_TIMEOUT_S = 10.0
@@ -54,40 +56,45 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         try:
             self._authorised()
-            if self.path != "/status":
+            if self.path != Route.STATUS.value:
                 raise RequestError(404, "unknown path")
             self._reply(200, self.state.status())
         except RequestError as e:
-            self._reply(e.code, {"error": str(e)})
+            self._reply(e.code, ErrorReply(error=str(e)).wire())
 
     def do_POST(self) -> None:  # noqa: N802
         try:
             self._authorised()
             body = self._body()
-            group = _valid_group(body, self.state.expected)
-            node = _valid_node(body, self.state.nodes)
-            if self.path == "/heartbeat":
-                self.state.heartbeat(group, node)
-                self._reply(200, self.state.status())
-            elif self.path == "/started":
-                incarnation = body.get("incarnation", "")
-                if not isinstance(incarnation, str):
-                    raise RequestError(400, "'incarnation' must be a string")
-                self._reply(200, {"ok": True, "restarts": self.state.mark_started(group, incarnation)})
-            elif self.path == "/event":
-                self._reply(200, {"first": self.state.add_event(_check_event(body, self.state.faults))})
-            elif self.path == "/completed":
-                if not isinstance(body.get("global_sync"), int) or not isinstance(body.get("params_sha256"), str):
-                    raise RequestError(400, "'global_sync' (integer) and 'params_sha256' (string) are required")
-                self.state.mark_completed(body)
-                self._reply(200, {"ok": True})
-            elif self.path == "/finished":
-                self.state.mark_finished(group, _check_finished(body), node)
-                self._reply(200, {"ok": True})
-            else:
+            route = next((r for r in Route if r.value == self.path and r is not Route.STATUS), None)
+            if route is None:
                 raise RequestError(404, "unknown path")
+            try:
+                request = read_request(route, body, self.state.expected, self.state.nodes)
+            except ContractError as e:
+                raise RequestError(400, str(e)) from None
+            self._reply(200, self._answer(request))
         except RequestError as e:
-            self._reply(e.code, {"error": str(e)})
+            self._reply(e.code, ErrorReply(error=str(e)).wire())
+
+    def _answer(self, request: GroupRequest) -> dict:
+        """Update the state with a checked request; its reply."""
+        state = self.state
+        if isinstance(request, HeartbeatRequest):
+            state.heartbeat(request.group, request.node)
+            return state.status()
+        if isinstance(request, StartedRequest):
+            return StartedReply(ok=True, restarts=state.mark_started(request.group, request.incarnation)).wire()
+        if isinstance(request, CompletedRequest):
+            state.mark_completed(request.final())
+        elif isinstance(request, FinishedRequest):
+            state.mark_finished(request.group, request.report().wire(), request.node)
+        else:  # an event
+            if isinstance(request, FaultEvent) and not state.planned(request.fault_id, request.fault):
+                raise RequestError(403, "no such failure in this run's plan (faults are injected only when "
+                                        "faults.enabled is true, and only as planned)")
+            return EventReply(first=state.add_event(request.wire())).wire()
+        return OkReply(ok=True).wire()
 
     def log_message(self, format: str, *args: Any) -> None:  # keep the role's log for training
         pass

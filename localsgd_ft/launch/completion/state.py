@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-# What a trainer's result may hold, and of which JSON types. The summary's computed
-# fields (exit_code, succeeded, lost) are not among them: a result cannot set them.
-RESULT_FIELDS: Dict[str, Tuple[type, ...]] = {
-    "steps": (int,), "syncs_attempted": (int,), "syncs_committed": (int,), "sync_time_s": (int, float),
-    "max_sync_s": (int, float), "global_syncs": (int,), "restarts": (int,), "resumed_from_step": (int,),
-    "checkpoints_written": (list,), "params_sha256": (str,), "final_test_accuracy": (int, float),
-    "evals": (list,), "train_time_s": (int, float), "samples_per_s": (int, float, type(None)),
-    "peak_rss_mb": (int, float), "error": (str,), "permanent": (bool,), "finished_late": (bool,),
-    "algorithm": (str,), "sync_bytes": (int,), "worker_params_sha256": (list,),
-}
-# After a node of a multi-node group fails, how long its siblings (heartbeating every second) have
+from localsgd_ft.contract import HEARTBEAT_S, EventKind, FinalSync, GroupReport, Status, TrainerResult
+
+# After a node of a multi-node group fails, how long its siblings (heartbeating every HEARTBEAT_S) have
 # to report or be heard from, before the group finishes as failed without them.
-FAILED_GROUP_GRACE_S = 3.0
-EVENT_KINDS = {"fault", "resumed", "recovered", "sync_stall", "checkpoint"}
+FAILED_GROUP_GRACE_S = 3 * HEARTBEAT_S
 
 
 class RequestError(ValueError):
@@ -47,6 +38,7 @@ class CompletionState:
         self.events: List[dict] = []
         self.fired: set[int] = set()
         self.abort: Optional[str] = None
+        self.abort_quoted: Dict[int, str] = {}  # group -> its error, as the abort's reason quotes it
         self.completed: Optional[dict] = None
         self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.quorums)
         self.last_seen: Dict[Tuple[int, int], float] = {}  # (group, node) -> monotonic time of its last heartbeat
@@ -80,7 +72,7 @@ class CompletionState:
         """Record ``event``; False if it repeats an already fired ``fault_id``."""
         with self._cond:
             fid = event.get("fault_id")
-            if event.get("kind") == "fault":
+            if event.get("kind") == EventKind.FAULT:
                 if fid in self.fired:
                     return False
                 self.fired.add(fid)
@@ -91,28 +83,33 @@ class CompletionState:
             self.on_event(event)
         return True
 
-    def mark_completed(self, report: dict) -> None:
+    def planned(self, fault_id: int, fault: str) -> bool:
+        """Whether this run's plan holds failure ``fault_id`` of kind ``fault`` (only those may be reported)."""
+        return self.faults.get(fault_id) == fault
+
+    def mark_completed(self, final: FinalSync) -> None:
         """The first group to commit the final sync sets the run's final state; later ones only confirm it."""
         with self._cond:
             if self.completed is None:
-                self.completed = {k: report.get(k) for k in ("group", "global_sync", "params_sha256")}
+                self.completed = final.wire()
                 self._cond.notify_all()
 
     def mark_finished(self, group: int, report: dict, node: int = 0) -> None:
+        """Node ``node`` of ``group`` ended with ``report`` (a :class:`GroupReport`'s JSON)."""
         with self._cond:
             earlier = self.finished.get(group)
             # The first report stands, except a loss we only inferred from silence: a role that
             # comes back and reports is better evidence.
-            if earlier is not None and not earlier.get("declared_lost"):
+            if earlier is not None and not GroupReport.model_validate(earlier).declared_lost:
                 return
             reports = self.node_reports.setdefault(group, {})
             reports[node] = report
             if len(reports) < self.nodes:
-                if report.get("exit_code") != 0 and earlier is None:
+                if GroupReport.model_validate(report).exit_code != 0 and earlier is None:
                     self.failing.setdefault(group, time.monotonic())  # settled by settle_failing()
                 return  # the other nodes are still running (or, lost, only all of them can say otherwise)
             self.failing.pop(group, None)
-            self.finished[group] = merge_node_reports(group, reports)
+            self.finished[group] = merge_node_reports(group, reports).wire()
             self._cond.notify_all()
 
     def settle_failing(self, grace_s: float = FAILED_GROUP_GRACE_S) -> List[int]:
@@ -133,12 +130,12 @@ class CompletionState:
                     continue
                 merged = merge_node_reports(group, self.node_reports[group])
                 gone = [n for n in self._unreported(group) if self.last_seen.get((group, n), 0.0) < since]
-                if gone and not (merged["result"] or {}).get("error"):
+                if gone:
                     silent = now - self.last_seen.get((group, gone[0]), since)
-                    merged["result"] = {**(merged["result"] or {}), "error": (
-                        f"role lost: no heartbeat from node {gone[0]} for {silent:.0f} s; "
-                        "the group cannot go on without it")}
-                self.finished[group] = merged
+                    blamed = TrainerResult.failed(merged.result, f"role lost: no heartbeat from node {gone[0]} for "
+                                                                 f"{silent:.0f} s; the group cannot go on without it")
+                    merged = merged.model_copy(update={"result": blamed})
+                self.finished[group] = merged.wire()
                 del self.failing[group]
                 settled.append(group)
             if settled:
@@ -185,24 +182,27 @@ class CompletionState:
     def _mark_lost(self, reasons: Dict[int, str]) -> None:
         """Record groups as lost by inference (caller holds the lock); a later report of theirs replaces it."""
         for g, reason in reasons.items():
-            self.finished[g] = {"group": g, "exit_code": -1, "declared_lost": True, "result": {"error": reason}}
+            self.finished[g] = GroupReport(group=g, exit_code=-1, declared_lost=True,
+                                           result=TrainerResult(error=reason)).wire()
         if reasons:
             self._cond.notify_all()
 
-    def set_abort(self, reason: str) -> bool:
-        """Abort the run with ``reason``; False if it was already aborted (the first reason stands)."""
+    def set_abort(self, reason: str, quoted: Optional[Dict[int, str]] = None) -> bool:
+        """Abort the run with ``reason``, which quotes the errors ``quoted`` (group -> error); False if it was
+        already aborted (the first reason stands)."""
         with self._cond:
             if self.abort is not None:
                 return False
             self.abort = reason
+            self.abort_quoted = dict(quoted or {})
             self._cond.notify_all()
             return True
 
     def status(self) -> dict:
         with self._cond:
-            return {"run": self.run, "started": sorted(self.incarnations), "expected": self.expected,
-                    "fired": sorted(self.fired), "finished": sorted(self.finished), "abort": self.abort,
-                    "completed": self.completed, "lighthouse_incarnation": self.incarnation}
+            return Status(run=self.run, started=sorted(self.incarnations), expected=self.expected,
+                          fired=sorted(self.fired), finished=sorted(self.finished), abort=self.abort,
+                          completed=self.completed, lighthouse_incarnation=self.incarnation).wire()
 
     def snapshot(self, events: bool = True) -> dict:
         """Copies of what was reported, taken under the lock (for the summary and the verdict).
@@ -213,6 +213,7 @@ class CompletionState:
         with self._cond:
             return {"finished": {g: dict(r) for g, r in self.finished.items()},
                     "events": [dict(e) for e in self.events] if events else [], "abort": self.abort,
+                    "abort_quoted": dict(self.abort_quoted),
                     "completed": dict(self.completed) if self.completed else None}
 
     def wait(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
@@ -225,68 +226,18 @@ class CompletionState:
             return len(self.finished) >= self.expected
 
 
-def _valid_group(body: Any, expected: int) -> int:
-    group = body.get("group") if isinstance(body, dict) else None
-    if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < expected:
-        raise RequestError(400, f"'group' must be an integer in 0..{expected - 1}")
-    return group
-
-
-def _valid_node(body: dict, nodes: int) -> int:
-    node = body.get("node", 0)
-    if not isinstance(node, int) or isinstance(node, bool) or not 0 <= node < nodes:
-        raise RequestError(400, f"'node' must be an integer in 0..{nodes - 1}")
-    return node
-
-
-def merge_node_reports(group: int, reports: Dict[int, dict]) -> dict:
+def merge_node_reports(group: int, reports: Dict[int, dict]) -> GroupReport:
     """One group's report from its nodes' reports: the first failure's exit code, worker 0's result.
 
     The result is the one that has parameters (the node that ran worker 0), else
     the first that names an error.
     """
-    ordered = [reports[n] for n in sorted(reports)]
-    failed = [r for r in ordered if r.get("exit_code") != 0]
-    with_params = [r["result"] for r in ordered if (r.get("result") or {}).get("params_sha256")]
-    with_error = [r["result"] for r in ordered if (r.get("result") or {}).get("error")]
+    ordered = [GroupReport.model_validate(reports[n]) for n in sorted(reports)]
+    failed = [r for r in ordered if r.exit_code != 0]
+    with_params = [r.result for r in ordered if r.result is not None and r.result.params_sha256]
+    with_error = [r.result for r in ordered if r.result is not None and r.result.error]
     # A failed group's reason beats a stale success; a group that finished brings worker 0's result.
     preferred = with_error + with_params if failed else with_params + with_error
-    result = preferred[0] if preferred else None
-    merged = {"group": group, "exit_code": failed[0]["exit_code"] if failed else 0, "result": result}
-    if len(reports) > 1:
-        merged["nodes_reported"] = sorted(reports)
-    return merged
-
-
-def check_result(result: Any) -> Optional[dict]:
-    """``result`` if it is a trainer result (None or a dict of known keys and types), else RequestError."""
-    if result is None:
-        return None
-    if not isinstance(result, dict):
-        raise RequestError(400, "'result' must be an object or null")
-    for key, value in result.items():
-        types = RESULT_FIELDS.get(key)
-        if types is None:
-            raise RequestError(400, f"'result.{key}' is not a result field (allowed: {', '.join(sorted(RESULT_FIELDS))})")
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise RequestError(400, f"'result.{key}' has the wrong type ({type(value).__name__})")
-    return result
-
-
-def _check_finished(body: dict) -> dict:
-    code = body.get("exit_code")
-    if not isinstance(code, int) or isinstance(code, bool):
-        raise RequestError(400, "'exit_code' must be an integer")
-    return {"group": body["group"], "exit_code": code, "result": check_result(body.get("result"))}
-
-
-def _check_event(body: dict, faults: Dict[int, str]) -> dict:
-    kind = body.get("kind")
-    if kind not in EVENT_KINDS:
-        raise RequestError(400, f"'kind' must be one of {', '.join(sorted(EVENT_KINDS))}")
-    if kind == "fault":
-        fid = body.get("fault_id")
-        if not isinstance(fid, int) or faults.get(fid) != body.get("fault"):
-            raise RequestError(403, "no such failure in this run's plan (faults are injected only when "
-                                    "faults.enabled is true, and only as planned)")
-    return body
+    several = {"nodes_reported": sorted(reports)} if len(reports) > 1 else {}
+    return GroupReport(group=group, exit_code=failed[0].exit_code if failed else 0,
+                       result=preferred[0] if preferred else None, **several)

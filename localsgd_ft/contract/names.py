@@ -1,0 +1,54 @@
+"""The names and periods a run's processes share: environment variables, the heartbeat, closed sets of names."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from localsgd_ft.config import HEARTBEAT_S  # noqa: F401  (the config's rules need it too: defined there)
+
+# Environment variables, and who sets them for whom.
+RUN_ID_ENV = "LOCALSGD_FT_RUN_ID"  # the component, for every process of the run: the run id
+RUN_TOKEN_ENV = "LOCALSGD_FT_RUN_TOKEN"  # the component, for every process: the completion service's token
+PARENT_PID_ENV = "LOCALSGD_FT_CLIENT_PID"  # the component, locally: the pid every role's parent must have
+FRESH_ENV = "LOCALSGD_FT_FRESH"  # the component, for every role: "1" ignores old checkpoints (--fresh)
+GROUP_ENV = "REPLICA_GROUP_ID"  # the component, for a replica role and (through it) its trainers
+NUM_GROUPS_ENV = "NUM_REPLICA_GROUPS"  # the same: replica_groups.count
+COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"  # a replica role, for its trainers: the completion service's URL
+TORCHFT_LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # a replica role, for torchft's Managers: the lighthouse's URL
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # torchrun, in its workers: a process that has it runs under torchrun
+TOKEN_HEADER = "X-LocalSGD-Run-Token"  # the HTTP header that carries the run token on every request
+
+
+
+class Name(str, Enum):
+    """A closed set of names: compares, prints and serialises as its plain string value."""
+
+    def __str__(self) -> str:  # and so format() and f-strings too, on every Python from 3.10
+        return str(self.value)
+
+
+class StopReason(Name):
+    """Why a replica role stops its torchrun before it ends by itself."""
+    ABORTED = "aborted"  # the lighthouse role aborted the run
+    REFUSED = "refused"  # the completion service refused this role
+    UNREACHABLE = "unreachable"  # the lighthouse role did not answer for lighthouse.role_timeout_s
+    SIGNAL = "signal"  # SIGTERM or SIGINT: Ctrl-C, a scheduler's cancel, the client gone
+
+
+class EventKind(Name):
+    """What an event reports; each kind has its model below."""
+    FAULT = "fault"
+    RESUMED = "resumed"
+    RECOVERED = "recovered"
+    SYNC_STALL = "sync_stall"
+    CHECKPOINT = "checkpoint"
+
+
+class Route(Name):
+    """The completion service's paths."""
+    HEARTBEAT = "/heartbeat"
+    STARTED = "/started"
+    EVENT = "/event"
+    COMPLETED = "/completed"
+    FINISHED = "/finished"
+    STATUS = "/status"
