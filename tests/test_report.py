@@ -13,8 +13,10 @@ import pytest
 from conftest import REPO, small_config, wait_no_processes, write_config
 
 from localsgd_ft.results.metrics import MetricsLog, metrics_path, read_all, read_events
-from localsgd_ft.results.report import (PLOTS, _markers, _plot_accuracy, _plot_loss, _plot_quorum, _plot_throughput,
-                                        _start_time, last_step, main, make_report, summary_table, value_at)
+from localsgd_ft.results.plots import (PLOTS, _markers, _plot_accuracy, _plot_loss, _plot_quorum, _plot_throughput,
+                                       _start_time, last_step, value_at)
+from localsgd_ft.results.report import main, make_report
+from localsgd_ft.results.tables import summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

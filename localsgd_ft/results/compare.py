@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from localsgd_ft.contract import GroupSummary
-from localsgd_ft.results.metrics import read_all
-from localsgd_ft.results.report import ReportError, _columns, _fmt, _incarnations, load_summary
+from localsgd_ft.results.metrics import incarnations, read_all
+from localsgd_ft.results.report import ReportError, load_summary
+from localsgd_ft.results.tables import columns, fmt
 from localsgd_ft.storage.atomic import write_text_atomic
 
 # Keys that differ between any two runs without saying anything about the experiment.
@@ -95,9 +96,9 @@ def table_rows(runs: Sequence[Run]) -> List[List[str]]:
              "verdict"]]
     for run in runs:
         s = run.summary
-        rows.append([run.label, _fmt(s.final_test_accuracy, ".4f"), _fmt(s.wall_time_s, ".1f"),
-                     _fmt(run.mean(lambda g: g.samples_per_s), ".0f"),
-                     _fmt(run.mean(lambda g: g.syncs_committed), ".0f"), _fmt(run.sent_mb(), ".2f"),
+        rows.append([run.label, fmt(s.final_test_accuracy, ".4f"), fmt(s.wall_time_s, ".1f"),
+                     fmt(run.mean(lambda g: g.samples_per_s), ".0f"),
+                     fmt(run.mean(lambda g: g.syncs_committed), ".0f"), fmt(run.sent_mb(), ".2f"),
                      str(s.faults.injected), str(sum(1 for r in s.recoveries if r.recovered)),
                      "SUCCEEDED" if s.succeeded else "FAILED"])
     return rows
@@ -109,7 +110,7 @@ def markdown(rows: List[List[str]]) -> str:
 
 
 def console(rows: List[List[str]]) -> str:
-    return "\n".join(_columns(rows))
+    return "\n".join(columns(rows))
 
 
 def _accuracy_curve(run: Run) -> Tuple[List[float], List[float], List[float], List[float]]:
@@ -120,7 +121,7 @@ def _accuracy_curve(run: Run) -> Tuple[List[float], List[float], List[float], Li
     events = run.metrics[group]
     t0 = events[0]["t"] if events else 0.0
     # The last process lifetime's evaluations and final accuracy (an earlier one was cut short).
-    life = _incarnations(events)[-1] if events else []
+    life = incarnations(events)[-1] if events else []
     points = [(e["step"], e["t"] - t0, e.get("test_accuracy")) for e in life if e["kind"] in ("eval", "end")]
     points = [(s, t, a) for s, t, a in points if a is not None]
     result = run.summary.replica_groups.get(str(group)) or GroupSummary()

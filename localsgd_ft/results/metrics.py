@@ -99,3 +99,13 @@ def read_all(run_dir: Path) -> Dict[int, List[Dict[str, Any]]]:
             continue
         out[group] = read_events(path)
     return out
+
+
+def incarnations(events: List[dict]) -> List[List[dict]]:
+    """A group's events split at each (re)start: one list per process lifetime."""
+    out: List[List[dict]] = []
+    for e in events:
+        if e["kind"] == "start" or not out:
+            out.append([])
+        out[-1].append(e)
+    return out
