@@ -349,7 +349,7 @@ def test_slurm_multi_node_groups_get_a_het_group_per_node(tmp_path, cifar_root):
     path = write_config(tmp_path, cfg)
     request = dryrun("slurm", path, cfg="partition=batch")
     sbatch = sbatch_groups(request)
-    # Het group 1 + g*K is node 0 of group g: where localsgd_ft.roles.group_first_host looks.
+    # Het group 1 + g*K is node 0 of group g: where localsgd_ft.launch.addresses.group_first_host looks.
     assert [shlex.split(g)[0] for g in sbatch] == ["--job-name=lighthouse-0"] + [
         f"--job-name=replica_{g}-{n}" for g in range(2) for n in range(2)]
     for g in sbatch[1:]:

@@ -163,7 +163,7 @@ def _torchx(cmd: List[str]) -> Tuple[int, str]:
         return proc.wait(), handle
     except KeyboardInterrupt:
         # The terminal interrupted the point's torchx client too: let it stop its run and keep the
-        # checkpoint (see localsgd_ft.client), then stop the sweep.
+        # checkpoint (see localsgd_ft.launch.client_hooks), then stop the sweep.
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:

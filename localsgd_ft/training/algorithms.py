@@ -152,12 +152,12 @@ class DiLoCoSync(_Algorithm):
         saves, loads = getattr(manager, "_user_state_dicts", {}), getattr(manager, "_load_state_dict_fns", {})
         if not all(k in saves and k in loads for k in self._keys):
             raise RuntimeError("this torchft's DiLoCo registers no per-fragment state with the Manager; "
-                               "localsgd_ft.algorithms needs updating")
+                               "localsgd_ft.training.algorithms needs updating")
         self._save = [saves[k] for k in self._keys]
         self._load = [loads[k] for k in self._keys]
         if not hasattr(self._impl, "_restore_parameters"):
             raise RuntimeError("this torchft's DiLoCo cannot restore the synced parameters; "
-                               "localsgd_ft.algorithms needs updating")
+                               "localsgd_ft.training.algorithms needs updating")
         # The quorum and the allreduce start this many steps before the sync completes.
         self._prepare_at = cfg.steps_per_sync - ls.fragment_sync_delay
         self._prepare_s = 0.0

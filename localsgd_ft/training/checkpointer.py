@@ -7,7 +7,7 @@ writes at every ``checkpoints.every_syncs``-th committed sync, at the first
 committed sync ``checkpoints.every_s`` seconds after its last checkpoint (or
 its start), and always at the final sync, so that a group restarted after the
 end finds the final state. The files themselves (atomic, checksummed) are
-``localsgd_ft.checkpoint``'s business.
+``localsgd_ft.storage.checkpoints``' business.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class LiveState:
     """What live recovery hands a joining group, and what it does with what it receives.
 
     Weights, inner optimizer state, the sync offset (see
-    :mod:`localsgd_ft.position`), and which group sent it: torchft keeps the
+    :mod:`~localsgd_ft.training.position`), and which group sent it: torchft keeps the
     recovery source to itself; the metrics say whom a group healed from. An
     algorithm's own state (DiLoCo's outer optimizer and last synced
     parameters) torchft's algorithm registers with the Manager itself.

@@ -77,7 +77,7 @@ class UniqueQuorums:
 def install(manager: Any, incarnation: Callable[[], int]) -> UniqueQuorums:
     """Make ``manager``'s quorum ids unique across lighthouse restarts (torchft 0.2.0's ``_client``)."""
     if not hasattr(manager, "_client") or not hasattr(manager._client, "_quorum"):
-        raise RuntimeError("this torchft's Manager has no _client._quorum; localsgd_ft.quorums needs updating")
+        raise RuntimeError("this torchft's Manager has no _client._quorum; localsgd_ft.training.quorums needs updating")
     wrapped = UniqueQuorums(manager._client, incarnation)
     manager._client = wrapped
     return wrapped

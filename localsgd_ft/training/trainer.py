@@ -6,14 +6,14 @@ model, optimizer, torchft Manager and sync algorithm; ``run`` joins the run
 (incarnation, resume, wait for all groups), loops, and ends with the final
 evaluation and the result the replica wrapper reports. A group of several
 workers averages gradients inside itself and agrees its decisions through
-:mod:`localsgd_ft.workers`; its worker 0 speaks for it (metrics, events,
+:mod:`~localsgd_ft.training.workers`; its worker 0 speaks for it (metrics, events,
 checkpoints, the result). The loop only steps; each concern has its own
 collaborator: torchft's Manager and what live recovery hands over
-(:mod:`localsgd_ft.training.manager`), the sync algorithm (:mod:`localsgd_ft.algorithms`), where the
-group stands and when it stops (:mod:`localsgd_ft.position`), sync accounting
-(:mod:`localsgd_ft.sync_monitor`), checkpoints
-(:mod:`localsgd_ft.checkpointer`), failure injection
-(:mod:`localsgd_ft.faults`) and progress (:mod:`localsgd_ft.progress`).
+(:mod:`~localsgd_ft.training.manager`), the sync algorithm (:mod:`~localsgd_ft.training.algorithms`), where the
+group stands and when it stops (:mod:`~localsgd_ft.training.position`), sync accounting
+(:mod:`~localsgd_ft.training.sync_monitor`), checkpoints
+(:mod:`~localsgd_ft.training.checkpointer`), failure injection
+(:mod:`~localsgd_ft.training.faults`) and progress (:mod:`~localsgd_ft.training.progress`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class CompletionState:
         self.abort: Optional[str] = None
         self.abort_quoted: Dict[int, str] = {}  # group -> its error, as the abort's reason quotes it
         self.completed: Optional[dict] = None
-        self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.quorums)
+        self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.training.quorums)
         self.last_seen: Dict[Tuple[int, int], float] = {}  # (group, node) -> monotonic time of its last heartbeat
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
