@@ -1,4 +1,4 @@
-"""What torchrun runs in every replica group: a thin entry point into localsgd_ft.trainer."""
+"""What torchrun runs in every replica group: a thin entry point into localsgd_ft.training.trainer."""
 
 import sys
 

@@ -60,6 +60,7 @@ def localsgd(
     if local:
         watch_for_interrupt()
         atexit.register(say_how_to_resume, cfg, time.time(), fresh)
-    launch = Launch(config=config, embedded=embedded, image=image, script=script, fresh=fresh,
-                    scheduler=scheduler_from_argv(sys.argv), local=local)
+    scheduler = scheduler_from_argv(sys.argv)
+    launch = Launch(config=config, embedded=embedded, image=image, script=script, fresh=fresh, local=local,
+                    rendezvous_ports=preflight.rendezvous_ports(cfg, scheduler))
     return build_app(cfg, launch)

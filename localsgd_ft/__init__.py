@@ -3,6 +3,7 @@
 Floors, each importing only from those below it (``tests/test_layers.py`` holds it):
 
 - ``config``: the experiment schema;
+- ``contract``: the records and names that cross process boundaries;
 - ``storage``: files and their formats (atomic writes, checkpoints, CIFAR-10);
 - ``results``: metrics, summary.json, report, compare, sweep (no torch);
 - ``launch``: the roles and the completion service (no torch);

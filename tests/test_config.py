@@ -78,6 +78,11 @@ BAD_VALUES = [
     ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
     ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
     ([1, 2], "", "mapping of keys at the top level"),
+    # A field's own range answers first, in the words its rule across fields would use.
+    ({"replica_groups": {"memory_mb": 100}}, "replica_groups.memory_mb", "expected at least 256 (256 MiB per worker"),
+    ({"lighthouse": {"min_replicas": 0}}, "lighthouse.min_replicas", "expected 1..replica_groups.count"),
+    ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum", "got 1.0, expected 0 <= momentum < 1"),
+    ({"replica_groups": {"cpus": 0}}, "replica_groups.cpus", "at least one CPU per worker"),
 ]
 
 

@@ -85,3 +85,12 @@ def test_plane_imports_no_torch(plane):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert modules and res.stdout.strip() == "[]", f"{plane} imports {res.stdout.strip()[:300]}"
+
+
+def test_a_torchrun_worker_arms_its_death_signal_before_any_heavy_import():
+    """train_localsgd.py imports lifecycle first: neither torch nor pydantic may come with it."""
+    code = ("import sys\nimport localsgd_ft.launch.lifecycle\n"
+            "print(sorted(k.split('.')[0] for k in sys.modules if k.split('.')[0] in ('torch', 'pydantic', 'yaml')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

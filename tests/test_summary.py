@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from localsgd_ft.config import parse_config
 from localsgd_ft.launch.completion.state import CompletionState
 from localsgd_ft.results.summary import build_summary
@@ -126,3 +128,15 @@ def test_a_node_failing_after_its_sibling_fell_silent_blames_the_sibling():
     alive.mark_finished(0, {"group": 0, "exit_code": 1, "result": None}, node=0)
     alive.heartbeat(0, node=1)  # heard from after the failure: not to blame
     assert alive.settle_failing(grace_s=0) == [0] and alive.finished[0]["result"] is None
+
+
+def test_a_summary_written_by_another_version_still_reads(tmp_path):
+    """Readers (report, compare, sweep's skip of finished points) take unknown keys in summary.json as absent."""
+    from localsgd_ft.contract import Summary
+
+    s = build_summary(parse_config({}), _state([], {0: OK, 1: OK}), 0.0, "c.yaml", 0, 1.0)
+    s["added_later"] = {"x": 1}
+    s["replica_groups"]["0"]["added_later"] = 2
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    loaded = Summary.load(tmp_path / "summary.json")
+    assert loaded.succeeded and loaded.replica_groups["0"].params_sha256 == s["replica_groups"]["0"]["params_sha256"]

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 class ConfigError(ValueError):
     """A config file that cannot be used; the message says why and how to fix it.
 
-    ``rule`` is true when a rule across fields refused it (one a JSON Schema cannot state).
+    ``rule`` is true when a rule across fields refused it (one a JSON Schema cannot state): set by
+    :func:`describe` for whatever a section's ``check(cfg)`` raised.
     """
 
     def __init__(self, message: str, rule: bool = False) -> None:
@@ -41,7 +42,7 @@ class Hint:
 def need(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Refuse ``value`` of ``key`` unless ``ok``: one line naming the key, the value and what is allowed."""
     if not ok:
-        raise ConfigError(f"{key}: got {value!r}, {allowed}", rule=True)
+        raise ConfigError(f"{key}: got {value!r}, {allowed}")
 
 
 _SINGULAR = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
@@ -135,7 +136,9 @@ def describe(error: dict, root: type, raw: Any) -> ConfigError:
     """One of pydantic's errors (validating ``raw`` as ``root``) as a one-line :class:`ConfigError`."""
     kind, loc = error["type"], tuple(error["loc"])
     if kind == "value_error" and isinstance((error.get("ctx") or {}).get("error"), ConfigError):
-        return error["ctx"]["error"]  # a rule across fields: its message is already written
+        refused = error["ctx"]["error"]  # raised by a section's check(cfg): its message is already written
+        refused.rule = True
+        return refused
     place = _place(root, loc)
     value = _value_at(raw, loc[: place.depth])
     if kind == "extra_forbidden":

@@ -9,12 +9,10 @@ from pydantic import Field, model_validator
 
 from localsgd_ft.config.errors import Allowed
 from localsgd_ft.config.fault_plan import Fault, plan_faults
-from localsgd_ft.config.schedule import CheckpointConfig, FaultsConfig, LocalSGDConfig, TrainConfig
+from localsgd_ft.config.schedule import (QUORUM_RETRY_INTERVAL_S, CheckpointConfig, FaultsConfig, LocalSGDConfig,
+                                         TrainConfig)
 from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig,
                                          ReplicaGroupsConfig, Section, section)
-
-# With localsgd.quorum_retries -1: one quorum try every this many seconds while the lighthouse is away.
-QUORUM_RETRY_INTERVAL_S = 0.5
 
 
 class ExperimentConfig(Section):

@@ -51,7 +51,6 @@ def embed_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> str:
     return base64.b64encode(resolved_text(path, overrides).encode()).decode("ascii")
 
 
-
 def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "<config>") -> Any:
     """``raw`` (a parsed YAML document) with each ``dotted.key=value`` set; values are parsed as YAML.
 

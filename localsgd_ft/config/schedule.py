@@ -16,6 +16,9 @@ from localsgd_ft.config.sections import Algorithm, FaultKind, FaultMoment, Numbe
 if TYPE_CHECKING:
     from localsgd_ft.config.experiment import ExperimentConfig
 
+# With localsgd.quorum_retries -1: one quorum try every this many seconds while the lighthouse is away.
+QUORUM_RETRY_INTERVAL_S = 0.5
+
 # DiLoCo's keys: set with algorithm 'localsgd' they would be ignored, so they are refused.
 DILOCO_KEYS = ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_update_alpha", "quantize",
                "bucket_cap_mb")
@@ -23,7 +26,8 @@ DILOCO_KEYS = ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_
 
 class OuterOptimizerConfig(Section):
     lr: Number = Field(0.7, gt=0, description="DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
-    momentum: Number = Field(0.9, ge=0, lt=1, description="Outer momentum.")
+    momentum: Annotated[Number, Allowed("expected 0 <= momentum < 1")] = Field(0.9, ge=0, lt=1,
+                                                                             description="Outer momentum.")
     nesterov: bool = Field(True, description="Nesterov momentum for the outer step.")
 
 
@@ -49,14 +53,15 @@ class LocalSGDConfig(Section):
         -1, ge=-1,
         description="Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / "
                     "(retries + 1) between them, so they ride through a lighthouse restart. -1: one try every "
-                    "0.5 s, so an outage costs little more than its own length; 0: none (a lighthouse restart "
+                    f"{QUORUM_RETRY_INTERVAL_S:g} s, so an outage costs little more than its own length; 0: none (a lighthouse restart "
                     "crashes every group).")
     outer_optimizer: OuterOptimizerConfig = section(OuterOptimizerConfig, "DiLoCo only: the outer optimizer.")
-    fragments: int = Field(
+    fragments: Annotated[int, Allowed("expected an integer >= 1 that divides localsgd.sync_every")] = Field(
         1, ge=1,
         description="DiLoCo only: split the model into this many fragments of consecutive layers, synced one after "
                     "another (Streaming DiLoCo): one fragment every sync_every / fragments steps. 1: plain DiLoCo.")
-    fragment_sync_delay: int = Field(
+    fragment_sync_delay: Annotated[int, Allowed("expected 0..sync_every / fragments - 1: a fragment's allreduce must "
+                                                "finish before the next fragment's starts")] = Field(
         0, ge=0,
         description="DiLoCo only: local steps a fragment's allreduce overlaps with training before it is waited "
                     "for; less than sync_every / fragments.")
@@ -83,7 +88,7 @@ class LocalSGDConfig(Section):
                     raise ConfigError(
                         f"localsgd.{key}: set to {getattr(self, key)!r}, but it is a DiLoCo setting and "
                         "localsgd.algorithm is 'localsgd', which would ignore it; set localsgd.algorithm: diloco, "
-                        f"or remove localsgd.{key}", rule=True)
+                        f"or remove localsgd.{key}")
             return
         self._check_diloco(cfg)
 
@@ -91,23 +96,23 @@ class LocalSGDConfig(Section):
         if self.recovery != "sync":
             raise ConfigError(
                 f"localsgd.recovery: got {self.recovery!r}, but DiLoCo needs a synchronous quorum (torchft's DiLoCo "
-                "refuses an asynchronous one); use recovery: sync, or algorithm: localsgd", rule=True)
+                "refuses an asynchronous one); use recovery: sync, or algorithm: localsgd")
         if self.sync_every % self.fragments:
             raise ConfigError(
                 f"localsgd.fragments: got {self.fragments}, expected an integer >= 1 that divides "
                 f"localsgd.sync_every ({self.sync_every}): each fragment is synced once every sync_every steps, one "
-                "every sync_every / fragments steps", rule=True)
+                "every sync_every / fragments steps")
         per_fragment = self.sync_every // self.fragments
         if self.fragment_sync_delay >= per_fragment:
             raise ConfigError(
                 f"localsgd.fragment_sync_delay: got {self.fragment_sync_delay}, expected 0..{per_fragment - 1}: a "
                 f"fragment's allreduce must finish before the next fragment's starts (sync_every {self.sync_every} "
-                f"/ fragments {self.fragments} = {per_fragment} steps apart)", rule=True)
+                f"/ fragments {self.fragments} = {per_fragment} steps apart)")
         if self.quantize and not cfg.uses_gpus:
             raise ConfigError(
                 "localsgd.quantize: true, but the groups train on CPU: torchft quantizes with triton kernels on "
                 "CUDA GPUs only (without them it silently sends the data unquantized); set "
-                "localsgd.quantize: false, or give the groups GPUs", rule=True)
+                "localsgd.quantize: false, or give the groups GPUs")
 
 
 class TrainConfig(Section):
@@ -139,7 +144,7 @@ class TrainConfig(Section):
             hi = lo + sync_every if lo < self.max_steps else lo
             raise ConfigError(
                 f"train.max_steps: got {self.max_steps}, which is not a multiple of localsgd.sync_every "
-                f"({sync_every}); groups must stop on a sync boundary: use {lo} or {hi}", rule=True)
+                f"({sync_every}); groups must stop on a sync boundary: use {lo} or {hi}")
 
 
 class CheckpointConfig(Section):
@@ -168,7 +173,7 @@ class CheckpointConfig(Section):
                 f"(train.max_steps {cfg.train.max_steps} / {cfg.steps_per_sync} steps per sync) and "
                 "checkpoint.every_s is 0, so no checkpoint would be written before the end and a crash would lose "
                 f"all the work; use every_syncs at most {syncs} (e.g. {max(1, syncs // 4)}), a time cadence "
-                "(checkpoint.every_s, e.g. 300), or checkpoint.enabled: false", rule=True)
+                "(checkpoint.every_s, e.g. 300), or checkpoint.enabled: false")
 
 
 class FaultConfig(Section):
@@ -177,11 +182,11 @@ class FaultConfig(Section):
         description="'kill': SIGKILL the group's worker (a machine loss); 'hang': SIGSTOP it for duration_s; "
                     "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
                     "lighthouse and restart it after duration_s.")
-    group: int = Field(-1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by "
+    group: Annotated[int, Allowed("expected -1 (random) or 0..replica_groups.count - 1")] = Field(-1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by "
                                               "faults.seed). Unused for 'lighthouse'.")
-    worker: int = Field(-1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random "
+    worker: Annotated[int, Allowed("expected -1 (random) or a rank of the group's workers")] = Field(-1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random "
                                                "(0 with one worker). Unused for 'lighthouse'.")
-    at_step: int = Field(1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at "
+    at_step: Annotated[int, Allowed("expected 1..train.max_steps - 1 (inside train.max_steps)")] = Field(1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at "
                                               "which it happens.")
     duration_s: Number = Field(3.0, gt=0, description="How long a 'hang' lasts, or how long the lighthouse stays "
                                                       "down.")

@@ -77,16 +77,18 @@ class ReplicaGroupsConfig(Section):
         description="GPUs per group on the machine you launch from: one entry per group, a GPU index or a list of "
                     "indices (e.g. [0, 1] or [[0], [1]]); each group sees only its own (CUDA_VISIBLE_DEVICES). "
                     "Empty: see gpus_per_group; both empty: CPU training with gloo.")
-    gpus_per_group: int = Field(
+    gpus_per_group: Annotated[int, Allowed("expected 0 (CPU) or replica_groups.workers: one GPU per worker")] = Field(
         0, ge=0,
         description="GPUs per group as a count the scheduler satisfies (Slurm --gpus-per-task, Kubernetes "
                     "nvidia.com/gpu); the scheduler picks the devices. Use this on clusters; exclusive with gpus.")
     max_restarts: int = Field(3, ge=0, description="How often torchrun restarts a group's crashed workers before "
                                                    "the group gives up.")
-    cpus: int = Field(1, ge=1, description="CPUs requested per group from the scheduler (torchx resource); at "
-                                           "least one per worker.")
-    memory_mb: int = Field(2048, ge=256, description="Memory requested per group (per node) from the scheduler, in "
-                                                     "MiB; at least 256 per worker.")
+    cpus: Annotated[int, Allowed("expected at least one CPU per worker (replica_groups.workers)")] = Field(
+        1, ge=1, description="CPUs requested per group from the scheduler (torchx resource); at least one per worker.")
+    memory_mb: Annotated[int, Allowed(
+        "expected at least 256 (256 MiB per worker; a CPU worker of the default model takes about 900)")] = Field(
+        2048, ge=256, description="Memory requested per group (per node) from the scheduler, in MiB; at least 256 per "
+                                  "worker.")
 
     def group_gpus(self) -> List[List[int]]:
         """Explicit GPU indices per replica group (empty lists on CPU and with gpus_per_group)."""
@@ -112,7 +114,7 @@ class ReplicaGroupsConfig(Section):
             raise ConfigError(
                 f"replica_groups.gpus_per_group: got {self.gpus_per_group} together with replica_groups.gpus "
                 f"{self.gpus!r}; use one: explicit device lists (gpus, for this machine) or a count the "
-                "scheduler satisfies (gpus_per_group, for Slurm/Kubernetes)", rule=True)
+                "scheduler satisfies (gpus_per_group, for Slurm/Kubernetes)")
 
     def _check_gpu_lists(self) -> None:
         need(len(self.gpus) == self.count, "replica_groups.gpus", self.gpus,
@@ -126,7 +128,7 @@ class ReplicaGroupsConfig(Section):
                     raise ConfigError(
                         f"replica_groups.gpus: GPU {x} is given to groups {owner[x]} and {i}; NCCL cannot put two "
                         "members of one collective on the same device (it fails every sync with 'Duplicate GPU "
-                        "detected'): give each group its own GPU(s), or use fewer groups", rule=True)
+                        "detected'): give each group its own GPU(s), or use fewer groups")
                 owner[x] = i
 
 
@@ -134,7 +136,7 @@ class LighthouseConfig(Section):
     port: Annotated[int, Allowed("expected a port in 1..65534 (port + 1 is used too)")] = Field(
         29510, ge=1, le=65534, description="Port of the torchft lighthouse; the completion service listens on "
                                            "port + 1.")
-    min_replicas: int = Field(1, ge=1, description="Fewest replica groups that may form a quorum and commit a sync.")
+    min_replicas: Annotated[int, Allowed("expected 1..replica_groups.count")] = Field(1, ge=1, description="Fewest replica groups that may form a quorum and commit a sync.")
     join_timeout_ms: int = Field(10000, ge=1, description="How long a quorum waits for heartbeating stragglers, "
                                                           "in ms.")
     quorum_tick_ms: int = Field(100, ge=1, description="How often the lighthouse re-evaluates a pending quorum, "
@@ -148,8 +150,8 @@ class LighthouseConfig(Section):
                     "its wrapper killed) is declared lost, and the run goes on without it or ends, as for any lost "
                     "group.")
     cpus: int = Field(1, ge=1, description="CPUs requested for the lighthouse role from the scheduler.")
-    memory_mb: int = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
-                                                     "about 40 MB; Kubernetes requests this minus torchx's 1024 MB "
+    memory_mb: Annotated[int, Allowed("expected at least 256")] = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
+                                                     "about 75 MB, two processes of about 37 MB; Kubernetes requests this minus torchx's 1024 MB "
                                                      "node reserve).")
 
     @property
@@ -196,6 +198,7 @@ class ModelConfig(Section):
 class OptimizerConfig(Section):
     name: OptimizerName = Field("sgd", description="'sgd' (with momentum) or 'adamw'.")
     lr: Number = Field(0.05, gt=0, description="Learning rate.")
-    momentum: Number = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adamw).")
+    momentum: Annotated[Number, Allowed("expected 0 <= momentum < 1")] = Field(
+        0.9, ge=0, lt=1, description="SGD momentum (ignored by adamw).")
     weight_decay: Number = Field(5e-4, ge=0, description="Weight decay.")
     nesterov: bool = Field(True, description="Nesterov momentum for sgd.")

@@ -7,17 +7,45 @@ no integer); a field its sender did not set stays out of the JSON it dumps
 
 ``names`` (environment variables, the heartbeat period, closed sets of names),
 ``records`` (results, requests, events, replies), ``summary`` (summary.json),
-``reading`` (a record from JSON, refusals in one line). Import from here.
+``reading`` (a record from JSON, refusals in one line). Import from here: each name is loaded
+on first use, so a process that needs only ``names`` (a torchrun worker arming its parent-death
+signal) does not pay for pydantic. ``HEARTBEAT_S`` comes from the config, which judges
+``lighthouse.role_timeout_s`` against it.
 """
 
-from localsgd_ft.contract.names import (COMPLETION_ENV, FRESH_ENV, GROUP_ENV, HEARTBEAT_S, NUM_GROUPS_ENV,  # noqa: F401
-                                        PARENT_PID_ENV, RUN_ID_ENV, RUN_TOKEN_ENV, TOKEN_HEADER, TORCHFT_LIGHTHOUSE_ENV,
-                                        TORCHRUN_ENV, EventKind, Name, Route, StopReason)
-from localsgd_ft.contract.reading import REQUESTS, ContractError, one_line, read, read_event, read_request  # noqa: F401
-from localsgd_ft.contract.records import (EVENT_MODELS, CheckpointEvent, CompletedRequest, ErrorReply,  # noqa: F401
-                                          Evaluation, Event, EventReply, FaultEvent, FinalSync, FinishedRequest,
-                                          GroupReport, GroupRequest, HeartbeatRequest, OkReply, Record, RecoveredEvent,
-                                          ResumedEvent, StartedReply, StartedRequest, Status, SyncStallEvent,
-                                          TrainerResult)
-from localsgd_ft.contract.summary import (CheckpointEntry, FaultCounts, GroupSummary, Recovery, Snapshot,  # noqa: F401
-                                          Summary)
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, List
+
+_EXPORTS: Dict[str, List[str]] = {
+    "localsgd_ft.contract.names": [
+        "COMPLETION_ENV", "EventKind", "FRESH_ENV", "GROUP_ENV", "NUM_GROUPS_ENV", "Name", "PARENT_PID_ENV",
+        "RUN_ID_ENV", "RUN_TOKEN_ENV", "Route", "StopReason", "TOKEN_HEADER", "TORCHFT_LIGHTHOUSE_ENV",
+        "TORCHRUN_ENV"],
+    "localsgd_ft.contract.records": [
+        "CheckpointEvent", "CompletedRequest", "EVENT_MODELS", "LENIENT", "ErrorReply", "Evaluation", "Event",
+        "EventReply", "FaultEvent", "FinalSync", "FinishedRequest", "GroupReport", "GroupRequest",
+        "HeartbeatRequest", "OkReply", "Record", "RecoveredEvent", "ResumedEvent", "StartedReply",
+        "StartedRequest", "Status", "SyncStallEvent", "TrainerResult"],
+    "localsgd_ft.contract.summary": [
+        "CheckpointEntry", "FaultCounts", "GroupSummary", "Recovery", "Snapshot", "Summary", "SummaryLike"],
+    "localsgd_ft.contract.reading": [
+        "ContractError", "REQUESTS", "one_line", "read", "read_event", "read_request"],
+    "localsgd_ft.config": ["HEARTBEAT_S"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> List[str]:
+    return __all__

@@ -1,10 +1,11 @@
-"""The names and periods a run's processes share: environment variables, the heartbeat, closed sets of names."""
+"""The names a run's processes share: environment variables, the token header, closed sets of names.
+
+Standard library only: a torchrun worker imports this before it arms its parent-death signal.
+"""
 
 from __future__ import annotations
 
 from enum import Enum
-
-from localsgd_ft.config import HEARTBEAT_S  # noqa: F401  (the config's rules need it too: defined there)
 
 # Environment variables, and who sets them for whom.
 RUN_ID_ENV = "LOCALSGD_FT_RUN_ID"  # the component, for every process of the run: the run id
@@ -17,7 +18,6 @@ COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"  # a replica role, for its trainers: t
 TORCHFT_LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # a replica role, for torchft's Managers: the lighthouse's URL
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # torchrun, in its workers: a process that has it runs under torchrun
 TOKEN_HEADER = "X-LocalSGD-Run-Token"  # the HTTP header that carries the run token on every request
-
 
 
 class Name(str, Enum):

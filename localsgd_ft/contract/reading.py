@@ -20,7 +20,7 @@ REQUESTS: Dict[Route, Any] = {Route.HEARTBEAT: HeartbeatRequest, Route.STARTED: 
                               Route.COMPLETED: CompletedRequest, Route.FINISHED: FinishedRequest}
 
 
-def read(model: Any, data: Any, context: Optional[Dict[str, int]] = None) -> Any:
+def read(model: Any, data: Any, context: Optional[Dict[str, Any]] = None) -> Any:
     """``data`` (JSON values) as a ``model``; ContractError saying what is wrong, in one line."""
     try:
         return model.model_validate(data, context=context)

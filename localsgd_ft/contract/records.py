@@ -6,7 +6,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from localsgd_ft.config import Algorithm, FaultKind, FaultMoment
@@ -17,9 +17,24 @@ def _describe(text: str, default: Any = None) -> Any:
     return Field(default, description=text)
 
 
+# Validation context for reading a file another version may have written: unknown keys are dropped.
+LENIENT = {"lenient": True}
+
+
 class Record(BaseModel):
-    """A record that crosses a process boundary: unknown keys are refused, JSON types are not coerced."""
+    """A record that crosses a process boundary: unknown keys are refused, JSON types are not coerced.
+
+    Read with the :data:`LENIENT` context (files on disk), unknown keys are ignored instead: a
+    summary.json written by a newer version still reads.
+    """
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_unknown_when_lenient(cls, data: Any, info: ValidationInfo) -> Any:
+        if (info.context or {}).get("lenient") and isinstance(data, dict):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
 
     def wire(self) -> Dict[str, Any]:
         """Plain JSON values, with only the fields that were set: what is sent or written."""

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from localsgd_ft.config import Algorithm, FaultKind, FaultMoment
 from localsgd_ft.contract.reading import read
-from localsgd_ft.contract.records import Event, FinalSync, GroupReport, Record, TrainerResult, _describe
+from localsgd_ft.contract.records import LENIENT, Event, FinalSync, GroupReport, Record, TrainerResult, _describe
 
 
 class GroupSummary(TrainerResult):
@@ -75,17 +75,21 @@ class Summary(Record):
 
     @classmethod
     def of(cls, summary: Union["Summary", Mapping[str, Any]]) -> "Summary":
-        """``summary`` as a Summary (a parsed summary.json as it is); ContractError if it is not one."""
-        return summary if isinstance(summary, Summary) else read(cls, summary)
+        """``summary`` as a Summary (a parsed summary.json as it is; unknown keys are ignored); ContractError if
+        it is not one."""
+        return summary if isinstance(summary, Summary) else read(cls, summary, LENIENT)
 
     @classmethod
     def load(cls, path: Path) -> "Summary":
         """Read summary.json at ``path`` (OSError, ValueError: unreadable, not JSON, or not a summary)."""
-        return read(cls, json.loads(Path(path).read_text()))
+        return read(cls, json.loads(Path(path).read_text()), LENIENT)
 
     def groups(self) -> List[GroupSummary]:
         """The groups in id order."""
         return [g for _, g in sorted(self.replica_groups.items(), key=lambda kv: int(kv[0]))]
+
+
+SummaryLike = Union[Summary, Mapping[str, Any]]  # a Summary, or summary.json as JSON values (see Summary.of)
 
 
 class Snapshot(Record):

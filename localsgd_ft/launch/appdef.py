@@ -15,7 +15,6 @@ import torchx.specs as specs
 
 from localsgd_ft.config import ExperimentConfig
 from localsgd_ft.contract import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, PARENT_PID_ENV
-from localsgd_ft.launch.addresses import free_port
 from localsgd_ft.launch.lifecycle import new_identity
 
 
@@ -28,8 +27,8 @@ class Launch:
     image: str  # the container image; empty: roles run this Python on this filesystem
     script: str  # what torchrun runs in every replica group
     fresh: bool  # start over instead of resuming
-    scheduler: str  # torchx's scheduler name ('' when torchx chose its default)
     local: bool  # the roles are children of this `torchx run` process
+    rendezvous_ports: List[int]  # per group, where its nodes meet (empty with one node per group)
 
 
 def build_app(cfg: ExperimentConfig, launch: Launch) -> specs.AppDef:
@@ -112,6 +111,4 @@ def _node_args(cfg: ExperimentConfig, launch: Launch, group: int) -> List[str]:
     """Which node of its group a replica is, and where the group's nodes meet (nothing with one node)."""
     if cfg.replica_groups.nodes == 1:
         return []
-    # All nodes of a local run are this host: any free port; on a cluster, each group's first node.
-    port = free_port() if launch.scheduler == "local_cwd" else cfg.lighthouse.rendezvous_port(group)
-    return ["--node", specs.macros.replica_id, "--rdzv-port", str(port)]
+    return ["--node", specs.macros.replica_id, "--rdzv-port", str(launch.rendezvous_ports[group])]

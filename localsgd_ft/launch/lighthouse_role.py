@@ -38,7 +38,7 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Callable, List, Optional, Tuple
 
-from localsgd_ft.config import ExperimentConfig, resolved_yaml
+from localsgd_ft.config import ExperimentConfig, resolved_yaml, to_dict
 from localsgd_ft.contract import FaultEvent, Snapshot, Summary, read_event
 from localsgd_ft.launch import addresses, lifecycle
 from localsgd_ft.launch.completion.server import serve as serve_completion
@@ -242,11 +242,23 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         completion.shutdown()
         completion.server_close()  # free the port now, not when the report is done
         lighthouse.stop()
-    reports = state.snapshot()
-    summary = summarize(cfg, reports, started_at, config_path, lighthouse.restarts, lifecycle.peak_rss_mb(),
-                        run_id=lifecycle.run_id(), role_error=role_error,
-                        stopped=stop.is_set() and not _all_trained(cfg, reports))
+    summary = _summary(cfg, state, started_at, config_path, lighthouse.restarts, role_error, stop.is_set())
     return _conclude(cfg, summary, stop.is_set(), print_summary)
+
+
+def _summary(cfg: ExperimentConfig, state: CompletionState, started_at: float, config_path: str, restarts: int,
+             role_error: Optional[str], signalled: bool) -> Summary:
+    """The run's summary; should building it fail, one that says so (never an end without a verdict)."""
+    try:
+        reports = state.snapshot()
+        return summarize(cfg, reports, started_at, config_path, restarts, lifecycle.peak_rss_mb(),
+                         run_id=lifecycle.run_id(), role_error=role_error,
+                         stopped=signalled and not _all_trained(cfg, reports))
+    except Exception as e:
+        reason = f"lighthouse role error: the summary could not be built: {type(e).__name__}: {e}"
+        print(f"lighthouse: {reason}", flush=True)
+        return Summary(name=cfg.name, algorithm=cfg.localsgd.algorithm, run_id=lifecycle.run_id(),
+                       config_path=config_path, failure_reason=role_error or reason, config=to_dict(cfg))
 
 
 def _stop_on_signals() -> threading.Event:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List
 
 from localsgd_ft.config import ConfigError, ExperimentConfig
+from localsgd_ft.launch.addresses import free_port
 from localsgd_ft.launch.client_hooks import is_dry_run, scheduler_from_argv
 from localsgd_ft.launch.gpus import check_local_lists
 from localsgd_ft.storage.checkpoints import resume_point
@@ -34,6 +35,17 @@ def check(cfg: ExperimentConfig, config: str, image: str, fresh: bool, argv: Lis
         _check_scheduler_places_nodes(cfg, scheduler_from_argv(argv))
     except (ConfigError, DataError) as e:
         raise ConfigError(f"{config}: {e}") from None
+
+
+def rendezvous_ports(cfg: ExperimentConfig, scheduler: str) -> List[int]:
+    """Where each group's nodes meet (none with one node per group). All nodes of a local run are this
+    host: free ports drawn now; on a cluster, the config's port layout at each group's first node."""
+    if cfg.replica_groups.nodes == 1:
+        return []
+    groups = range(cfg.replica_groups.count)
+    if scheduler == "local_cwd":
+        return [free_port() for _ in groups]
+    return [cfg.lighthouse.rendezvous_port(g) for g in groups]
 
 
 def _check_image_gpus(cfg: ExperimentConfig) -> None:

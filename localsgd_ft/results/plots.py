@@ -6,13 +6,12 @@ Failures, restarts and recoveries are marked on each. matplotlib's Agg backend: 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from localsgd_ft.contract import EventKind, FaultEvent, Summary
+from localsgd_ft.contract import EventKind, FaultEvent, Summary, SummaryLike
 from localsgd_ft.results.metrics import incarnations, read_all
 
 PLOTS = ("loss.png", "accuracy.png", "quorum.png", "throughput.png")
-SummaryLike = Union[Summary, Mapping[str, Any]]  # a Summary, or summary.json as JSON values
 
 
 def _markers(metrics: Dict[int, List[dict]], summary: SummaryLike) -> Dict[str, List[dict]]:

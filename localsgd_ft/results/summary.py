@@ -142,6 +142,7 @@ def summarize(cfg: ExperimentConfig, reports: Mapping[str, Any], started_at: flo
     )
 
 
-def build_summary(*args: Any, **kwargs: Any) -> Dict[str, Any]:
-    """summary.json's JSON: :func:`summarize`'s arguments."""
-    return summarize(*args, **kwargs).wire()
+def build_summary(cfg: ExperimentConfig, reports: Mapping[str, Any], started_at: float, config_path: str,
+                  lighthouse_restarts: int, lighthouse_rss_mb: float, **keywords: Any) -> Dict[str, Any]:
+    """summary.json's JSON values (:func:`summarize`, dumped as written)."""
+    return summarize(cfg, reports, started_at, config_path, lighthouse_restarts, lighthouse_rss_mb, **keywords).wire()

@@ -5,9 +5,9 @@ Every number comes from ``summary.json``; ``compare`` lays out its tables with t
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence, Union
+from typing import Any, List, Sequence
 
-from localsgd_ft.contract import Summary
+from localsgd_ft.contract import Summary, SummaryLike
 
 
 def fmt(value: Any, spec: str = "") -> str:
@@ -19,7 +19,6 @@ def columns(rows: Sequence[Sequence[str]]) -> List[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-SummaryLike = Union[Summary, Mapping[str, Any]]  # a Summary, or summary.json as JSON values
 
 
 def _workers(summary: Summary) -> str:

@@ -3,8 +3,8 @@
 Exactly one process writes: worker 0 of the group ranked 0 in the quorum that
 just committed, so every checkpoint holds state all live groups agreed on (a
 group's workers hold identical state, so one worker's is the group's). It
-writes at every ``checkpoints.every_syncs``-th committed sync, at the first
-committed sync ``checkpoints.every_s`` seconds after its last checkpoint (or
+writes at every ``checkpoint.every_syncs``-th committed sync, at the first
+committed sync ``checkpoint.every_s`` seconds after its last checkpoint (or
 its start), and always at the final sync, so that a group restarted after the
 end finds the final state. The files themselves (atomic, checksummed) are
 ``localsgd_ft.storage.checkpoints``' business.
