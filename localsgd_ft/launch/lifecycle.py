@@ -1,19 +1,6 @@
-"""How a run owns its processes: each one dies with its supervisor, and every one carries the run's identity.
-
-- **Parent-death signals.** torchx's local schedulers, torchrun and our
-  replica wrapper all start children in new sessions, so no process-group
-  signal reaches a whole run, and a SIGKILLed parent (a closed terminal, an
-  OOM kill) cannot clean up at all. Linux's ``PR_SET_PDEATHSIG`` asks the
-  kernel to signal a process when the thread that started it dies, whatever
-  killed it: roles follow the ``torchx run`` client (local schedulers) or
-  their scheduler's step process, torchrun follows its replica role, trainers
-  follow torchrun, torchft's lighthouse follows its role.
-- **The run's identity.** The component draws a run id (public: logs, torchft
-  replica ids, finding a run's processes) and a secret token (the completion
-  service refuses any request without it) for each ``torchx run``; both reach
-  every process of the run through its environment, never its command line.
-
-No torch here: the small roles import this.
+"""How a run owns its processes: each one dies with its supervisor (Linux's parent-death signal), and every
+one carries the run's identity (its id and secret token, in the environment). Why and who follows whom:
+docs/lifecycle.md. Standard library only: torchrun workers and the small roles import this first.
 """
 
 from __future__ import annotations

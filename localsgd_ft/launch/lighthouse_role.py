@@ -1,28 +1,7 @@
 """The lighthouse role: supervises torchft's lighthouse, serves the completion service, ends when training does.
 
-Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env VAR``.
-
-- torchft's lighthouse runs as a child process (``lighthouse_server``); if it
-  dies it is restarted on the same port (replica groups ride through with
-  ``localsgd.quorum_retries``). An injected ``lighthouse`` fault kills it and
-  restarts it after the fault's ``duration_s``.
-- Both servers bind loopback when role 0's host (``$VAR``) is this machine
-  (local schedulers) and all interfaces otherwise (and always on Kubernetes).
-- ``--print-summary`` also prints summary.json to the log, for schedulers
-  whose containers keep no files (Kubernetes): ``torchx log`` shows it.
-- It owns its ports before it touches anything: a port another run holds
-  ends the role at once with one line naming the fix; only then are old
-  checkpoints (``--fresh``) and metrics moved aside.
-- Replica roles heartbeat every ``HEARTBEAT_S``; one silent for
-  ``lighthouse.role_timeout_s`` is declared lost ("role lost: no heartbeat").
-- A group whose torchrun gave up (restarts exhausted) is *lost*. If fewer than
-  ``lighthouse.min_replicas`` groups can still finish, the run is aborted:
-  the remaining groups are told to stop, and the run fails with that reason.
-- When every group has reported its end it writes ``summary.json``, runs the
-  report (``python -m localsgd_ft.report``: plots and the summary table, in a
-  subprocess so matplotlib never enters this small process and a plotting
-  problem cannot change the verdict) and exits 0 if enough groups trained to
-  the end with identical parameters, else 1.
+Run by the component as ``python -m localsgd_ft.lighthouse --config C --host-env VAR``; its exit code is
+the run's verdict. What it does when, and why: docs/lifecycle.md and docs/fault-tolerance.md.
 """
 
 from __future__ import annotations
@@ -348,7 +327,11 @@ def _conclude(cfg: ExperimentConfig, summary: Summary, stopped: bool, print_summ
 
 
 def _run_report(cfg: ExperimentConfig) -> bool:
-    """Print the summary table and write the plots; True if the report was written."""
+    """Print the summary table and write the plots; True if the report was written.
+
+    In a subprocess: matplotlib never enters this small process, and a plotting problem cannot
+    change the verdict.
+    """
     try:
         code = subprocess.run([sys.executable, "-m", "localsgd_ft.report", str(cfg.run_dir)], timeout=REPORT_TIMEOUT_S,
                               preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL)).returncode

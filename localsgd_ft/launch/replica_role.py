@@ -1,29 +1,9 @@
 """A replica-group role: runs the group's torchrun, keeps it tied to the run, and reports its end.
 
-Run by the component as
-``python -m localsgd_ft.replica --config C --group G --node N --host-env VAR``
-(one per node of the group: the role's replica N). It finds the lighthouse
-through ``$VAR`` (torchx's rank-0 host macro) and:
-
-1. proves it talks to its own run: its first heartbeat must be accepted by the
-   completion service with this run's token (a port held by another run
-   answers 403, and the role stops with one line instead of training against
-   a stranger);
-2. checks what no restart can fix before torchrun starts: the GPUs it was
-   given and the data (downloaded here, once, when the role runs in an image);
-   a problem is reported as the group's ``failure_reason``, never retried;
-3. runs ``torchrun --standalone --nproc_per_node=W --max_restarts=R
-   train_localsgd.py`` (a group of K nodes: ``--nnodes=K`` and a c10d
-   rendezvous at the group's first node instead of ``--standalone``);
-   torchrun dies with this role (parent-death signal) and its workers die
-   with torchrun, so nothing outlives the role even when it is SIGKILLed;
-4. heartbeats every ``HEARTBEAT_S`` (from a thread); stops torchrun when the run is
-   aborted or the lighthouse role has been unreachable for
-   ``lighthouse.role_timeout_s`` (a trainer that meets a permanent error
-   records it in its result and ends torchrun itself, so it is never retried);
-5. posts torchrun's exit code and the trainer's result, then exits 0 (the
-   lighthouse role's exit code is the run's verdict); if it cannot report, it
-   exits with torchrun's code.
+Run by the component as ``python -m localsgd_ft.replica --config C --group G --node N --host-env VAR``
+(one per node of the group). In order: it proves it talks to its own run (its first heartbeat), checks
+what no restart can fix (GPUs, data), runs torchrun tied to itself, heartbeats until torchrun ends or the
+run is aborted, and posts torchrun's exit code and the trainer's result; see docs/lifecycle.md.
 """
 
 from __future__ import annotations

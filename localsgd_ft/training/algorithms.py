@@ -1,29 +1,9 @@
 """The cross-group sync algorithm: one object, chosen by ``localsgd.algorithm``, that the training loop steps.
 
-An algorithm owns what happens at an optimizer step: the step itself and, at
-the end of each interval of ``ExperimentConfig.steps_per_sync`` steps, the
-fault-tolerant sync across replica groups (quorum, allreduce, commit or roll
-back). It reports each sync as a :class:`Sync`, counts the bytes it hands to
-allreduce, and carries its own state for durable checkpoints
-(``state_dict``), so neither the loop nor the checkpoint code has to know
-which algorithm runs. Live recovery of that state needs nothing from us:
-torchft's DiLoCo registers it with the Manager.
-
-- ``localsgd`` (:class:`LocalSGDSync`): torchft's LocalSGD averages the
-  parameters of every live group every ``sync_every`` steps.
-- ``diloco`` (:class:`DiLoCoSync`): torchft's DiLoCo averages the change
-  since the last sync (a pseudo-gradient) and applies it with an outer SGD;
-  with ``fragments`` > 1 (Streaming DiLoCo) the model is synced one fragment
-  at a time, one every ``sync_every / fragments`` steps, each fragment's
-  allreduce overlapping ``fragment_sync_delay`` steps of training.
-
-The end of a run is "the same sync" for every algorithm: the sync that
-completes ``train.max_steps`` (a multiple of ``sync_every``, so with fragments
-every fragment has been synced equally often). LocalSGD's model is then the
-average. DiLoCo's result is the synced (outer) model: each fragment as of its
-own last sync, so with fragments the local steps a fragment trained after its
-last sync, and any local mix-in (``fragment_update_alpha``), are not part of
-it. Those are what differ between groups; the synced model does not.
+An algorithm owns the optimizer step and, every ``steps_per_sync`` steps, the fault-tolerant sync across
+groups; it reports each sync as a :class:`Sync`, counts the bytes it sends and carries its own state for
+checkpoints, so neither the loop nor the checkpoint code knows which one runs. LocalSGD, DiLoCo and
+Streaming DiLoCo, and what each one's final model is: docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """Quorum ids that never repeat, even across restarts of the torchft lighthouse.
 
-torchft's lighthouse numbers quorums from 1 each time it starts, and a
-Manager names its process group's rendezvous prefix after the quorum id
-(``<store>/torchft/<quorum_id>/<rank>``) in a store that outlives the
-lighthouse (torchrun's). After a lighthouse restart the groups therefore
-rendezvous again under a prefix the same store has already served, among the
-previous quorum's keys; and a group whose last quorum id equals the new one does
-not reconfigure at all. Both stall the groups for a collective timeout.
-
-:class:`UniqueQuorums` wraps a Manager's client so that every quorum id it
-hands the Manager carries the lighthouse's incarnation (how many times the
-lighthouse role has started it), read from the completion service right after
-each quorum: ``incarnation * STRIDE + id``. All members of a quorum read the
-same incarnation, because the lighthouse role counts a restart before the new
-lighthouse can form any quorum.
+torchft's lighthouse numbers quorums from 1 each time it starts, and a repeated id makes groups
+rendezvous among a previous quorum's keys or not reconfigure at all (docs/fault-tolerance.md). Every id
+a Manager sees here carries the lighthouse's incarnation: ``incarnation * STRIDE + id``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """Accounting for every sync of one replica group: commits, quorum changes, stalls and recoveries.
 
-A group is *disrupted* by anything that shows a failure somewhere in the run:
-a sync that did not commit, a quorum without every group, a quorum formed by
-a restarted lighthouse (the group waited out its outage), its own restart or
-hang, or a *stall*. Its next committed sync with every group in it is reported
-as ``recovered``; the summary measures recovery times from those reports, and
-the plots mark them, so a disruption must mean that something happened.
-
-A sync is reported as a *stall* (``sync_stall``, from which the summary
-takes how long survivors stalled after each failure) in two cases. While the
-group is disrupted for a known reason, any sync clearly slower than usual
-(twice the 95th percentile of recent ordinary syncs, at least 0.1 s): that is
-the wait a failure cost. Otherwise only a sync that took far longer than any
-jitter explains, as survivors wait for a frozen peer: at least
-:attr:`StallDetector.FACTOR` times that percentile, and never under a floor of
-half the lighthouse's heartbeat timeout (torchft's own notion of how long a
-silent peer may still be alive), at least one second; such a stall disrupts
-the group. So a loaded host, or a peer evaluating or writing a checkpoint,
-marks nothing.
+It reports a disrupted group's first full-quorum commit as ``recovered`` and a sync clearly slower than
+usual as ``sync_stall``, so that a marker always means something happened (the rules:
+docs/fault-tolerance.md, on recovery_s and survivor_stall_s; the thresholds are :class:`StallDetector`'s).
 """
 
 from __future__ import annotations
