@@ -1,4 +1,7 @@
-"""``python -m localsgd_ft.fixture``: a small synthetic data set in CIFAR-10's file format; the code lives in :mod:`localsgd_ft.storage.fixture`."""
+"""``python -m localsgd_ft.fixture``: a small synthetic data set in CIFAR-10's file format.
+
+The code lives in :mod:`localsgd_ft.storage.fixture`.
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""``python -m localsgd_ft.lighthouse``: the lighthouse role (run by the component); the code lives in :mod:`localsgd_ft.launch.lighthouse_role`."""
+"""``python -m localsgd_ft.lighthouse``: the lighthouse role (run by the component).
+
+The code lives in :mod:`localsgd_ft.launch.lighthouse_role`.
+"""
 
 import sys
 

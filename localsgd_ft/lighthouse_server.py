@@ -1,4 +1,7 @@
-"""``python -m localsgd_ft.lighthouse_server``: torchft's lighthouse, a child of the lighthouse role; the code lives in :mod:`localsgd_ft.launch.torchft_lighthouse`."""
+"""``python -m localsgd_ft.lighthouse_server``: torchft's lighthouse, a child of the lighthouse role.
+
+The code lives in :mod:`localsgd_ft.launch.torchft_lighthouse`.
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""``python -m localsgd_ft.replica``: a replica-group role (run by the component); the code lives in :mod:`localsgd_ft.launch.replica_role`."""
+"""``python -m localsgd_ft.replica``: a replica-group role (run by the component).
+
+The code lives in :mod:`localsgd_ft.launch.replica_role`.
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""``python -m localsgd_ft.report``: the run report from an output directory; the code lives in :mod:`localsgd_ft.results.report`."""
+"""``python -m localsgd_ft.report``: the run report from an output directory.
+
+The code lives in :mod:`localsgd_ft.results.report`.
+"""
 
 import sys
 

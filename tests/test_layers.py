@@ -94,3 +94,22 @@ def test_a_torchrun_worker_arms_its_death_signal_before_any_heavy_import():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_the_contract_exports_every_record_it_defines():
+    """`from localsgd_ft.contract import X` works for each public name its modules define (the list is by hand)."""
+    import importlib
+    import inspect
+
+    import localsgd_ft.contract as contract
+
+    missing = []
+    for name in ("names", "records", "summary", "reading"):
+        module = importlib.import_module(f"localsgd_ft.contract.{name}")
+        for attr, value in vars(module).items():
+            defined_here = getattr(value, "__module__", None) == module.__name__
+            if not attr.startswith("_") and defined_here and (inspect.isclass(value) or inspect.isfunction(value)):
+                if attr not in contract.__all__:
+                    missing.append(f"{module.__name__}.{attr}")
+    assert not missing, missing
+    assert all(getattr(contract, name) is not None for name in contract.__all__)

@@ -140,3 +140,19 @@ def test_a_summary_written_by_another_version_still_reads(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(s))
     loaded = Summary.load(tmp_path / "summary.json")
     assert loaded.succeeded and loaded.replica_groups["0"].params_sha256 == s["replica_groups"]["0"]["params_sha256"]
+
+
+def test_a_summary_that_cannot_be_built_still_gives_a_verdict(monkeypatch):
+    """The lighthouse role never ends without summary.json: if building it fails, the summary says why."""
+    from localsgd_ft.launch import lighthouse_role
+
+    def broken(*args, **kwargs):
+        raise KeyError("finished")
+
+    monkeypatch.setattr(lighthouse_role, "summarize", broken)
+    cfg = parse_config({})
+    summary = lighthouse_role._summary(cfg, CompletionState(2), 0.0, "c.yaml", 0, None, False).wire()
+    assert summary["succeeded"] is False and "the summary could not be built: KeyError" in summary["failure_reason"]
+    # summary.json's contract holds even then: the keys every reader looks for are there.
+    assert summary["final_test_accuracy"] is None and summary["replica_groups"] == {}
+    assert summary["config"] == cfg.model_dump()

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message says why and how to fix it.
 
     ``rule`` is true when a rule across fields refused it (one a JSON Schema cannot state): set by
-    :func:`describe` for whatever a section's ``check(cfg)`` raised.
+    :func:`refusal` for whatever a section's ``check(cfg)`` raised.
     """
 
     def __init__(self, message: str, rule: bool = False) -> None:
@@ -99,9 +99,19 @@ class _Place:
     depth: int  # how many location items were consumed (a union's member tags are not)
 
 
+def _through_optional(tp: Any) -> Any:
+    """``X`` for ``Optional[X]``: pydantic's locations do not name the ``None`` branch."""
+    if typing.get_origin(tp) is Union:
+        others = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(others) == 1:
+            return others[0]
+    return tp
+
+
 def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
     key, tp, metadata, model = "", root, [], root
     for depth, item in enumerate(loc):
+        tp = _through_optional(tp)
         origin = typing.get_origin(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             model = tp
@@ -112,9 +122,11 @@ def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
             tp, metadata = info.annotation, list(info.metadata)
         elif origin is list and isinstance(item, int):
             key, tp, metadata = f"{key}[{item}]", typing.get_args(tp)[0], []
+        elif origin is dict:
+            key, tp, metadata = f"{key}.{item}", typing.get_args(tp)[1], []
         else:  # a union's member tag, or deeper than the schema names: report at this level
             return _Place(key, tp, metadata, model, depth)
-    return _Place(key, tp, metadata, model, len(loc))
+    return _Place(key, _through_optional(tp), metadata, model, len(loc))
 
 
 def _value_at(raw: Any, loc: Sequence[Any]) -> Any:
@@ -132,34 +144,38 @@ def _first(metadata: Sequence[Any], kind: type) -> Optional[Any]:
     return next((m for m in metadata if isinstance(m, kind)), None)
 
 
-def describe(error: dict, root: type, raw: Any) -> ConfigError:
-    """One of pydantic's errors (validating ``raw`` as ``root``) as a one-line :class:`ConfigError`."""
+def explain(error: dict, root: type, raw: Any) -> str:
+    """One of pydantic's errors (validating ``raw`` as the model ``root``) as one line: the dotted key, the
+    value and what is allowed. The config and the records between processes both say refusals this way."""
     kind, loc = error["type"], tuple(error["loc"])
-    if kind == "value_error" and isinstance((error.get("ctx") or {}).get("error"), ConfigError):
-        refused = error["ctx"]["error"]  # raised by a section's check(cfg): its message is already written
-        refused.rule = True
-        return refused
     place = _place(root, loc)
+    place.key = place.key or "the record"  # the whole body is not a mapping (the config says so before this)
     value = _value_at(raw, loc[: place.depth])
     if kind == "extra_forbidden":
-        allowed = ", ".join(sorted(place.model.model_fields))
-        return ConfigError(f"{place.key}: unknown key; allowed keys here: {allowed}")
-    allowed = _first(place.metadata, Allowed)
+        return f"{place.key}: unknown key; allowed keys here: {', '.join(sorted(place.model.model_fields))}"
+    if kind == "missing":
+        return f"{place.key}: missing; expected {type_name(place.tp)}"
     if kind.endswith("_type") or kind in ("model_attributes_type", "union_tag_invalid"):
         hint = _first(place.metadata, Hint)
-        return ConfigError(f"{place.key}: expected {type_name(place.tp)}, got {value!r}"
-                           + (f": {hint.text}" if hint else ""))
+        return f"{place.key}: expected {type_name(place.tp)}, got {value!r}" + (f": {hint.text}" if hint else "")
+    allowed = _first(place.metadata, Allowed)
     if allowed is not None:
         text = allowed.text
     elif kind == "literal_error":
         text = choices_text(place.tp)
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         text = _bounds_text(place.tp, place.metadata)
-    else:
-        text = f"expected {type_name(place.tp)} ({error['msg']})"
-    return ConfigError(f"{place.key}: got {value!r}, {text}")
+    else:  # a validator's own words
+        text = error["msg"][:1].lower() + error["msg"][1:]
+    return f"{place.key}: got {value!r}, {text}"
 
 
 def refusal(e: ValidationError, root: type, raw: Any) -> ConfigError:
-    """The first of pydantic's errors, the way :func:`describe` says it."""
-    return describe(e.errors()[0], root, raw)
+    """The first of pydantic's errors as a :class:`ConfigError`; what a section's ``check(cfg)`` raised
+    comes back as it was written, marked as a rule across fields."""
+    error = e.errors()[0]
+    raised = (error.get("ctx") or {}).get("error")
+    if error["type"] == "value_error" and isinstance(raised, ConfigError):
+        raised.rule = True
+        return raised
+    return ConfigError(explain(error, root, raw))

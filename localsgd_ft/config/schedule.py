@@ -53,8 +53,8 @@ class LocalSGDConfig(Section):
         -1, ge=-1,
         description="Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / "
                     "(retries + 1) between them, so they ride through a lighthouse restart. -1: one try every "
-                    f"{QUORUM_RETRY_INTERVAL_S:g} s, so an outage costs little more than its own length; 0: none (a lighthouse restart "
-                    "crashes every group).")
+                    f"{QUORUM_RETRY_INTERVAL_S:g} s, so an outage costs little more than its own length; 0: none (a "
+                    "lighthouse restart crashes every group).")
     outer_optimizer: OuterOptimizerConfig = section(OuterOptimizerConfig, "DiLoCo only: the outer optimizer.")
     fragments: Annotated[int, Allowed("expected an integer >= 1 that divides localsgd.sync_every")] = Field(
         1, ge=1,
@@ -182,12 +182,14 @@ class FaultConfig(Section):
         description="'kill': SIGKILL the group's worker (a machine loss); 'hang': SIGSTOP it for duration_s; "
                     "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
                     "lighthouse and restart it after duration_s.")
-    group: Annotated[int, Allowed("expected -1 (random) or 0..replica_groups.count - 1")] = Field(-1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by "
-                                              "faults.seed). Unused for 'lighthouse'.")
-    worker: Annotated[int, Allowed("expected -1 (random) or a rank of the group's workers")] = Field(-1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random "
-                                               "(0 with one worker). Unused for 'lighthouse'.")
-    at_step: Annotated[int, Allowed("expected 1..train.max_steps - 1 (inside train.max_steps)")] = Field(1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at "
-                                              "which it happens.")
+    group: Annotated[int, Allowed("expected -1 (random) or 0..replica_groups.count - 1")] = Field(
+        -1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for "
+                               "'lighthouse'.")
+    worker: Annotated[int, Allowed("expected -1 (random) or a rank of the group's workers")] = Field(
+        -1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random (0 with one "
+                               "worker). Unused for 'lighthouse'.")
+    at_step: Annotated[int, Allowed("expected 1..train.max_steps - 1 (inside train.max_steps)")] = Field(
+        1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at which it happens.")
     duration_s: Number = Field(3.0, gt=0, description="How long a 'hang' lasts, or how long the lighthouse stays "
                                                       "down.")
     moment: FaultMoment = Field(

@@ -136,7 +136,8 @@ class LighthouseConfig(Section):
     port: Annotated[int, Allowed("expected a port in 1..65534 (port + 1 is used too)")] = Field(
         29510, ge=1, le=65534, description="Port of the torchft lighthouse; the completion service listens on "
                                            "port + 1.")
-    min_replicas: Annotated[int, Allowed("expected 1..replica_groups.count")] = Field(1, ge=1, description="Fewest replica groups that may form a quorum and commit a sync.")
+    min_replicas: Annotated[int, Allowed("expected 1..replica_groups.count")] = Field(
+        1, ge=1, description="Fewest replica groups that may form a quorum and commit a sync.")
     join_timeout_ms: int = Field(10000, ge=1, description="How long a quorum waits for heartbeating stragglers, "
                                                           "in ms.")
     quorum_tick_ms: int = Field(100, ge=1, description="How often the lighthouse re-evaluates a pending quorum, "
@@ -150,9 +151,10 @@ class LighthouseConfig(Section):
                     "its wrapper killed) is declared lost, and the run goes on without it or ends, as for any lost "
                     "group.")
     cpus: int = Field(1, ge=1, description="CPUs requested for the lighthouse role from the scheduler.")
-    memory_mb: Annotated[int, Allowed("expected at least 256")] = Field(1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses "
-                                                     "about 75 MB, two processes of about 37 MB; Kubernetes requests this minus torchx's 1024 MB "
-                                                     "node reserve).")
+    memory_mb: Annotated[int, Allowed("expected at least 256")] = Field(
+        1536, ge=256, description="Memory requested for the lighthouse role, in MiB (it uses about 75 MB, two "
+                                  "processes of about 37 MB; Kubernetes requests this minus torchx's 1024 MB node "
+                                  "reserve).")
 
     @property
     def completion_port(self) -> int:

@@ -31,7 +31,7 @@ _EXPORTS: Dict[str, List[str]] = {
     "localsgd_ft.contract.summary": [
         "CheckpointEntry", "FaultCounts", "GroupSummary", "Recovery", "Snapshot", "Summary", "SummaryLike"],
     "localsgd_ft.contract.reading": [
-        "ContractError", "REQUESTS", "one_line", "read", "read_event", "read_request"],
+        "ContractError", "REQUESTS", "read", "read_event", "read_request"],
     "localsgd_ft.config": ["HEARTBEAT_S"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -93,7 +93,7 @@ def _in_range(value: int, info: ValidationInfo, count_key: str) -> int:
     """``value`` if it is in 0..count-1 for the run's count in the validation context (none: any)."""
     count = (info.context or {}).get(count_key)
     if count is not None and not 0 <= value < count:
-        raise PydanticCustomError("out_of_range", "must be an integer in 0..{last}", {"last": count - 1})
+        raise PydanticCustomError("out_of_range", "expected an integer in 0..{last}", {"last": count - 1})
     return value
 
 

@@ -236,8 +236,10 @@ def _summary(cfg: ExperimentConfig, state: CompletionState, started_at: float, c
     except Exception as e:
         reason = f"lighthouse role error: the summary could not be built: {type(e).__name__}: {e}"
         print(f"lighthouse: {reason}", flush=True)
+        # Every key summary.json's readers rely on, set (a record dumps only what was set).
         return Summary(name=cfg.name, algorithm=cfg.localsgd.algorithm, run_id=lifecycle.run_id(),
-                       config_path=config_path, failure_reason=role_error or reason, config=to_dict(cfg))
+                       config_path=config_path, succeeded=False, failure_reason=role_error or reason,
+                       final_test_accuracy=None, params_identical=False, replica_groups={}, config=to_dict(cfg))
 
 
 def _stop_on_signals() -> threading.Event:

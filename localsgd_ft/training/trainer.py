@@ -101,7 +101,8 @@ def _device(cfg: ExperimentConfig, group: int) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers, restarts: int) -> Tuple[Optional[checkpoints.Found], str]:
+def _agreed_resume(cfg: ExperimentConfig, workers: GroupWorkers,
+                   restarts: int) -> Tuple[Optional[checkpoints.Found], str]:
     """The checkpoint to resume from, the same for every worker of the group: worker 0's choice.
 
     Another group may write a newer checkpoint while this group's workers look.
