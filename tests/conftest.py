@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import pytest
 import yaml
@@ -22,6 +22,57 @@ from localsgd_ft.storage.fixture import write_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHX = str(Path(sys.executable).with_name("torchx"))
+
+
+# Real runs left out of the default `pytest` (and so of CI), which must stay under 20 minutes on 2 slow
+# cores: each repeats, in another mode or at another moment, what a faster test in the default run
+# already shows for real. `pytest -m slow` runs them (and `-m "integration or slow"` every real run).
+SLOW = (
+    "test_checkpoint.py::test_time_cadence_writes_checkpoints_in_a_real_run",
+    "test_diloco.py::test_two_groups_train_to_the_end_with_identical_parameters[diloco]",
+    "test_diloco.py::test_a_killed_worker_rejoins_and_every_group_ends_identical[diloco]",
+    "test_diloco.py::test_a_killed_worker_rejoins_and_every_group_ends_identical[streaming]",
+    "test_diloco.py::test_resume_restores_the_outer_optimizer_bit_for_bit",
+    "test_diloco.py::test_streaming_resumes_after_a_whole_app_kill",
+    "test_diloco.py::test_a_checkpoint_holds_the_outer_optimizer_state_and_a_resume_takes_the_new_settings",
+    "test_integration.py::test_two_groups_train_and_agree[sync]",
+    "test_integration.py::test_two_groups_train_and_agree[async]",
+    "test_integration.py::test_killed_worker_is_restarted_and_rejoins[sync]",
+    "test_integration.py::test_group_out_of_restarts_is_lost_and_the_rest_finish",
+    "test_integration.py::test_lighthouse_killed_and_restarted_mid_run",
+    "test_integration.py::test_chaos_run_finishes_with_nothing_lost",
+    "test_integration.py::test_whole_app_killed_resumes_from_last_checkpoint[async]",
+    "test_integration.py::test_gpu_path_options_run_on_cpu",
+    "test_lifecycle.py::test_1_killed_client_leaves_nothing_and_a_rerun_is_clean",
+    "test_lifecycle.py::test_2_3_a_lost_replica_role_is_noticed_and_the_rest_finish[wrapper]",
+    "test_lifecycle.py::test_2_3_a_lost_replica_role_is_noticed_and_the_rest_finish[tree]",
+    "test_lifecycle.py::test_5_a_group_restarted_after_the_final_sync_takes_the_final_state",
+    "test_lifecycle.py::test_7_lighthouse_that_cannot_be_restarted_ends_the_run_with_the_reason",
+    "test_lifecycle.py::test_8_a_full_disk_for_metrics_is_a_warning_not_a_crash",
+    "test_lifecycle.py::test_9_an_aborted_run_stops_every_trainer",
+    "test_lifecycle.py::test_ctrl_c_stops_everything_keeps_the_checkpoint_and_says_how_to_resume",
+    "test_lifecycle.py::test_a_second_run_on_the_same_ports_cannot_join_the_first",
+    "test_lifecycle.py::test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first",
+    "test_report.py::test_real_run_writes_metrics_and_report[kill]",
+    "test_report.py::test_real_run_writes_metrics_and_report[no-fault]",
+    "test_storm.py::test_a_lighthouse_outage_costs_its_length_at_any_moment[sync]",
+    "test_storm.py::test_a_lighthouse_outage_costs_its_length_at_any_moment[async]",
+    "test_sweep.py::test_a_real_sweep_records_each_point_survives_a_failed_one_and_resumes",
+    "test_workers.py::test_worker_1_of_group_0_killed_the_group_restarts_and_rejoins[sync]",
+    "test_workers.py::test_worker_1_of_group_0_killed_the_group_restarts_and_rejoins[async]",
+    "test_workers.py::test_planned_failures_hit_the_worker_they_name",
+    "test_workers.py::test_whole_app_killed_resumes_every_worker_from_the_checkpoint",
+    "test_workers.py::test_killed_client_leaves_no_worker_and_a_lost_group_is_noticed",
+    "test_workers.py::test_two_groups_of_two_nodes_train_to_the_end_and_survive_a_worker_loss",
+    "test_workers.py::test_a_lost_node_loses_its_group_and_nothing_is_left",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("/", 1)[-1] in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +118,12 @@ def write_config(tmp: Path, cfg: Dict[str, Any], name: str = "exp.yaml") -> Path
 class TorchxRun:
     """A real ``torchx run`` in its own process group, its output collected line by line."""
 
-    def __init__(self, config: Path, cwd: Path = REPO) -> None:
+    def __init__(self, config: Path, cwd: Path = REPO, prefix: Sequence[str] = ()) -> None:
         self.config = config
         self.lines: List[str] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            [TORCHX, "run", "--", "--config", str(config)],
+        self.proc = subprocess.Popen(  # ``prefix``: what runs the client (e.g. a private mount namespace)
+            [*prefix, TORCHX, "run", "--", "--config", str(config)],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -193,8 +244,8 @@ def torchx_run(tmp_path: Path):
     """Start real ``torchx run``s; every one is killed (by process group) when the test ends."""
     runs: List[TorchxRun] = []
 
-    def start(config: Path) -> TorchxRun:
-        run = TorchxRun(config)
+    def start(config: Path, prefix: Sequence[str] = ()) -> TorchxRun:
+        run = TorchxRun(config, prefix=prefix)
         runs.append(run)
         return run
 
@@ -236,8 +287,9 @@ def finish(run: "TorchxRun", config: Path, timeout: float = 240) -> int:
     return code
 
 
-def trainer_pid(config: Path, group: int, rank: int = 0) -> int:
-    """PID of worker ``rank`` of group ``group`` (a torchrun worker: not torchrun, not the replica wrapper)."""
+def trainer_pids(config: Path, group: int, rank: int = 0) -> List[int]:
+    """PIDs of worker ``rank`` of group ``group`` (torchrun workers: not torchrun, not the replica wrapper)."""
+    pids = []
     for pid in processes_using(config):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -246,8 +298,16 @@ def trainer_pid(config: Path, group: int, rank: int = 0) -> int:
             continue
         if b"train_localsgd.py" in cmd and b"torch.distributed.run" not in cmd \
                 and f"REPLICA_GROUP_ID={group}".encode() in env and f"RANK={rank}".encode() in env:
-            return pid
-    raise AssertionError(f"no trainer process for worker {rank} of group {group}")
+            pids.append(pid)
+    return pids
+
+
+def trainer_pid(config: Path, group: int, rank: int = 0) -> int:
+    """PID of worker ``rank`` of group ``group``."""
+    pids = trainer_pids(config, group, rank)
+    if not pids:
+        raise AssertionError(f"no trainer process for worker {rank} of group {group}")
+    return pids[0]
 
 
 def kill_trainer_at(run: "TorchxRun", config: Path, group: int, step: int, rank: int = 0) -> None:

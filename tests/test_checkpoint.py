@@ -103,15 +103,6 @@ def test_a_checkpoint_older_than_a_key_resumes_with_its_default_and_an_algorithm
     assert "localsgd.fragments was 1, the config says 2" in str(e.value)
 
 
-def test_move_aside_keeps_everything(tmp_path):
-    cfg = _cfg(tmp_path)
-    _save(cfg, 100)
-    before = _digests(cfg.checkpoint_dir)
-    moved = checkpoint.move_aside(cfg.checkpoint_dir)
-    assert not cfg.checkpoint_dir.exists() and _digests(moved) == before
-    assert checkpoint.move_aside(cfg.checkpoint_dir) is None
-
-
 def test_cli_refuses_an_incompatible_resume_and_touches_nothing(tmp_path, cifar_root):
     raw = small_config(tmp_path, cifar_root)
     cfg = parse_config(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,19 @@ import torchx.specs as specs
 from conftest import REPO, TORCHX, small_config, write_config
 from torchx.specs.finder import ComponentValidationException, get_component
 
+from localsgd_ft.contract import RUN_ID_ENV, RUN_TOKEN_ENV
+from localsgd_ft.launch import lifecycle
+
 COMPONENT = "components/localsgd.py:localsgd"
+
+
+@pytest.fixture(autouse=True)
+def _client_env(monkeypatch):
+    """The component hands the token (and on Slurm, SBATCH_OUTPUT) to its children through os.environ:
+    start each test without them and take them away afterwards."""
+    for name in (RUN_TOKEN_ENV, "SBATCH_OUTPUT", "SBATCH_EXPORT"):
+        monkeypatch.setenv(name, "")  # recorded, so the test's end restores the variable's absence
+        monkeypatch.delenv(name)
 
 
 def appdef(config: Path, **kw) -> specs.AppDef:
@@ -148,3 +161,68 @@ def test_cli_overrides_reach_every_role_and_bad_ones_are_refused(tmp_path, cifar
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "localsgd.sync_evry: unknown key; allowed keys here:" in res.stderr and "sync_every" in res.stderr
+
+
+@pytest.mark.parametrize("scheduler", ["local_cwd", "slurm"])
+def test_where_roles_inherit_the_clients_env_the_token_goes_there_not_in_the_appdef(tmp_path, cifar_root,
+                                                                                     monkeypatch, scheduler):
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "--dryrun", "-s", scheduler, COMPONENT])
+    app = appdef(write_config(tmp_path, small_config(tmp_path, cifar_root)))
+    token = os.environ[RUN_TOKEN_ENV]
+    assert re.fullmatch(r"[0-9a-f]{32}", token)
+    assert all(RUN_TOKEN_ENV not in r.env and token not in " ".join([r.entrypoint, *r.args]) for r in app.roles)
+    assert len({r.env[RUN_ID_ENV] for r in app.roles}) == 1
+    again = appdef(write_config(tmp_path, small_config(tmp_path, cifar_root)))
+    assert os.environ[RUN_TOKEN_ENV] != token and again.roles[0].env[RUN_ID_ENV] != app.roles[0].env[RUN_ID_ENV]
+
+
+def test_with_an_image_the_token_is_in_every_roles_env_and_a_dry_run_shows_a_placeholder(tmp_path, cifar_root,
+                                                                                        monkeypatch):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "-s", "kubernetes", COMPONENT])
+    app = appdef(path, image="img")
+    (token,) = {r.env[RUN_TOKEN_ENV] for r in app.roles}
+    assert re.fullmatch(r"[0-9a-f]{32}", token) and RUN_TOKEN_ENV not in os.environ
+    assert all(token not in " ".join(r.args) for r in app.roles)  # the env of a pod spec, no command line
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "--dryrun", "-s", "kubernetes", COMPONENT])
+    app = appdef(path, image="img")
+    assert {r.env[RUN_TOKEN_ENV] for r in app.roles} == {lifecycle.DRY_RUN_TOKEN}
+
+
+def test_a_role_refuses_a_missing_token_and_a_dry_runs_placeholder(monkeypatch):
+    with pytest.raises(RuntimeError, match=rf"\${RUN_TOKEN_ENV} is not set"):
+        lifecycle.run_token()
+    monkeypatch.setenv(RUN_TOKEN_ENV, lifecycle.DRY_RUN_TOKEN)
+    with pytest.raises(RuntimeError, match=r"is not a run token .*without --dryrun"):
+        lifecycle.run_token()
+    token = lifecycle.new_run_token()
+    monkeypatch.setenv(RUN_TOKEN_ENV, token)
+    assert lifecycle.run_token() == token
+
+
+def test_a_slurm_launch_makes_its_log_dir_and_says_where(tmp_path, cifar_root, monkeypatch, capsys):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "-s", "slurm", COMPONENT])
+    appdef(path)
+    logs = tmp_path / "out" / "slurm"
+    assert logs.is_dir()
+    assert os.environ["SBATCH_OUTPUT"] == f"{logs}/slurm-%j.out"  # the batch script's own output
+    said = capsys.readouterr().err
+    assert f"localsgd: Slurm writes each role's output to {logs}/slurm-<job id>-<role>-<node>.out" in said
+    assert f"the batch script's to {logs}/slurm-<job id>.out" in said
+    monkeypatch.setenv("SBATCH_OUTPUT", "mine-%j.out")  # the user's choice stands
+    appdef(path)
+    assert os.environ["SBATCH_OUTPUT"] == "mine-%j.out" and "to mine-%j.out" in capsys.readouterr().err
+
+
+def test_slurm_refuses_an_sbatch_export_that_would_drop_the_token(tmp_path, cifar_root):
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    cmd = [TORCHX, "run", "--dryrun", "-s", "slurm", COMPONENT, "--config", str(path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SBATCH_EXPORT": "NONE"})
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert "SBATCH_EXPORT=NONE keeps the run token from reaching the Slurm job" in res.stderr
+    assert "unset SBATCH_EXPORT, or start it with ALL" in res.stderr
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SBATCH_EXPORT": "ALL,EXTRA=1"})
+    assert res.returncode == 0, res.stderr

@@ -38,20 +38,28 @@ def test_sync_mode_begins_with_an_alignment_sync():
     assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 0)
 
 
+# A billion values in a few hundred objects, the way YAML aliases nest: 10 lists of 10 lists ... of 10 zeros.
+BOMB: list = [0] * 10
+for _ in range(8):
+    BOMB = [BOMB] * 10
+DEEP: dict = {}
+for _ in range(40):
+    DEEP = {"d": DEEP}
+
 BAD_VALUES = [
     ({"replica_group": {}}, "replica_group", "unknown key"),
     ({"localsgd": {"sync_evry": 5}}, "localsgd.sync_evry", "allowed keys here"),
     ({"localsgd": {"sync_every": "10"}}, "localsgd.sync_every", "expected an integer"),
-    ({"localsgd": {"sync_every": 0}}, "localsgd.sync_every", ">= 1"),
+    ({"localsgd": {"sync_every": 0}}, "localsgd.sync_every", "in [1, "),
     ({"localsgd": {"sync_every": 2.5}}, "localsgd.sync_every", "expected an integer"),
-    ({"replica_groups": {"count": 0}}, "replica_groups.count", ">= 1"),
+    ({"replica_groups": {"count": 0}}, "replica_groups.count", "in [1, 256]"),
     ({"replica_groups": {"count": True}}, "replica_groups.count", "expected an integer"),
-    ({"replica_groups": {"workers": 0}}, "replica_groups.workers", ">= 1"),
+    ({"replica_groups": {"workers": 0}}, "replica_groups.workers", "in [1, 128]"),
     ({"replica_groups": {"workers": 4, "cpus": 2}}, "replica_groups.cpus", "at least one CPU per worker"),
     ({"replica_groups": {"workers": 8, "cpus": 8, "memory_mb": 1024}}, "replica_groups.memory_mb",
      "expected at least 2048 (256 MiB per worker"),
     ({"replica_groups": {"count": 2, "workers": 2, "cpus": 2, "gpus": [[0, 1], [2]]}}, "replica_groups.gpus[1]",
-     "expected 2 non-negative GPU index(es) per group"),
+     "expected 2 GPU index(es) in 0..1023 per group"),
     ({"replica_groups": {"workers": 2, "cpus": 2, "gpus_per_group": 1}}, "replica_groups.gpus_per_group",
      "expected 0 (CPU) or replica_groups.workers (2)"),
     ({"replica_groups": {"count": 2, "gpus": [0]}}, "replica_groups.gpus", "one entry per replica group"),
@@ -74,19 +82,80 @@ BAD_VALUES = [
     ({"faults": {"schedule": [{"kind": "kill", "moment": "quorum"}]}}, "faults.schedule[0].moment",
      "only 'lighthouse' failures take a moment"),
     ({"train": {"max_steps": 200}, "checkpoint": {"every_s": 0}}, "checkpoint.every_syncs", "only 20 syncs"),
-    ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", ">= 0"),
+    ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", "expected 0..86400 seconds"),
     ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),
     ({"data": {"url": "ftp://x"}}, "data.url", "http(s) URL"),
     ([1, 2], "", "mapping of keys at the top level"),
     # A field's own range answers first, in the words its rule across fields would use.
-    ({"replica_groups": {"memory_mb": 100}}, "replica_groups.memory_mb", "expected at least 256 (256 MiB per worker"),
+    ({"replica_groups": {"memory_mb": 100}}, "replica_groups.memory_mb", "expected 256..4194304 (at least 256 MiB per"),
     ({"lighthouse": {"min_replicas": 0}}, "lighthouse.min_replicas", "expected 1..replica_groups.count"),
     ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum", "got 1.0, expected 0 <= momentum < 1"),
-    ({"replica_groups": {"cpus": 0}}, "replica_groups.cpus", "at least one CPU per worker"),
+    ({"replica_groups": {"cpus": -1}}, "replica_groups.cpus", "expected 0 (one per worker) or 1..1024"),
+    # Bounds (issue 20, item 8): every number finite and in range, every string and list bounded.
+    ({"replica_groups": {"count": 1_000_000_000}}, "replica_groups.count",
+     "got 1000000000, expected an integer in [1, 256]"),
+    ({"replica_groups": {"workers": 1000}}, "replica_groups.workers", "in [1, 128]"),
+    ({"replica_groups": {"nodes": 100_000}}, "replica_groups.nodes", "in [1, 256]"),
+    ({"replica_groups": {"count": 256, "nodes": 256}}, "replica_groups.nodes", "at most 1024 nodes in the whole job"),
+    ({"replica_groups": {"gpus": list(range(300))}}, "replica_groups.gpus", "expected at most 256 entries"),
+    ({"replica_groups": {"count": 1, "gpus": [list(range(200))]}}, "replica_groups.gpus[0]", "at most 128 entries"),
+    ({"replica_groups": {"count": 1, "gpus": [10**30]}}, "replica_groups.gpus[0]", "in 0..1023"),
+    ({"replica_groups": {"cpus": 10**6}}, "replica_groups.cpus", "1..1024"),
+    ({"replica_groups": {"memory_mb": 10**12}}, "replica_groups.memory_mb", "expected 256..4194304"),
+    ({"replica_groups": {"max_restarts": 10**9}}, "replica_groups.max_restarts", "in [0, 10000]"),
+    ({"replica_groups": {"gpus_per_group": 10**9}}, "replica_groups.gpus_per_group", "one GPU per worker"),
+    ({"lighthouse": {"role_timeout_s": float("inf")}}, "lighthouse.role_timeout_s", "got inf, expected at least 3"),
+    ({"lighthouse": {"heartbeat_timeout_ms": 10**12}}, "lighthouse.heartbeat_timeout_ms", "in [1, 86400000]"),
+    ({"lighthouse": {"join_timeout_ms": 10**12}}, "lighthouse.join_timeout_ms", "in [1, 86400000]"),
+    ({"lighthouse": {"quorum_tick_ms": 10**9}}, "lighthouse.quorum_tick_ms", "in [1, 60000]"),
+    ({"lighthouse": {"cpus": 10**6}}, "lighthouse.cpus", "in [1, 1024]"),
+    ({"lighthouse": {"min_replicas": 10**6}}, "lighthouse.min_replicas", "expected 1..replica_groups.count"),
+    ({"lighthouse": {"memory_mb": 10**12}}, "lighthouse.memory_mb", "expected 256..4194304"),
+    ({"localsgd": {"timeout_s": float("inf")}}, "localsgd.timeout_s", "got inf, expected a number > 0 and <= 86400"),
+    ({"localsgd": {"quorum_timeout_s": float("inf")}}, "localsgd.quorum_timeout_s", "got inf, expected a number > 0"),
+    ({"localsgd": {"quorum_timeout_s": -float("inf")}}, "localsgd.quorum_timeout_s", "got -inf, expected a number > 0"),
+    ({"localsgd": {"quorum_timeout_s": "1e999"}}, "localsgd.quorum_timeout_s", "got '1e999', expected a number > 0"),
+    ({"localsgd": {"sync_every": 10**12}}, "localsgd.sync_every", "in [1, 100000000]"),
+    ({"localsgd": {"quorum_retries": 10**9}}, "localsgd.quorum_retries", "expected 0..1000000, or -1"),
+    ({"data": {"download_timeout_s": float("inf")}}, "data.download_timeout_s", "<= 86400"),
+    ({"data": {"batch_size": 10**6}}, "data.batch_size", "in [1, 50000]"),
+    ({"data": {"url": "https://x/" + "a" * 3000}}, "data.url", "at most 2048 characters"),
+    ({"data": {"root": "a\0b"}}, "data.root", "without NUL"),
+    ({"data": {"root": "a/" * 3000}}, "data.root", "at most 4096 characters"),
+    ({"output_dir": "/tmp/" + "x" * 256 + "/out"}, "output_dir", "each part between slashes at most 255"),
+    ({"checkpoint": {"dir": "c" * 300}}, "checkpoint.dir", "each part between slashes at most 255"),
+    ({"model": {"width": 10**5}}, "model.width", "in [1, 1024]"),
+    ({"optimizer": {"lr": float("inf")}}, "optimizer.lr", "got inf, expected a number > 0 and <= 100"),
+    ({"optimizer": {"lr": 1e6}}, "optimizer.lr", "<= 100"),
+    ({"optimizer": {"weight_decay": 2.0}}, "optimizer.weight_decay", "in [0, 1.0]"),
+    ({"train": {"max_steps": 10**12}}, "train.max_steps", "in [1, 100000000]"),
+    ({"train": {"eval_every": 10**12}}, "train.eval_every", "expected 0..100000000"),
+    ({"train": {"log_every": 10**12}}, "train.log_every", "in [1, 100000000]"),
+    ({"train": {"seed": -1}}, "train.seed", "in [0, 4294967295]"),
+    ({"train": {"seed": 2**64}}, "train.seed", "in [0, 4294967295]"),
+    ({"train": {"threads": 10**6}}, "train.threads", "expected 0..1024"),
+    ({"checkpoint": {"every_s": float("inf")}}, "checkpoint.every_s", "expected 0..86400 seconds"),
+    ({"checkpoint": {"every_syncs": 10**12}}, "checkpoint.every_syncs", "in [1, 100000000]"),
+    ({"checkpoint": {"keep": 10**6}}, "checkpoint.keep", "in [1, 1000]"),
+    ({"name": "n" * 300}, "name", "got 'nnnnnnn"),
+    ({"name": "n" * 49}, "name", "expected 1 to 48 letters"),
+    ({"name": "-x"}, "name", "the first a letter or digit"),
+    ({"name": list(range(10_000))}, "name", "expected a string, got [0, 1, 2, 3, 4, 5, 6, 7, ...]"),
+    ({"x" * 10_000: 1}, "xxxxxxxx", "unknown key"),
+]
+
+# The document's own bounds, before any key is looked at: the loader's, which a JSON Schema cannot state; and a
+# value no message can spell out. (A JSON Schema validator puts the whole value in its message: a billion
+# values, or an integer past Python's 4300 digits, which it cannot even turn into text.)
+BAD_DOCUMENTS = [
+    ({"train": {"seed": 10**5000}}, "train.seed", "got an integer of 16610 bits, expected an integer in [0, "),
+    ({"name": BOMB}, "name", "holds more than 50000 values with every YAML alias expanded"),
+    ({"replica_groups": {"gpus": BOMB}}, "replica_groups.gpus", "holds more than 50000 values"),
+    ({"data": DEEP}, "data", "nested deeper than 32 levels"),
 ]
 
 
-@pytest.mark.parametrize("raw, key, words", BAD_VALUES)
+@pytest.mark.parametrize("raw, key, words", BAD_VALUES + BAD_DOCUMENTS)
 def test_bad_values_name_key_value_and_allowed(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "exp.yaml")
@@ -179,15 +248,37 @@ BAD_FAULTS = [
     (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": 0}]), "faults.schedule[0].duration_s", "> 0"),
     (_faults(schedule=[{"kind": "kill", "at_step": 5, "when": 3}]), "faults.schedule[0].when", "unknown key"),
     (_faults(random_kinds=["meteor"]), "faults.random_kinds[0]", "one of kill"),
-    (_faults(mtbf_steps=-1), "faults.mtbf_steps", ">= 0"),
+    (_faults(mtbf_steps=-1), "faults.mtbf_steps", "expected 0..100000000"),
     ({**_faults(schedule=[{"kind": "kill", "at_step": 5}]), "replica_groups": {"max_restarts": 0}},
      "replica_groups.max_restarts", "faults kill workers"),
     ({**_faults(schedule=[{"kind": "lighthouse", "at_step": 5}]), "localsgd": {"quorum_retries": 0}},
      "localsgd.quorum_retries", "faults kill the lighthouse"),
+    # Bounded: the plan is drawn at validation, in every process.
+    (_faults(mtbf_steps=1, max_random=1_000_000_000), "faults.max_random", "in [0, 10000]"),
+    (_faults(schedule=[{"kind": "kill", "at_step": 5}] * 1001), "faults.schedule", "at most 1000 entries"),
+    (_faults(random_kinds=["kill"] * 65), "faults.random_kinds", "at most 64 entries"),
+    (_faults(schedule=[{"kind": "hang", "at_step": 5, "duration_s": float("inf")}]),
+     "faults.schedule[0].duration_s", "got inf, expected a number > 0 and <= 86400"),
+    (_faults(schedule=[{"kind": "kill", "at_step": 10**12}]), "faults.schedule[0].at_step", "inside train.max_steps"),
+    (_faults(schedule=[{"kind": "kill", "group": 10**6, "at_step": 5}]), "faults.schedule[0].group",
+     "0..replica_groups"),
+    (_faults(mtbf_steps=10**12), "faults.mtbf_steps", "expected 0..100000000"),
+    (_faults(seed=2**64), "faults.seed", "in [0, 4294967295]"),
+]
+
+# NaN is refused like any value out of range, but JSON has no NaN: the JSON Schema cannot say it.
+NAN = float("nan")
+BAD_NAN = [
+    ({"lighthouse": {"role_timeout_s": NAN}}, "lighthouse.role_timeout_s", "got nan, expected at least 3 seconds"),
+    ({"localsgd": {"timeout_s": NAN}}, "localsgd.timeout_s", "got nan, expected a number > 0"),
+    ({"localsgd": {"quorum_timeout_s": NAN}}, "localsgd.quorum_timeout_s", "got nan, expected a number > 0"),
+    ({"optimizer": {"lr": NAN}}, "optimizer.lr", "got nan, expected a number > 0"),
+    ({"optimizer": {"weight_decay": NAN}}, "optimizer.weight_decay", "got nan, expected a number in [0, 1.0]"),
+    ({"checkpoint": {"every_s": NAN}}, "checkpoint.every_s", "got nan, expected 0..86400 seconds"),
 ]
 
 
-@pytest.mark.parametrize("raw, key, words", BAD_FAULTS)
+@pytest.mark.parametrize("raw, key, words", BAD_FAULTS + BAD_NAN)
 def test_bad_faults_are_refused(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "exp.yaml")
@@ -229,17 +320,21 @@ BAD_DILOCO = [
     ({"algorithm": "adam"}, "localsgd.algorithm", "localsgd, diloco"),
     ({**DILOCO, "recovery": "async"}, "localsgd.recovery", "synchronous quorum"),
     ({**DILOCO, "fragments": 3}, "localsgd.fragments", "divides localsgd.sync_every (10)"),
-    ({**DILOCO, "fragments": 0}, "localsgd.fragments", ">= 1"),
+    ({**DILOCO, "fragments": 0}, "localsgd.fragments", "in 1..64"),
     ({**DILOCO, "fragments": 2, "fragment_sync_delay": 5}, "localsgd.fragment_sync_delay", "expected 0..4"),
     ({**DILOCO, "fragment_update_alpha": 1.5}, "localsgd.fragment_update_alpha", "in [0, 1]"),
     ({**DILOCO, "outer_optimizer": {"lr": 0}}, "localsgd.outer_optimizer.lr", "> 0"),
     ({**DILOCO, "outer_optimizer": {"momentum": 1.0}}, "localsgd.outer_optimizer.momentum", "< 1"),
     ({**DILOCO, "outer_optimizer": {"lrr": 1}}, "localsgd.outer_optimizer.lrr", "unknown key"),
     ({**DILOCO, "quantize": True}, "localsgd.quantize", "GPUs only"),
-    ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", ">= 0"),
+    ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", "expected 0..65536"),
     ({"fragments": 2}, "localsgd.fragments", "localsgd.algorithm is 'localsgd'"),
     ({"outer_optimizer": {"lr": 0.5}}, "localsgd.outer_optimizer", "set localsgd.algorithm: diloco"),
     ({"fragment_update_alpha": 0.5}, "localsgd.fragment_update_alpha", "a DiLoCo setting"),
+    ({**DILOCO, "outer_optimizer": {"lr": float("inf")}}, "localsgd.outer_optimizer.lr", "got inf, expected a number"),
+    ({**DILOCO, "fragments": 10**9}, "localsgd.fragments", "in 1..64"),
+    ({**DILOCO, "fragment_sync_delay": 10**12}, "localsgd.fragment_sync_delay", "expected 0..sync_every / fragments"),
+    ({**DILOCO, "bucket_cap_mb": 10**9}, "localsgd.bucket_cap_mb", "expected 0..65536"),
 ]
 
 
@@ -288,7 +383,7 @@ def test_overrides_are_merged_before_validation_and_checked_like_the_file(tmp_pa
     for override, words in [("localsgd.sync_evry=5", "localsgd.sync_evry: unknown key; allowed keys here:"),
                             ("localsgd.sync_every=ten", "localsgd.sync_every: expected an integer, got 'ten'"),
                             ("sync_every", "expected dotted.key=value"),
-                            ("name.first=x", "name is"),
+                            ("name.first=x", "name is 'x', not a mapping"),
                             ("train.max_steps=[1", "not valid YAML"),
                             ("--fresh", "options such as --fresh go before")]:
         with pytest.raises(ConfigError) as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from test_config import BAD_DILOCO, BAD_FAULTS, BAD_VALUES
+from test_config import BAD_DILOCO, BAD_FAULTS, BAD_NAN, BAD_VALUES
 
 from localsgd_ft.config import ConfigError, json_schema, parse_config
 from localsgd_ft.config.reference import json_schema_text
@@ -81,3 +81,21 @@ def test_schema_refuses_what_the_loader_refuses_field_by_field(raw, key, validat
 def test_documented_differences(raw, validator):
     parse_config(raw)
     assert list(validator.iter_errors(raw))
+
+
+@pytest.mark.parametrize("raw, key", [(raw, key) for raw, key, _ in BAD_NAN],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_nan_is_refused_by_the_loader_only(raw, key, validator):
+    """JSON has no NaN, and every comparison with NaN is false, so no JSON Schema bound refuses it."""
+    with pytest.raises(ConfigError, match=f"{key}: got nan"):
+        parse_config(raw)
+    assert not list(validator.iter_errors(raw))
+
+
+def test_every_key_states_its_range(validator):
+    """Each key's description in the schema ends with what it accepts, as docs/config.md's table says it."""
+    schema = json_schema()
+    props = [p for d in [schema, *schema["$defs"].values()] for p in d["properties"].values() if "$ref" not in p]
+    assert props and all(" Allowed: " in p["description"] for p in props)
+    assert "Allowed: an integer in [1, 256]." in schema["$defs"]["ReplicaGroupsConfig"]["properties"]["count"][
+        "description"]

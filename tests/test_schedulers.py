@@ -2,8 +2,9 @@
 
 No cluster is needed: ``torchx run --dryrun`` prints the exact request each
 scheduler would submit (the sbatch script, the Volcano job). Also covered
-here: the embedded config every role receives, and GPU assignment from the
-YAML (explicit lists, a count per group, and refusing GPUs where none exist).
+here: the embedded config every role receives, GPU assignment from the
+YAML (explicit lists, a count per group, and refusing GPUs where none exist),
+that no dry run shows a run token, and where Slurm writes its files.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import os
+import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -21,23 +25,28 @@ import yaml
 from conftest import REPO, TORCHX, small_config, write_config
 
 from localsgd_ft.config import ConfigError, embed_config, load_config
+from localsgd_ft.contract import RUN_TOKEN_ENV
 from localsgd_ft.launch import gpus
+from localsgd_ft.launch.lifecycle import DRY_RUN_TOKEN
 
 COMPONENT = str(REPO / "components/localsgd.py") + ":localsgd"
 IMAGE = "registry.example.com/localsgd-ft:1.0"
 
 
-def dryrun(scheduler: str, config: Path, *extra: str, cfg: str = "", workspace: bool = False) -> str:
-    """The scheduler request ``torchx run --dryrun`` prints (the part after its header)."""
+def dryrun(scheduler: str, config: Path, *extra: str, cfg: str = "", workspace: bool = False,
+           whole: bool = False) -> str:
+    """The scheduler request ``torchx run --dryrun`` prints (the part after its header; ``whole``: everything
+    it printed, stderr then stdout, the AppDef too)."""
     cmd = [TORCHX, "run", "--dryrun", "-s", scheduler]
     if cfg:
         cmd += ["-cfg", cfg]
-    if scheduler == "kubernetes" and not workspace:
-        cmd += ["--workspace", ""]  # no image build: use the image given
+    if (scheduler == "kubernetes" and not workspace) or "job_dir=" in cfg:
+        cmd += ["--workspace", ""]  # no image build (no copy into job_dir): use the image, the files, given
     cmd += [COMPONENT, "--config", str(config), *extra]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN_ENV and not k.startswith("SBATCH_")}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
-    return res.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
+    return res.stderr + res.stdout if whole else res.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
 
 
 def refused(scheduler: str, config: Path, *extra: str, cfg: str = "") -> str:
@@ -180,6 +189,30 @@ def srun_groups(request: str) -> List[List[str]]:
     return groups
 
 
+def srun_option(group: List[str], name: str) -> str:
+    """The value srun takes for option ``--name`` in one group: it reads options up to the first operand
+    (the program) and the last of a repeated option wins, in either spelling (``--name=v``, ``--name v``)."""
+    value, i = "", 0
+    while i < len(group) and group[i].startswith("-"):
+        arg = group[i]
+        if arg == f"--{name}":
+            value, i = group[i + 1], i + 1
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--output", "--error"):  # the only options given as two words
+            i += 1
+        i += 1
+    return value
+
+
+def srun_program(group: List[str]) -> List[str]:
+    """What srun runs in one group: its first operand on."""
+    i = 0
+    while group[i].startswith("-"):
+        i += 2 if group[i] in ("--output", "--error") else 1
+    return group[i:]
+
+
 def exports(group: List[str]) -> Dict[str, str]:
     (export,) = [a for a in group if a.startswith("--export=")]
     items = export[len("--export="):].split(",")  # exactly how srun splits it
@@ -219,7 +252,40 @@ def test_slurm_hetjob_per_role(tmp_path, cifar_root, count, gpu_cfg):
         assert g[g.index("--group") + 1] == str(i)
         assert g[-2:] == ["--host-env", "SLURM_JOB_NODELIST_HET_GROUP_0"]
         assert load_config("whatever.yaml", embedded_arg(g)) == load_config(path)
-        assert "--kill-on-bad-exit=1" in g and f"--output=slurm-$SLURM_JOB_ID-replica_{i}-0.out" in g
+        assert "--kill-on-bad-exit=1" in g
+        # The role's output goes to the run's output directory (not the directory it was submitted from).
+        assert srun_option(g, "output") == f"{tmp_path}/out/slurm/slurm-$SLURM_JOB_ID-replica_{i}-0.out"
+        assert srun_option(g, "error") == f"{tmp_path}/out/slurm/slurm-$SLURM_JOB_ID-replica_{i}-0.err"
+        assert srun_program(g)[:3] == [sys.executable, "-m", "localsgd_ft.replica"]
+    assert srun_option(lh, "output") == f"{tmp_path}/out/slurm/slurm-$SLURM_JOB_ID-lighthouse-0.out"
+    assert not (tmp_path / "out").exists()  # a dry run makes nothing
+
+
+def test_no_dry_run_shows_a_run_token(tmp_path, cifar_root):
+    """Where the roles inherit the client's environment the AppDef holds no token; elsewhere a placeholder."""
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    for scheduler, cfg in (("local_cwd", ""), ("slurm", "partition=batch")):
+        out = dryrun(scheduler, path, cfg=cfg, whole=True)
+        assert "=== SCHEDULER REQUEST ===" in out and RUN_TOKEN_ENV not in out, out
+        assert not re.search(r"\b[0-9a-f]{32}\b", out)  # nor anything shaped like one
+    out = dryrun("kubernetes", path, "--image", IMAGE, cfg="queue=research", whole=True)
+    job = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
+    for task in job["spec"]["tasks"]:
+        (c,) = task["template"]["spec"]["containers"]
+        assert {e["name"]: e["value"] for e in c["env"]}[RUN_TOKEN_ENV] == DRY_RUN_TOKEN
+    assert not re.search(r"\b[0-9a-f]{32}\b", out)
+
+
+def test_slurm_with_a_job_dir_keeps_torchx_own_file_places(tmp_path, cifar_root):
+    """With -cfg job_dir the job runs in that directory (a copy of the workspace): its files stay there."""
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    job_dir = tmp_path / "job"
+    request = dryrun("slurm", path, cfg=f"job_dir={job_dir}")
+    assert RUN_TOKEN_ENV not in request  # torchx keeps this script in job_dir, readable by all (0644)
+    for i, g in enumerate(srun_groups(request)):
+        role = "lighthouse-0" if i == 0 else f"replica_{i - 1}-0"
+        assert srun_option(g, "output") == f"slurm-$SLURM_JOB_ID-{role}.out"
+        assert srun_program(g)[0] == sys.executable
 
 
 # ---------------------------------------------------------------------------

@@ -3,21 +3,28 @@
 Needs a cluster that answers ``sinfo`` with enough idle nodes (one per role:
 Slurm puts the components of a het job on distinct nodes); CI makes one on
 this host with ``.ci/slurm_setup.sh``. Skipped otherwise. Every job a test
-submits is cancelled when it ends, whatever happened.
+submits is cancelled when it ends, whatever happened. One successful job is
+shared by the tests that check what it did (each job costs half a minute):
+while it runs, every process's command line is searched for the run token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 from conftest import REPO, TORCHX, small_config, write_config
+
+from localsgd_ft.contract import RUN_TOKEN_ENV
 
 pytestmark = pytest.mark.slurm
 
@@ -37,9 +44,8 @@ def idle_nodes() -> int:
     return len(out.stdout.split()) if out.returncode == 0 else 0
 
 
-@pytest.fixture
-def slurm_jobs():
-    """Job ids submitted by the test; all cancelled afterwards."""
+def _cancelled_afterwards() -> Iterator[List[str]]:
+    """Job ids submitted by a test; all cancelled afterwards."""
     jobs: List[str] = []
     if idle_nodes() < 3:
         pytest.skip("no Slurm cluster with 3 idle nodes here (CI creates one: .ci/slurm_setup.sh)")
@@ -48,8 +54,24 @@ def slurm_jobs():
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
-def submit(cwd: Path, config: Path, jobs: List[str], script: str = str(REPO / "train_localsgd.py")) -> str:
-    """``torchx run -s slurm`` from ``cwd``; returns the Slurm job id."""
+@pytest.fixture
+def slurm_jobs():
+    yield from _cancelled_afterwards()
+
+
+@pytest.fixture(scope="module")
+def module_slurm_jobs():
+    yield from _cancelled_afterwards()
+
+
+@dataclass
+class Submitted:
+    job: str
+    console: str  # what `torchx run` printed, both streams
+
+
+def submit(cwd: Path, config: Path, jobs: List[str], script: str = str(REPO / "train_localsgd.py")) -> Submitted:
+    """``torchx run -s slurm`` from ``cwd``; returns the Slurm job id and the client's output."""
     res = subprocess.run(
         [TORCHX, "run", "-s", "slurm", str(REPO / "components/localsgd.py") + ":localsgd",
          "--config", str(config), "--script", script],
@@ -61,7 +83,7 @@ def submit(cwd: Path, config: Path, jobs: List[str], script: str = str(REPO / "t
     # torchx 0.7.0 asks sacct for the status right after submitting; without an accounting
     # database (this CI cluster) that fails after the job is in. Anything else is an error.
     assert res.returncode == 0 or "sacct" in res.stderr, res.stderr
-    return m.group(1)
+    return Submitted(m.group(1), res.stdout + res.stderr)
 
 
 def job_states(job: str) -> Dict[str, str]:
@@ -76,19 +98,27 @@ def job_states(job: str) -> Dict[str, str]:
     return states
 
 
-def wait_for_end(job: str, deadline_s: float = JOB_DEADLINE_S) -> Dict[str, str]:
+def wait_for_end(job: str, deadline_s: float = JOB_DEADLINE_S, poll: Callable[[], None] = lambda: None,
+                 every_s: float = 2.0) -> Dict[str, str]:
+    """Poll until every component of ``job`` is in a final state, calling ``poll`` at each look."""
     end = time.monotonic() + deadline_s
     states: Dict[str, str] = {}
     while time.monotonic() < end:
+        poll()
         states = job_states(job)
         if states and all(s in TERMINAL for s in states.values()):
             return states
-        time.sleep(2)
+        time.sleep(every_s)
     raise AssertionError(f"Slurm job {job} not finished after {deadline_s}s: {states}")
 
 
+def slurm_dir(cwd: Path) -> Path:
+    """Where the component has Slurm write the job's files: the run's output directory (small_config: out)."""
+    return cwd / "out" / "slurm"
+
+
 def log(cwd: Path, job: str, role: str, stream: str = "out") -> str:
-    path = cwd / f"slurm-{job}-{role}-0.{stream}"
+    path = slurm_dir(cwd) / f"slurm-{job}-{role}-0.{stream}"
     return path.read_text() if path.exists() else ""
 
 
@@ -97,33 +127,159 @@ def logs(cwd: Path, job: str, role: str) -> str:
     return f"--- {role} stdout:\n{log(cwd, job, role)}\n--- {role} stderr:\n{log(cwd, job, role, 'err')}"
 
 
-def test_training_runs_to_completed_with_a_summary(tmp_path, cifar_root, slurm_jobs):
-    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 60, "eval_every": 0, "log_every": 20})
-    config = write_config(tmp_path, cfg)
-    job = submit(tmp_path, config, slurm_jobs)
-    states = wait_for_end(job)
-    lighthouse_log = log(tmp_path, job, "lighthouse")
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # gone, or not ours to read
+        return b""
+
+
+@dataclass
+class TokenWatch:
+    """Searches every process's command line for the run token, each time it is polled during the job.
+
+    The token is learnt from the environment of a role of this job (its
+    command line names the job's config file); srun, which torchx 0.7.0 gives
+    the role environment on its command line, must be among the processes seen.
+    """
+
+    config: bytes
+    token: Optional[bytes] = None
+    scans: int = 0
+    srun_seen: bool = False
+    leaks: Dict[int, bytes] = field(default_factory=dict)  # pid -> its command line
+    files_while_running: List[str] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        cmdlines = {int(e): _read(f"/proc/{e}/cmdline") for e in os.listdir("/proc") if e.isdigit()}
+        if self.token is None:
+            self.token = self._learn_token(cmdlines)
+            if self.token is None:
+                return
+            self.files_while_running = readable_files_holding(self.token)
+        self.scans += 1
+        for pid, cmd in cmdlines.items():
+            if self.token in cmd:
+                self.leaks[pid] = cmd.replace(b"\0", b" ")[:300]
+            if cmd.startswith(b"srun\0") and self.config in cmd:
+                self.srun_seen = True
+
+    def _learn_token(self, cmdlines: Dict[int, bytes]) -> Optional[bytes]:
+        needle = f"{RUN_TOKEN_ENV}=".encode()
+        for pid, cmd in cmdlines.items():
+            if self.config in cmd and b"localsgd_ft.lighthouse" in cmd:
+                for item in _read(f"/proc/{pid}/environ").split(b"\0"):
+                    if item.startswith(needle):
+                        return item[len(needle):]
+        return None
+
+
+def slurm_state_dirs() -> List[Path]:
+    """The directories where this cluster's daemons keep jobs (scripts, environments) and their logs."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    dirs = []
+    for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldLogFile", "SlurmdLogFile"):
+        m = re.search(rf"^{key}\s*=\s*(\S+)", out, re.M)
+        if m:
+            path = Path(m.group(1).split("%")[0])  # SlurmdSpoolDir=/var/spool/slurmd/%n: all the nodes'
+            dirs.append(path if path.is_dir() else path.parent)
+    return dirs
+
+
+def _files(roots: List[Path]) -> Iterator[Path]:
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                yield Path(dirpath) / name
+
+
+def readable_files_holding(token: bytes, roots: Optional[List[Path]] = None) -> List[str]:
+    """Files under ``roots`` (default: the Slurm daemons' state and logs) that hold ``token`` and that every
+    user of the machine may read (mode o+r), with their modes."""
+    found = []
+    for path in _files(roots if roots is not None else slurm_state_dirs()):
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) and mode & stat.S_IROTH and token in _read(str(path)):
+            found.append(f"{path} ({stat.filemode(mode)})")
+    return found
+
+
+@dataclass
+class Finished:
+    cwd: Path
+    job: str
+    console: str
+    states: Dict[str, str]
+    watch: TokenWatch
+    left_in_cwd: Set[str]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cifar_root, module_slurm_jobs) -> Finished:
+    """A tiny successful run, submitted from its own directory, watched for the token while it runs."""
+    cwd = tmp_path_factory.mktemp("slurm-run")
+    cfg = small_config(cwd, cifar_root, train={"max_steps": 60, "eval_every": 0, "log_every": 20})
+    config = write_config(cwd, cfg)
+    before = set(os.listdir(cwd))
+    submitted = submit(cwd, config, module_slurm_jobs)
+    watch = TokenWatch(config=str(config).encode())
+    states = wait_for_end(submitted.job, poll=watch, every_s=0.5)
+    return Finished(cwd, submitted.job, submitted.console, states, watch, set(os.listdir(cwd)) - before)
+
+
+def test_training_runs_to_completed_with_a_summary(finished_run):
+    cwd, job, states = finished_run.cwd, finished_run.job, finished_run.states
+    lighthouse_log = log(cwd, job, "lighthouse")
     assert set(states) == {"lighthouse-0", "replica_0-0", "replica_1-0"}
-    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
-    assert "training SUCCEEDED" in lighthouse_log, logs(tmp_path, job, "lighthouse")
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs(cwd, job, 'lighthouse')}"
+    assert "training SUCCEEDED" in lighthouse_log, logs(cwd, job, "lighthouse")
+    summary = json.loads((cwd / "out" / "summary.json").read_text())
     assert summary["succeeded"] and summary["params_identical"] and summary["lost_groups"] == []
     assert {g["exit_code"] for g in summary["replica_groups"].values()} == {0}
     assert all(g["steps"] == 60 for g in summary["replica_groups"].values())
     # The replica groups found the lighthouse on the het-job node of role 0.
-    assert "LocalSGD: Number of local optimizer steps completed" in log(tmp_path, job, "replica_0")
+    assert "LocalSGD: Number of local optimizer steps completed" in log(cwd, job, "replica_0")
+
+
+def test_the_run_token_is_on_no_command_line_and_in_no_readable_file(finished_run):
+    watch = finished_run.watch
+    assert watch.token is not None and len(watch.token) == 32, "no role of the job was seen with its token"
+    assert watch.scans >= 3 and watch.srun_seen, f"the job's srun was never seen running ({watch.scans} scans)"
+    assert not watch.leaks, "the run token is on a command line:\n" + "\n".join(
+        f"{pid}: {cmd!r}" for pid, cmd in watch.leaks.items())
+    # Files: the Slurm daemons' (the job's environment is kept there: by the daemon's user only), while the
+    # job ran and after; everything the job and torchx left in and under the directory it was submitted from.
+    assert not watch.files_while_running, watch.files_while_running
+    assert not readable_files_holding(watch.token), readable_files_holding(watch.token)
+    assert not readable_files_holding(watch.token, [finished_run.cwd])
+    assert watch.token.decode() not in finished_run.console
+
+
+def test_slurm_files_go_under_the_output_dir_and_the_console_says_where(finished_run):
+    cwd, job = finished_run.cwd, finished_run.job
+    assert finished_run.left_in_cwd == {"out"}, finished_run.left_in_cwd  # no slurm-*.out beside the config
+    files = {p.name for p in slurm_dir(cwd).iterdir()}
+    roles = ["lighthouse-0", "replica_0-0", "replica_1-0"]
+    assert files == {f"slurm-{job}.out"} | {f"slurm-{job}-{r}.{s}" for r in roles for s in ("out", "err")}
+    assert "job exited with code 0" in (slurm_dir(cwd) / f"slurm-{job}.out").read_text()  # the batch script's
+    assert f"localsgd: Slurm writes each role's output to {slurm_dir(cwd)}/slurm-<job id>-<role>-<node>.out" in \
+        finished_run.console
 
 
 def test_failed_training_ends_failed_with_the_reason_in_the_log(tmp_path, cifar_root, slurm_jobs):
     broken = tmp_path / "broken_train.py"
     broken.write_text("import sys\nprint('training crashed on purpose', file=sys.stderr)\nsys.exit(3)\n")
     cfg = small_config(tmp_path, cifar_root, replica_groups={"max_restarts": 0})
-    job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs, script=str(broken))
+    job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs, script=str(broken)).job
     states = wait_for_end(job)
     lighthouse_log = log(tmp_path, job, "lighthouse")
     assert states["lighthouse-0"] == "FAILED", f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
     assert "training FAILED (" in lighthouse_log, logs(tmp_path, job, "lighthouse")  # with the reason
-    replica_err = (tmp_path / f"slurm-{job}-replica_0-0.err").read_text()
+    replica_err = (slurm_dir(tmp_path) / f"slurm-{job}-replica_0-0.err").read_text()
     assert "training crashed on purpose" in replica_err and "torchrun exited with" in replica_err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert not summary["succeeded"] and sorted(summary["lost_groups"]) == [0, 1]

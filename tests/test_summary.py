@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from localsgd_ft.config import parse_config
 from localsgd_ft.launch.completion.state import CompletionState
 from localsgd_ft.results.summary import build_summary
@@ -156,3 +158,30 @@ def test_a_summary_that_cannot_be_built_still_gives_a_verdict(monkeypatch):
     # summary.json's contract holds even then: the keys every reader looks for are there.
     assert summary["final_test_accuracy"] is None and summary["replica_groups"] == {}
     assert summary["config"] == cfg.model_dump()
+
+
+def test_an_event_the_summary_needs_whole_is_refused_at_the_door():
+    """A resumed or checkpoint event without its step was stored, and then broke summary.json at the end (min()
+    of None, a checkpoint entry without its step): the lighthouse role fell back to 'the summary could not be
+    built' for a run that had trained well."""
+    from localsgd_ft.contract import ContractError, Route, read_request
+
+    for kind in ("resumed", "checkpoint"):
+        with pytest.raises(ContractError, match="step: missing"):
+            read_request(Route.EVENT, {"group": 0, "kind": kind}, 2, 1)
+    state = CompletionState(2)
+    for body in ({"group": 0, "kind": "resumed", "step": 0}, {"group": 1, "kind": "checkpoint", "step": 50}):
+        state.add_event(read_request(Route.EVENT, body, 2, 1).wire())
+    s = build_summary(parse_config({}), state.snapshot() | {"finished": {0: OK, 1: OK}}, 0.0, "c", 0, 1.0)
+    assert s["succeeded"] and s["resumed_from_step"] == 0
+    assert s["checkpoints_written"] == [{"step": 50, "sync": None, "group": 1}]
+
+
+def test_events_without_the_services_stamp_are_left_out_of_the_recoveries():
+    """Only the service stamps events; a snapshot made otherwise (without times) still gives a summary."""
+    events = [{"group": 1, "kind": "fault", "fault": "kill", "fault_id": 0, "target": 1, "step": 100},
+              {"group": 1, "kind": "recovered", "time": 14.5, "global_sync": 20},
+              {"group": 0, "kind": "sync_stall", "duration_s": 1.2}]
+    s = build_summary(parse_config({}), _state(events, {0: OK, 1: OK}), 0.0, "c.yaml", 0, 1.0)
+    assert s["succeeded"] and s["recoveries"] == [] and s["faults"]["injected"] == 1
+    json.dumps(s, allow_nan=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 import yaml
 from conftest import REPO, small_config, write_config
 
-from localsgd_ft.config import ConfigError
+from localsgd_ft.config import ConfigError, load_config
 from localsgd_ft.results.compare import Run, compare, label_runs
-from localsgd_ft.results.sweep import parse_grid, point_name
+from localsgd_ft.results.sweep import parse_grid, point_name, points
 
 
 def test_grid_values_split_at_commas_and_bad_grids_are_refused():
@@ -22,8 +23,38 @@ def test_grid_values_split_at_commas_and_bad_grids_are_refused():
     for bad in (["sync_every"], ["a.b=1,,2"], ["a.b=1", "a.b=2"]):
         with pytest.raises(ConfigError, match="--grid"):
             parse_grid(bad)
-    assert point_name("smoke", [("localsgd.sync_every", "10"), ("data.root", "/x/y")]) == \
-        "smoke-sync_every10-root_x_y"
+    assert point_name("smoke", [("localsgd.sync_every", "10"), ("localsgd.recovery", "async")]) == \
+        "smoke-sync_every10-recoveryasync"
+    # A value a name cannot hold as it is gets a hash of the exact values after its readable form.
+    assert re.fullmatch(r"smoke-sync_every10-root_x_y-[0-9a-f]{8}",
+                        point_name("smoke", [("localsgd.sync_every", "10"), ("data.root", "/x/y")]))
+
+
+def test_distinct_points_get_distinct_names_and_directories(tmp_path, cifar_root):
+    """120.5 and 120_5 (YAML 1.1: 1205) once both became ..._120_5: the second point was skipped as the first."""
+    names = {point_name("x", [("localsgd.quorum_timeout_s", v)]) for v in ("120.5", "120_5", "120-5", "120/5")}
+    assert len(names) == 4 and "x-quorum_timeout_s120_5" in names
+    long = [point_name("n" * 40, [("localsgd.quorum_timeout_s", v)]) for v in ("1200", "1201")]
+    assert len(set(long)) == 2 and all(len(n) <= 48 for n in long)  # too long for a name: shortened, then hashed
+    path = write_config(tmp_path, small_config(tmp_path, cifar_root))
+    todo = points(path, parse_grid(["localsgd.quorum_timeout_s=120.5,120_5"]), [], tmp_path / "sweep")
+    assert len({p["output_dir"] for p in todo}) == 2
+    assert [load_config(path, overrides=p["overrides"]).localsgd.quorum_timeout_s for p in todo] == [120.5, 1205]
+
+
+def test_one_value_written_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"'10' and '1_0' are the same value \(10\) in YAML"):
+        parse_grid(["localsgd.sync_every=10,1_0"])
+    with pytest.raises(ConfigError, match="are the same value"):
+        parse_grid(["localsgd.recovery=sync,'sync'"])
+    assert parse_grid(["optimizer.lr=1,1.0"]) == [("optimizer.lr", ["1", "1.0"])]  # an int and a float: two points
+
+
+def test_points_sharing_a_name_are_refused_before_anything_runs():
+    from localsgd_ft.results.sweep import _refuse_shared_names
+
+    with pytest.raises(ConfigError, match=r"would both be named x-a1 \(one output directory\)"):
+        _refuse_shared_names([{"name": "x-a1", "point": {"a": "1"}}, {"name": "x-a1", "point": {"a": "01"}}])
 
 
 def _old_run(run_dir: Path, sync_every: int, accuracy: float) -> Path:
@@ -83,6 +114,26 @@ def test_a_real_sweep_records_each_point_survives_a_failed_one_and_resumes(tmp_p
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 1
     assert again.stdout.count("already SUCCEEDED") == 2 and [(d / "summary.json").stat().st_mtime for d in ok] == mtimes
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # a second real sweep; the naming itself: test_distinct_points_get_distinct_names_and_directories
+def test_a_real_sweep_runs_values_that_read_alike_into_their_own_directories(tmp_path, cifar_root):
+    """Before point names carried a hash, 30.5 and 30_5 shared one directory and the second point was skipped
+    as 'already SUCCEEDED', reporting the first point's run as its own."""
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 20, "eval_every": 0, "log_every": 10})
+    path = write_config(tmp_path, cfg)
+    out = tmp_path / "sweep"
+    res = subprocess.run([sys.executable, "-m", "localsgd_ft.sweep", str(path), "--out", str(out),
+                          "--grid", "localsgd.quorum_timeout_s=30.5,30_5"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "already SUCCEEDED" not in res.stdout
+    record = json.loads((out / "sweep.json").read_text())
+    dirs = [Path(p["output_dir"]) for p in record["points"]]
+    assert len(set(dirs)) == 2 and [p["status"] for p in record["points"]] == ["SUCCEEDED", "SUCCEEDED"]
+    ran = [yaml.safe_load((d / "config.yaml").read_text())["localsgd"]["quorum_timeout_s"] for d in dirs]
+    assert ran == [30.5, 305]  # YAML 1.1 reads 30_5 as the integer 305
 
 
 def test_a_point_directory_holding_another_config_is_refused_before_anything_runs(tmp_path, cifar_root):

@@ -10,8 +10,8 @@ Schema (configs/experiment.schema.json) are generated from them.
 from localsgd_ft.config.errors import ConfigError
 from localsgd_ft.config.experiment import ExperimentConfig
 from localsgd_ft.config.fault_plan import Fault
-from localsgd_ft.config.loading import (apply_overrides, describe_source, embed_config, load_config, parse_config,
-                                        resolved_text, resolved_yaml, to_dict)
+from localsgd_ft.config.loading import (apply_overrides, describe_source, embed_config, load_config, load_yaml,
+                                        parse_config, resolved_text, resolved_yaml, to_dict)
 from localsgd_ft.config.reference import json_schema, reference_markdown
 from localsgd_ft.config.schedule import (CheckpointConfig, FaultConfig, FaultsConfig, LocalSGDConfig,
                                          OuterOptimizerConfig, TrainConfig)
@@ -24,5 +24,5 @@ __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "ExperimentConfig", "Fault", "FaultConfig", "FaultsConfig",
     "LighthouseConfig", "LocalSGDConfig", "ModelConfig", "OptimizerConfig", "OuterOptimizerConfig",
     "ReplicaGroupsConfig", "TrainConfig", "apply_overrides", "describe_source", "embed_config", "json_schema",
-    "load_config", "parse_config", "reference_markdown", "resolved_text", "resolved_yaml", "to_dict",
+    "load_config", "load_yaml", "parse_config", "reference_markdown", "resolved_text", "resolved_yaml", "to_dict",
 ]

@@ -6,11 +6,14 @@ pydantic finds what is wrong; this module says it the way a user reads it:
 
 from __future__ import annotations
 
+import reprlib
 import typing
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ValidationError
+
+from localsgd_ft.config.limits import SHOWN_MAX
 
 
 class ConfigError(ValueError):
@@ -39,10 +42,26 @@ class Hint:
     text: str
 
 
+# reprlib stops at these sizes while it builds the text, so quoting a value costs little even when it
+# is a huge (or alias-shared, exponentially large) structure; `shown` then cuts the line itself.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN_MAX
+
+
+def shown(value: Any, limit: int = SHOWN_MAX) -> str:
+    """``repr(value)`` as a message quotes it: at most ``limit`` characters, cut with '...'."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer past Python's limit for turning one into text (4300 digits)
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def need(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Refuse ``value`` of ``key`` unless ``ok``: one line naming the key, the value and what is allowed."""
     if not ok:
-        raise ConfigError(f"{key}: got {value!r}, {allowed}")
+        raise ConfigError(f"{key}: got {shown(value)}, {allowed}")
 
 
 _SINGULAR = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
@@ -81,10 +100,13 @@ def choices_text(tp: Any) -> str:
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 
-def _bounds_text(tp: Any, metadata: Sequence[Any]) -> str:
+def bounds_text(tp: Any, metadata: Sequence[Any]) -> str:
+    """'expected an integer in [1, 256]' / 'expected a number > 0 and <= 86400': a field's range, from its metadata."""
     found = {name: getattr(m, name) for m in metadata for name, _ in _BOUNDS if getattr(m, name, None) is not None}
     if "ge" in found and "le" in found:
         return f"expected {type_name(tp)} in [{found['ge']}, {found['le']}]"
+    if not found:
+        return "expected a finite number"
     return f"expected {type_name(tp)} " + " and ".join(f"{op} {found[name]}" for name, op in _BOUNDS if name in found)
 
 
@@ -108,6 +130,12 @@ def _through_optional(tp: Any) -> Any:
     return tp
 
 
+def _name(item: Any) -> str:
+    """A key of the file as a message names it: an unknown key may be any text, of any length."""
+    text = str(item)
+    return text if len(text) <= SHOWN_MAX // 2 else text[: SHOWN_MAX // 2 - 3] + "..."
+
+
 def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
     key, tp, metadata, model = "", root, [], root
     for depth, item in enumerate(loc):
@@ -115,7 +143,7 @@ def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
         origin = typing.get_origin(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             model = tp
-            key = f"{key}.{item}" if key else str(item)
+            key = f"{key}.{_name(item)}" if key else _name(item)
             info = tp.model_fields.get(item)
             if info is None:
                 return _Place(key, None, [], model, depth + 1)
@@ -123,7 +151,7 @@ def _place(root: type, loc: Tuple[Any, ...]) -> _Place:
         elif origin is list and isinstance(item, int):
             key, tp, metadata = f"{key}[{item}]", typing.get_args(tp)[0], []
         elif origin is dict:
-            key, tp, metadata = f"{key}.{item}", typing.get_args(tp)[1], []
+            key, tp, metadata = f"{key}.{_name(item)}", typing.get_args(tp)[1], []
         else:  # a union's member tag, or deeper than the schema names: report at this level
             return _Place(key, tp, metadata, model, depth)
     return _Place(key, _through_optional(tp), metadata, model, len(loc))
@@ -157,23 +185,42 @@ def explain(error: dict, root: type, raw: Any) -> str:
         return f"{place.key}: missing; expected {type_name(place.tp)}"
     if kind.endswith("_type") or kind in ("model_attributes_type", "union_tag_invalid"):
         hint = _first(place.metadata, Hint)
-        return f"{place.key}: expected {type_name(place.tp)}, got {value!r}" + (f": {hint.text}" if hint else "")
+        return f"{place.key}: expected {type_name(place.tp)}, got {shown(value)}" + (f": {hint.text}" if hint else "")
     allowed = _first(place.metadata, Allowed)
+    ctx = error.get("ctx") or {}
     if allowed is not None:
         text = allowed.text
     elif kind == "literal_error":
         text = choices_text(place.tp)
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        text = _bounds_text(place.tp, place.metadata)
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        text = bounds_text(place.tp, place.metadata)
+    elif kind == "too_long":
+        text = f"expected at most {ctx.get('max_length')} entries"
+    elif kind == "string_too_long":
+        text = f"expected at most {ctx.get('max_length')} characters"
     else:  # a validator's own words
         text = error["msg"][:1].lower() + error["msg"][1:]
-    return f"{place.key}: got {value!r}, {text}"
+    return f"{place.key}: got {shown(value)}, {text}"
+
+
+def _first_error(errors: List[dict], root: type) -> dict:
+    """The error to report: the first, except where a value fits no member of a union (pydantic reports one
+    error per member): there a member's range or length says more than another member's 'wrong type'."""
+    first = errors[0]
+    loc = tuple(first["loc"])
+    depth = _place(root, loc).depth
+    if first["type"].endswith("_type") and depth < len(loc):  # loc[depth] names a member of a union
+        for other in errors[1:]:
+            there = tuple(other["loc"])
+            if there[:depth] == loc[:depth] and len(there) > depth and not other["type"].endswith("_type"):
+                return other
+    return first
 
 
 def refusal(e: ValidationError, root: type, raw: Any) -> ConfigError:
     """The first of pydantic's errors as a :class:`ConfigError`; what a section's ``check(cfg)`` raised
     comes back as it was written, marked as a rule across fields."""
-    error = e.errors()[0]
+    error = _first_error(e.errors(), root)
     raised = (error.get("ctx") or {}).get("error")
     if error["type"] == "value_error" and isinstance(raised, ConfigError):
         raised.rule = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, List
 
@@ -9,19 +10,23 @@ from pydantic import Field, model_validator
 
 from localsgd_ft.config.errors import Allowed
 from localsgd_ft.config.fault_plan import Fault, plan_faults
+from localsgd_ft.config.limits import NAME_MAX
 from localsgd_ft.config.schedule import (QUORUM_RETRY_INTERVAL_S, CheckpointConfig, FaultsConfig, LocalSGDConfig,
                                          TrainConfig)
-from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig,
+from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig, PathText,
                                          ReplicaGroupsConfig, Section, section)
 
 
 class ExperimentConfig(Section):
     """One experiment: what ``torchx run -- --config FILE`` launches and every trainer trains."""
 
-    name: Annotated[str, Allowed("expected letters, digits, '-' or '_' (it names the torchx app)")] = Field(
-        "localsgd", pattern=r"^[A-Za-z0-9_-]+$",
+    name: Annotated[str, Allowed(
+        f"expected 1 to {NAME_MAX} letters, digits, '-' or '_', the first a letter or digit (it names the torchx "
+        "app, its Kubernetes job and the output directory)")] = Field(
+        "localsgd", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=NAME_MAX,
         description="Experiment name: the torchx app name and the default output directory.")
-    output_dir: str = Field("", description="Where summary.json and per-group results go. Empty: outputs/<name>.")
+    output_dir: PathText = Field("", description="Where summary.json and per-group results go. Empty: "
+                                                 "outputs/<name>.")
     replica_groups: ReplicaGroupsConfig = section(ReplicaGroupsConfig, "Replica groups and their resources.")
     localsgd: LocalSGDConfig = section(LocalSGDConfig, "LocalSGD synchronisation and fault-tolerance timings.")
     lighthouse: LighthouseConfig = section(LighthouseConfig, "The torchft lighthouse (quorum service).")
@@ -105,7 +110,11 @@ class ExperimentConfig(Section):
         group. DiLoCo needs none: its first quorum heals a joining group before any pseudo-gradient is sent."""
         return 1 if self.localsgd.recovery == "sync" and self.localsgd.algorithm == "localsgd" else 0
 
-    @property
+    @cached_property
     def fault_plan(self) -> List[Fault]:
-        """Every failure this run injects, in step order (empty unless faults.enabled)."""
+        """Every failure this run injects, in step order (empty unless faults.enabled).
+
+        Drawn once per config object: the checks, the lighthouse and every trainer read it many times, and a
+        config is never changed after validation.
+        """
         return plan_faults(self)

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Annotated, List
 
 from pydantic import Field
 
-from localsgd_ft.config.errors import Allowed, ConfigError, need
-from localsgd_ft.config.sections import Algorithm, FaultKind, FaultMoment, Number, Recovery, Section, section
+from localsgd_ft.config.errors import Allowed, ConfigError, need, shown
+from localsgd_ft.config.limits import (DAY_S, MAX_BUCKET_MB, MAX_CHECKPOINTS_KEPT, MAX_CPUS, MAX_FRAGMENTS, MAX_GROUPS,
+                                       MAX_LR, MAX_NODES, MAX_QUORUM_RETRIES, MAX_RANDOM_FAULTS, MAX_RANDOM_KINDS,
+                                       MAX_SCHEDULED_FAULTS, MAX_SEED, MAX_STEPS, MAX_WORKERS)
+from localsgd_ft.config.sections import Algorithm, FaultKind, FaultMoment, Number, PathText, Recovery, Section, section
 
 if TYPE_CHECKING:
     from localsgd_ft.config.experiment import ExperimentConfig
@@ -25,7 +28,9 @@ DILOCO_KEYS = ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_
 
 
 class OuterOptimizerConfig(Section):
-    lr: Number = Field(0.7, gt=0, description="DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
+    lr: Number = Field(
+        0.7, gt=0, le=MAX_LR,
+        description="DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
     momentum: Annotated[Number, Allowed("expected 0 <= momentum < 1")] = Field(0.9, ge=0, lt=1,
                                                                              description="Outer momentum.")
     nesterov: bool = Field(True, description="Nesterov momentum for the outer step.")
@@ -38,31 +43,35 @@ class LocalSGDConfig(Section):
         description="'localsgd': average the parameters every sync_every steps; 'diloco': average the change since "
                     "the last sync (a pseudo-gradient) and apply it with an outer optimizer (DiLoCo; Streaming "
                     "DiLoCo with fragments > 1). Needs recovery: sync.")
-    sync_every: int = Field(10, ge=1, description="Local optimizer steps between two fault-tolerant syncs of the "
-                                                  "whole model.")
+    sync_every: int = Field(
+        10, ge=1, le=MAX_STEPS,
+        description="Local optimizer steps between two fault-tolerant syncs of the whole model.")
     recovery: Recovery = Field(
         "sync",
         description="How a joining group recovers: 'sync' restores the live weights before its first step; "
                     "'async' recovers in the background and its first sync_every steps are discarded.")
-    timeout_s: Number = Field(30.0, gt=0, description="Timeout of collectives, commits and checkpoint transfers, "
-                                                      "in seconds.")
+    timeout_s: Number = Field(
+        30.0, gt=0, le=DAY_S,
+        description="Timeout of collectives, commits and checkpoint transfers, in seconds.")
     quorum_timeout_s: Number = Field(
-        120.0, description="How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus "
-                           "one sync interval.")
-    quorum_retries: Annotated[int, Allowed("expected an integer >= 0, or -1 (automatic)")] = Field(
-        -1, ge=-1,
+        120.0, gt=0, le=DAY_S,
+        description="How long a group waits for a quorum, in seconds. Must exceed the heartbeat timeout plus one sync "
+                    "interval.")
+    quorum_retries: Annotated[int, Allowed(f"expected 0..{MAX_QUORUM_RETRIES}, or -1 (automatic)")] = Field(
+        -1, ge=-1, le=MAX_QUORUM_RETRIES,
         description="Tries of a failed quorum request within quorum_timeout_s; torchft waits quorum_timeout_s / "
                     "(retries + 1) between them, so they ride through a lighthouse restart. -1: one try every "
                     f"{QUORUM_RETRY_INTERVAL_S:g} s, so an outage costs little more than its own length; 0: none (a "
                     "lighthouse restart crashes every group).")
     outer_optimizer: OuterOptimizerConfig = section(OuterOptimizerConfig, "DiLoCo only: the outer optimizer.")
-    fragments: Annotated[int, Allowed("expected an integer >= 1 that divides localsgd.sync_every")] = Field(
-        1, ge=1,
+    fragments: Annotated[int, Allowed(f"expected an integer in 1..{MAX_FRAGMENTS} that divides "
+                                      "localsgd.sync_every")] = Field(
+        1, ge=1, le=MAX_FRAGMENTS,
         description="DiLoCo only: split the model into this many fragments of consecutive layers, synced one after "
                     "another (Streaming DiLoCo): one fragment every sync_every / fragments steps. 1: plain DiLoCo.")
     fragment_sync_delay: Annotated[int, Allowed("expected 0..sync_every / fragments - 1: a fragment's allreduce must "
                                                 "finish before the next fragment's starts")] = Field(
-        0, ge=0,
+        0, ge=0, le=MAX_STEPS,
         description="DiLoCo only: local steps a fragment's allreduce overlaps with training before it is waited "
                     "for; less than sync_every / fragments.")
     fragment_update_alpha: Annotated[Number, Allowed(
@@ -72,9 +81,10 @@ class LocalSGDConfig(Section):
                     "only).")
     quantize: bool = Field(False, description="DiLoCo only: quantize pseudo-gradients for the allreduce (torchft's "
                                               "triton kernels: GPUs only).")
-    bucket_cap_mb: Annotated[int, Allowed("expected an integer >= 0 (0: one allreduce per parameter)")] = Field(
-        0, ge=0, description="DiLoCo only: allreduce pseudo-gradients in buckets of this many MiB; 0: one allreduce "
-                             "per parameter.")
+    bucket_cap_mb: Annotated[int, Allowed(f"expected 0..{MAX_BUCKET_MB} (0: one allreduce per parameter)")] = Field(
+        0, ge=0, le=MAX_BUCKET_MB,
+        description="DiLoCo only: allreduce pseudo-gradients in buckets of this many MiB; 0: one allreduce per "
+                    "parameter.")
 
     def check(self, cfg: ExperimentConfig) -> None:
         """What torchft would reject at start or silently mishandle, refused here."""
@@ -86,7 +96,7 @@ class LocalSGDConfig(Section):
             for key in DILOCO_KEYS:
                 if getattr(self, key) != getattr(plain, key):
                     raise ConfigError(
-                        f"localsgd.{key}: set to {getattr(self, key)!r}, but it is a DiLoCo setting and "
+                        f"localsgd.{key}: set to {shown(getattr(self, key))}, but it is a DiLoCo setting and "
                         "localsgd.algorithm is 'localsgd', which would ignore it; set localsgd.algorithm: diloco, "
                         f"or remove localsgd.{key}")
             return
@@ -116,15 +126,20 @@ class LocalSGDConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(1000, ge=1, description="Local optimizer steps per replica group; a multiple of "
-                                                   "localsgd.sync_every so groups stop on a sync.")
-    eval_every: Annotated[int, Allowed("expected an integer >= 0 (0: only at the end)")] = Field(
-        500, ge=0, description="Evaluate on the test split every this many local steps (0: only at the end).")
-    seed: int = Field(0, description="Seed of model initialisation (same in every group), data order and "
-                                     "augmentation.")
-    threads: Annotated[int, Allowed("expected an integer >= 0 (0: replica_groups.cpus / workers)")] = Field(
-        0, ge=0, description="Intra-op CPU threads per worker; 0: replica_groups.cpus / workers, so groups sharing "
-                             "a host do not oversubscribe it.")
+    max_steps: int = Field(
+        1000, ge=1, le=MAX_STEPS,
+        description="Local optimizer steps per replica group; a multiple of localsgd.sync_every so groups stop on a "
+                    "sync.")
+    eval_every: Annotated[int, Allowed(f"expected 0..{MAX_STEPS} (0: only at the end)")] = Field(
+        500, ge=0, le=MAX_STEPS,
+        description="Evaluate on the test split every this many local steps (0: only at the end).")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED,
+        description="Seed of model initialisation (same in every group), data order and augmentation.")
+    threads: Annotated[int, Allowed(f"expected 0..{MAX_CPUS} (0: replica_groups.cpus / workers)")] = Field(
+        0, ge=0, le=MAX_CPUS,
+        description="Intra-op CPU threads per worker; 0: replica_groups.cpus / workers, so groups sharing a host do "
+                    "not oversubscribe it.")
     channels_last: bool = Field(False, description="Keep images and conv weights in channels_last memory format "
                                                    "(faster convolutions on GPU).")
     bf16: bool = Field(False, description="Run forward and loss under bfloat16 autocast (GPU; weights and optimizer "
@@ -132,7 +147,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs; compiling "
                                              "takes a while).")
     log_every: int = Field(
-        100, ge=1,
+        100, ge=1, le=MAX_STEPS,
         description="Progress cadence: every N local steps each group prints 'LocalSGD: Number of local optimizer "
                     "steps completed: N' and a progress line (step/max, loss, accuracy, samples/s, quorum, ETA) and "
                     "appends a 'train' event to its metrics file.")
@@ -150,20 +165,24 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     enabled: bool = Field(True, description="Write durable checkpoints, so a whole-job restart resumes instead of "
                                             "starting over.")
-    dir: str = Field("", description="Checkpoint directory. Empty: <output_dir>/checkpoints.")
-    every_syncs: int = Field(50, ge=1, description="Write one every this many committed syncs (by the lowest-ranked "
-                                                   "live group; with Streaming DiLoCo each fragment's sync counts).")
-    every_s: Annotated[Number, Allowed("expected a number of seconds >= 0 (0: off)")] = Field(
-        300.0, ge=0,
+    dir: PathText = Field("", description="Checkpoint directory. Empty: <output_dir>/checkpoints.")
+    every_syncs: int = Field(
+        50, ge=1, le=MAX_STEPS,
+        description="Write one every this many committed syncs (by the lowest-ranked live group; with Streaming "
+                    "DiLoCo each fragment's sync counts).")
+    every_s: Annotated[Number, Allowed(f"expected 0..{DAY_S} seconds (0: off)")] = Field(
+        300.0, ge=0, le=DAY_S,
         description="Also write one at the first committed sync after this many seconds since the writing group's "
                     "last one (or its start): with both cadences a whole-job crash loses at most this long or "
                     "every_syncs syncs of training, whichever is less. 0: by sync count only. The final sync always "
                     "writes one.")
-    keep: int = Field(3, ge=1, description="Keep this many of the newest valid checkpoints; older ones are deleted.")
+    keep: int = Field(
+        3, ge=1, le=MAX_CHECKPOINTS_KEPT,
+        description="Keep this many of the newest valid checkpoints; older ones are deleted.")
     resume: bool = Field(
         True,
         description="Resume from the newest valid checkpoint. false (or `torchx run -- --fresh True`) starts over; "
-                    "the old checkpoints are moved aside, not deleted.")
+                    "the old checkpoints are set aside (renamed), never deleted.")
 
     def check(self, cfg: ExperimentConfig) -> None:
         syncs = cfg.training_syncs
@@ -183,15 +202,18 @@ class FaultConfig(Section):
                     "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
                     "lighthouse and restart it after duration_s.")
     group: Annotated[int, Allowed("expected -1 (random) or 0..replica_groups.count - 1")] = Field(
-        -1, ge=-1, description="Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for "
-                               "'lighthouse'.")
+        -1, ge=-1, le=MAX_GROUPS - 1,
+        description="Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for 'lighthouse'.")
     worker: Annotated[int, Allowed("expected -1 (random) or a rank of the group's workers")] = Field(
-        -1, ge=-1, description="Which worker (rank) of the group to hit; -1: one chosen at random (0 with one "
-                               "worker). Unused for 'lighthouse'.")
+        -1, ge=-1, le=MAX_WORKERS * MAX_NODES - 1,
+        description="Which worker (rank) of the group to hit; -1: one chosen at random (0 with one worker). Unused "
+                    "for 'lighthouse'.")
     at_step: Annotated[int, Allowed("expected 1..train.max_steps - 1 (inside train.max_steps)")] = Field(
-        1, ge=1, description="Training step (committed syncs x sync_every + local steps since) at which it happens.")
-    duration_s: Number = Field(3.0, gt=0, description="How long a 'hang' lasts, or how long the lighthouse stays "
-                                                      "down.")
+        1, ge=1, le=MAX_STEPS,
+        description="Training step (committed syncs x sync_every + local steps since) at which it happens.")
+    duration_s: Number = Field(
+        3.0, gt=0, le=DAY_S,
+        description="How long a 'hang' lasts, or how long the lighthouse stays down.")
     moment: FaultMoment = Field(
         "step",
         description="When a 'lighthouse' failure strikes: 'step' (at at_step, between syncs), 'quorum' (as the "
@@ -213,15 +235,16 @@ class FaultConfig(Section):
 class FaultsConfig(Section):
     enabled: bool = Field(False, description="Inject the failures below. Nothing is ever injected unless this is "
                                              "true.")
-    schedule: List[FaultConfig] = Field(default_factory=list, description="Failures at given steps: a list of "
-                                                                          "{kind, group, at_step, duration_s, "
-                                                                          "moment}.")
-    mtbf_steps: Annotated[int, Allowed("expected an integer >= 0 (0: no random failures)")] = Field(
-        0, ge=0, description="Random failures: mean training steps between them (exponential); 0: none.")
-    max_random: int = Field(0, ge=0, description="Random failures: at most this many.")
-    random_kinds: List[FaultKind] = Field(default_factory=lambda: ["kill"], description="Random failures: the kinds "
-                                                                                        "to draw from.")
-    seed: int = Field(0, description="Seed for random failures and random target groups.")
+    schedule: List[FaultConfig] = Field(
+        default_factory=list, max_length=MAX_SCHEDULED_FAULTS,
+        description="Failures at given steps: a list of {kind, group, worker, at_step, duration_s, moment}.")
+    mtbf_steps: Annotated[int, Allowed(f"expected 0..{MAX_STEPS} (0: no random failures)")] = Field(
+        0, ge=0, le=MAX_STEPS, description="Random failures: mean training steps between them (exponential); 0: none.")
+    max_random: int = Field(0, ge=0, le=MAX_RANDOM_FAULTS, description="Random failures: at most this many.")
+    random_kinds: List[FaultKind] = Field(
+        default_factory=lambda: ["kill"], max_length=MAX_RANDOM_KINDS,
+        description="Random failures: the kinds to draw from (a kind named twice is drawn twice as often).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for random failures and random target groups.")
 
     def check(self, cfg: ExperimentConfig) -> None:
         for i, fault in enumerate(self.schedule):

@@ -17,7 +17,15 @@ NUM_GROUPS_ENV = "NUM_REPLICA_GROUPS"  # the same: replica_groups.count
 COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"  # a replica role, for its trainers: the completion service's URL
 TORCHFT_LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # a replica role, for torchft's Managers: the lighthouse's URL
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # torchrun, in its workers: a process that has it runs under torchrun
+TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun, in its workers: how often it restarted them
 TOKEN_HEADER = "X-LocalSGD-Run-Token"  # the HTTP header that carries the run token on every request
+
+# The run directory (output_dir/name): what each process of the run writes there.
+SUMMARY_FILE = "summary.json"  # the lighthouse role: the verdict
+CONFIG_FILE = "config.yaml"  # the lighthouse role: the config this run ran, every default filled in
+METRICS_DIR = "metrics"  # the trainers: one JSON-lines file per group
+REPORT_DIR = "report"  # the report: tables and plots
+GROUPS_DIR = "groups"  # each group's worker 0: its final result, which its replica role reports
 
 
 class Name(str, Enum):
@@ -42,6 +50,7 @@ class EventKind(Name):
     RECOVERED = "recovered"
     SYNC_STALL = "sync_stall"
     CHECKPOINT = "checkpoint"
+    CHECKPOINT_FAILED = "checkpoint_failed"
 
 
 class Route(Name):

@@ -1,5 +1,9 @@
 """The records one process sends another: a group's result and report, the completion service's requests,
-events and replies, each a pydantic model whose fields carry their docs."""
+events and replies, each a pydantic model whose fields carry their docs.
+
+Every record is bounded: lists that grow with a run are thinned (their counts kept) and long texts cut as
+they are built, so a group's result fits the completion service's body cap however long the run was.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,22 @@ def _describe(text: str, default: Any = None) -> Any:
 # Validation context for reading a file another version may have written: unknown keys are dropped.
 LENIENT = {"lenient": True}
 
+# What a result holds at most. With these a result of 64-bit numbers stays under half the completion
+# service's 1 MiB body cap (tests/test_completion_limits.py builds the largest one there can be).
+MAX_EVALS = 1000  # evaluations listed; beyond, older ones are thinned (evals_count keeps the total)
+MAX_CHECKPOINTS_LISTED = 1000  # checkpoint steps listed: the newest (checkpoints_count keeps the total)
+MAX_WORKERS = 4096  # workers of one group whose hashes a result lists (nodes x workers)
+MAX_TEXT = 4000  # characters of an error or a reason; a longer one keeps its start and its end
+Digest = Annotated[str, Field(max_length=64)]  # a SHA-256 in hex
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to about ``limit`` characters: its start (what failed) and its end (the innermost cause)."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 40) // 2
+    return f"{text[:keep]} [... {len(text) - 2 * keep} characters cut ...] {text[-keep:]}"
+
 
 class Record(BaseModel):
     """A record that crosses a process boundary: unknown keys are refused, JSON types are not coerced.
@@ -27,7 +47,8 @@ class Record(BaseModel):
     Read with the :data:`LENIENT` context (files on disk), unknown keys are ignored instead: a
     summary.json written by a newer version still reads.
     """
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Not a number (NaN, Infinity) is refused: summary.json must stay JSON that any reader takes.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -45,6 +66,32 @@ class Evaluation(Record):
     step: int = Field(description="Local optimizer steps when it was evaluated.")
     test_accuracy: float = Field(description="Top-1 accuracy on the test split, in [0, 1].")
 
+    @staticmethod
+    def thin(evals: List[Any], cap: int = MAX_EVALS) -> List[Any]:
+        """``evals`` (in order) cut to at most ``cap`` by dropping every other one until they fit; the first and
+        the latest always stay. Appending and thinning at the cap keeps recent ones dense and older ones sparse."""
+        if cap < 2:
+            raise ValueError(f"cap: got {cap}, expected at least 2 (the first and the latest)")
+        while len(evals) > cap:
+            kept = evals[::2]
+            evals = kept if len(evals) % 2 else kept + evals[-1:]
+        return evals
+
+
+def _fit_result(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A result's JSON values with its growing lists thinned and its error cut (see the MAX_ limits)."""
+    evals, written, error = data.get("evals"), data.get("checkpoints_written"), data.get("error")
+    fitted = dict(data)
+    if isinstance(evals, list) and len(evals) > MAX_EVALS:
+        fitted["evals"] = Evaluation.thin(evals)
+        fitted.setdefault("evals_count", len(evals))
+    if isinstance(written, list) and len(written) > MAX_CHECKPOINTS_LISTED:
+        fitted["checkpoints_written"] = written[-MAX_CHECKPOINTS_LISTED:]
+        fitted.setdefault("checkpoints_count", len(written))
+    if isinstance(error, str):
+        fitted["error"] = clip(error)
+    return fitted
+
 
 class TrainerResult(Record):
     """What a group's trainer (worker 0) reports at its end; every field may be absent (a group that failed early)."""
@@ -58,24 +105,36 @@ class TrainerResult(Record):
     global_syncs: Optional[int] = _describe("The quorum's committed-sync count when it ended.")
     restarts: Optional[int] = _describe("How many incarnations of the group started before the last one.")
     resumed_from_step: Optional[int] = _describe("The training step it resumed from (0: from scratch).")
-    checkpoints_written: Optional[List[int]] = _describe("Training steps at which it wrote a durable checkpoint.")
-    params_sha256: Optional[str] = _describe("SHA-256 of its final parameters (absent: it has no final state).")
-    worker_params_sha256: Optional[List[str]] = _describe("The same hash from each of its workers, in rank order.")
+    checkpoints_written: Optional[List[int]] = _describe(
+        f"Training steps at which it wrote a durable checkpoint (the newest {MAX_CHECKPOINTS_LISTED}).")
+    checkpoints_count: Optional[int] = _describe("How many checkpoints it wrote, when more than are listed.")
+    params_sha256: Optional[Digest] = _describe("SHA-256 of its final parameters (absent: it has no final state).")
+    worker_params_sha256: Optional[List[Digest]] = Field(
+        None, max_length=MAX_WORKERS, description="The same hash from each of its workers, in rank order.")
     final_test_accuracy: Optional[float] = _describe("Top-1 test accuracy of its final parameters.")
-    evals: Optional[List[Evaluation]] = _describe("Its evaluations during training (train.eval_every).")
+    evals: Optional[List[Evaluation]] = _describe(
+        f"Its evaluations during training (train.eval_every): all of them up to {MAX_EVALS}; beyond, a thinned "
+        "selection, denser towards the end (the first and the latest always among them).")
+    evals_count: Optional[int] = _describe("How many evaluations it made (evals may list fewer).")
     train_time_s: Optional[float] = _describe("Seconds from its first step to its last.")
     samples_per_s: Optional[float] = _describe("Training throughput (null: it trained no measurable time).")
     peak_rss_mb: Optional[float] = _describe("Peak resident memory of worker 0, in MiB.")
-    error: Optional[str] = _describe("Why it did not train to the end (a permanent error, a stop, a loss).")
+    error: Optional[str] = _describe(
+        f"Why it did not train to the end (a permanent error, a stop, a loss); at most about {MAX_TEXT} characters.")
     permanent: Optional[bool] = _describe("The error is one no restart can fix: torchrun was not left to retry.")
     finished_late: Optional[bool] = _describe(
         "It (re)started after the run's final sync and took the final state instead of training alone.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit(cls, data: Any) -> Any:
+        return _fit_result(data) if isinstance(data, dict) else data
 
     @classmethod
     def failed(cls, result: Optional["TrainerResult"], error: str) -> "TrainerResult":
         """``result`` (or an empty one) with ``error``, unless it says why already: that reason stands."""
         result = result or cls()
-        return result if result.error else result.model_copy(update={"error": error})
+        return result if result.error else result.model_copy(update={"error": clip(error)})
 
 
 class GroupReport(Record):
@@ -119,14 +178,15 @@ class HeartbeatRequest(GroupRequest):
 
 class StartedRequest(GroupRequest):
     """POST /started: the group's Manager is up."""
-    incarnation: str = _describe("A fresh id per incarnation: a resent request counts once.", "")
+    incarnation: str = Field("", max_length=64, description="A fresh id per incarnation: a resent request counts "
+                                                                "once.")
 
 
 class FinalSync(Record):
     """The run's final sync, as the first group to commit it reported it."""
     group: int = Field(description="The group that reported it first.")
     global_sync: int = Field(description="The quorum's committed-sync count at the final sync.")
-    params_sha256: str = Field(description="SHA-256 of the parameters after it.")
+    params_sha256: Digest = Field(description="SHA-256 of the parameters after it.")
 
 
 class CompletedRequest(GroupRequest, FinalSync):
@@ -168,6 +228,7 @@ class FaultEvent(_Event):
 class ResumedEvent(_Event):
     """A group's first incarnation resumed (at ``step``; 0: from scratch)."""
     kind: Literal[EventKind.RESUMED] = Field(description=_KIND)
+    step: int = Field(description="The training step it resumed from (0: from scratch).")
 
 
 class RecoveredEvent(_Event):
@@ -176,7 +237,7 @@ class RecoveredEvent(_Event):
     local_step: Optional[int] = _describe("The group's local optimizer steps then.")
     participants: Optional[int] = _describe("Groups in the quorum.")
     global_sync: Optional[int] = _describe("The quorum's committed-sync count.")
-    params_sha256: Optional[str] = _describe("SHA-256 of the group's parameters after the commit.")
+    params_sha256: Optional[Digest] = _describe("SHA-256 of the group's parameters after the commit.")
     healed_from: Optional[int] = _describe("The group whose live state it loaded (null: none).")
     disrupted_s: Optional[float] = _describe("Seconds from the disruption to this commit.")
 
@@ -193,10 +254,19 @@ class SyncStallEvent(_Event):
 class CheckpointEvent(_Event):
     """A group wrote a durable checkpoint (at ``step``)."""
     kind: Literal[EventKind.CHECKPOINT] = Field(description=_KIND)
+    step: int = Field(description="The training step it holds.")
     sync: Optional[int] = _describe("The quorum's committed-sync count it holds.")
 
 
-Event = Annotated[Union[FaultEvent, ResumedEvent, RecoveredEvent, SyncStallEvent, CheckpointEvent],
+class CheckpointFailedEvent(_Event):
+    """A group could not write a checkpoint (a full disk, a quota): it stopped writing them and trains on."""
+    kind: Literal[EventKind.CHECKPOINT_FAILED] = Field(description=_KIND)
+    step: int = Field(description="The training step it tried to save.")
+    error: str = Field(max_length=MAX_TEXT, description=f"Why the write failed (at most {MAX_TEXT} characters).")
+
+
+Event = Annotated[Union[FaultEvent, ResumedEvent, RecoveredEvent, SyncStallEvent, CheckpointEvent,
+                        CheckpointFailedEvent],
                   Field(discriminator="kind")]
 EVENT_MODELS: Dict[EventKind, type] = {m.model_fields["kind"].annotation.__args__[0]: m
                                        for m in typing.get_args(typing.get_args(Event)[0])}

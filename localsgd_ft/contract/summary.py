@@ -64,6 +64,8 @@ class Summary(Record):
     completed: Optional[FinalSync] = _describe("The run's final sync (null: never reached).")
     resumed_from_step: int = _describe("The earliest step a first incarnation resumed from.", 0)
     checkpoints_written: List[CheckpointEntry] = _listing("Every durable checkpoint written, in order.")
+    checkpoints_stopped: Optional[str] = _describe(
+        "Why checkpoints stopped (the first failed write: group, step, error; null: none failed). Training went on.")
     wall_time_s: Optional[float] = _describe("Seconds from the lighthouse role's start to the summary.")
     lighthouse_peak_rss_mb: Optional[float] = _describe("Peak resident memory of the lighthouse role, in MiB.")
     lighthouse_restarts: int = _describe("How often the torchft lighthouse was restarted.", 0)

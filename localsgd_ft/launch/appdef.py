@@ -2,6 +2,9 @@
 
 Like torchx's own dry runs, building it touches nothing: the checks and the
 download that come before a launch live in :mod:`localsgd_ft.launch.preflight`.
+It also decides, per scheduler, how the run token reaches the roles (never on a
+command line) and where Slurm writes the roles' output (under the run's output
+directory); docs/lifecycle.md and docs/clusters.md say why.
 """
 
 from __future__ import annotations
@@ -9,13 +12,23 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torchx.specs as specs
 
 from localsgd_ft.config import ExperimentConfig
-from localsgd_ft.contract import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, PARENT_PID_ENV
-from localsgd_ft.launch.lifecycle import new_identity
+from localsgd_ft.contract import FRESH_ENV, GROUP_ENV, NUM_GROUPS_ENV, PARENT_PID_ENV, RUN_ID_ENV, RUN_TOKEN_ENV
+from localsgd_ft.launch.lifecycle import DRY_RUN_TOKEN
+
+# Schedulers whose roles inherit the environment of the `torchx run` client: local_cwd starts them with it,
+# sbatch exports it to the job (--export=ALL, its default) and srun to every step. There the token goes that
+# way and never into the AppDef: Slurm puts a role's env on srun's command line (--export=ALL,K=V), which
+# every user of the node reads in /proc, and a dry run prints the AppDef.
+TOKEN_INHERITED = ("local_cwd", "slurm")
+
+# Where the batch script's own output goes, in the run's Slurm directory (sbatch's %j: the job id).
+SBATCH_OUTPUT_NAME = "slurm-%j.out"
 
 
 @dataclass
@@ -29,6 +42,33 @@ class Launch:
     fresh: bool  # start over instead of resuming
     local: bool  # the roles are children of this `torchx run` process
     rendezvous_ports: List[int]  # per group, where its nodes meet (empty with one node per group)
+    scheduler: str  # the torchx scheduler ('' if unknown: the token then goes in the roles' env)
+    run_id: str  # this launch's run id (localsgd_ft.launch.lifecycle.new_run_id)
+    token: str  # this launch's run token; in the AppDef only where the roles do not inherit it
+    dry_run: bool  # only planned (--dryrun): a token in the AppDef is shown as DRY_RUN_TOKEN
+    slurm_logs: str  # the directory for Slurm's output files ('' : torchx's own place, the job's directory)
+
+
+def token_inherited(scheduler: str) -> bool:
+    """Whether the roles on ``scheduler`` get the run token from the client's environment (else from the AppDef)."""
+    return scheduler in TOKEN_INHERITED
+
+
+def sbatch_export_problem(environ: Mapping[str, str]) -> Optional[str]:
+    """Why sbatch would not pass the client's environment (so the token) to the job; None if it does."""
+    export = environ.get("SBATCH_EXPORT", "")
+    if not export or export.split(",")[0].strip().upper() == "ALL":
+        return None
+    return (f"SBATCH_EXPORT={export} keeps the run token from reaching the Slurm job (it travels in the "
+            "environment sbatch exports, never on a command line): unset SBATCH_EXPORT, or start it with ALL")
+
+
+def slurm_log_dir(cfg: ExperimentConfig, scheduler: str, scheduler_cfg: Mapping[str, object]) -> str:
+    """Where Slurm writes the roles' output: ``<output_dir>/slurm``; '' off Slurm, or with torchx's
+    ``job_dir`` (the job then runs in that directory, and its files stay there, where `torchx log` looks)."""
+    if scheduler != "slurm" or scheduler_cfg.get("job_dir"):
+        return ""
+    return str(cfg.run_dir / "slurm")
 
 
 def build_app(cfg: ExperimentConfig, launch: Launch) -> specs.AppDef:
@@ -44,6 +84,27 @@ def _python(launch: Launch) -> str:
     return "python" if launch.image else sys.executable
 
 
+def _command(launch: Launch, role: str, args: List[str]) -> Tuple[str, List[str]]:
+    """The role's entrypoint and args; on Slurm, led by srun options that put its output in ``slurm_logs``.
+
+    torchx 0.7.0 gives srun ``--output=slurm-<job>-<role>-<k>.out`` (and ``.err``)
+    in the job's directory and offers no option to move them. srun reads
+    options up to its first operand and the last of a repeated option wins, so
+    ours come first: the entrypoint is srun's ``--output`` and its value the
+    first arg, where torchx substitutes the replica id (it does not in the
+    entrypoint). The file names stay torchx's.
+    """
+    if not launch.slurm_logs:
+        return _python(launch), args
+    stem = str(Path(launch.slurm_logs) / f"slurm-{specs.macros.app_id}-{role}-{specs.macros.replica_id}")
+    return "--output", [f"{stem}.out", "--error", f"{stem}.err", _python(launch), *args]
+
+
+def sbatch_output(launch: Launch) -> str:
+    """Where the batch script's own output goes (sbatch's SBATCH_OUTPUT; '' : sbatch's own place)."""
+    return str(Path(launch.slurm_logs) / SBATCH_OUTPUT_NAME) if launch.slurm_logs else ""
+
+
 def _config_args(launch: Launch) -> List[str]:
     return ["--config", launch.config, "--config-b64", launch.embedded]
 
@@ -54,8 +115,11 @@ HOST_ENV_ARGS = ["--host-env", specs.macros.rank0_env]
 
 def _common_env(cfg: ExperimentConfig, launch: Launch) -> Dict[str, str]:
     """One identity per launch, in every role's environment (never its command line): the completion
-    service refuses anyone without the token, torchft replica ids carry the run id."""
-    env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if launch.fresh else "0", **new_identity(cfg.name)}
+    service refuses anyone without the token, torchft replica ids carry the run id. The token is in the
+    AppDef only where the roles do not inherit the client's environment (see TOKEN_INHERITED)."""
+    env = {"PYTHONUNBUFFERED": "1", FRESH_ENV: "1" if launch.fresh else "0", RUN_ID_ENV: launch.run_id}
+    if not token_inherited(launch.scheduler):
+        env[RUN_TOKEN_ENV] = DRY_RUN_TOKEN if launch.dry_run else launch.token
     if launch.local:  # the roles are this process's children: each checks it still is before arming
         env[PARENT_PID_ENV] = str(os.getpid())
     return env
@@ -65,11 +129,13 @@ def _lighthouse_role(cfg: ExperimentConfig, launch: Launch, env: Dict[str, str])
     lh = cfg.lighthouse
     # A container keeps no files after it ends: print summary.json to the lighthouse's log too.
     print_summary = ["--print-summary"] if launch.image else []
+    entrypoint, args = _command(launch, "lighthouse",
+                                ["-m", "localsgd_ft.lighthouse", *_config_args(launch), *HOST_ENV_ARGS, *print_summary])
     return specs.Role(
         name="lighthouse",
         image=launch.image,
-        entrypoint=_python(launch),
-        args=["-m", "localsgd_ft.lighthouse", *_config_args(launch), *HOST_ENV_ARGS, *print_summary],
+        entrypoint=entrypoint,
+        args=args,
         env=dict(env),
         resource=specs.resource(cpu=lh.cpus, gpu=0, memMB=lh.memory_mb),
         port_map={"lighthouse": lh.port, "completion": lh.completion_port},
@@ -79,12 +145,15 @@ def _lighthouse_role(cfg: ExperimentConfig, launch: Launch, env: Dict[str, str])
 
 def _replica_role(cfg: ExperimentConfig, launch: Launch, common: Dict[str, str], group: int) -> specs.Role:
     rg = cfg.replica_groups
+    name = f"replica_{group}"
+    entrypoint, args = _command(launch, name, [
+        "-m", "localsgd_ft.replica", *_config_args(launch), "--group", str(group), "--script", launch.script,
+        *HOST_ENV_ARGS, *_node_args(cfg, launch, group)])
     return specs.Role(
-        name=f"replica_{group}",
+        name=name,
         image=launch.image,
-        entrypoint=_python(launch),
-        args=["-m", "localsgd_ft.replica", *_config_args(launch), "--group", str(group), "--script", launch.script,
-              *HOST_ENV_ARGS, *_node_args(cfg, launch, group)],
+        entrypoint=entrypoint,
+        args=args,
         env=_replica_env(cfg, common, group),
         num_replicas=rg.nodes,  # one per node, each a torchrun agent of the group
         resource=specs.resource(cpu=rg.cpus, gpu=cfg.gpus_per_group, memMB=rg.memory_mb),

@@ -11,19 +11,36 @@ import os
 import resource
 import secrets
 import signal
+import string
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from localsgd_ft.contract import PARENT_PID_ENV, RUN_ID_ENV, RUN_TOKEN_ENV, TORCHRUN_ENV
 
 _PR_SET_PDEATHSIG = 1
 
 
-def new_identity(name: str) -> Dict[str, str]:
-    """A fresh run id and token for one launch of experiment ``name``."""
-    return {RUN_ID_ENV: f"{name}-{secrets.token_hex(4)}", RUN_TOKEN_ENV: secrets.token_hex(16)}
+# What a dry run shows instead of the token in the env of roles that get it there: nothing it prints may
+# let anyone talk to a run's completion service, and a role started from that plan refuses to run.
+DRY_RUN_TOKEN = "<drawn-at-launch>"
+
+
+def new_run_id(name: str) -> str:
+    """A fresh run id for one launch of experiment ``name``."""
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def new_run_token() -> str:
+    """A fresh run token for one launch: 32 hex, the completion service's shared secret."""
+    return secrets.token_hex(16)
+
+
+def hand_token_to_children(token: str) -> None:
+    """Put ``token`` in this process's environment, where the children it starts (local_cwd's roles, sbatch
+    and through it a Slurm job) inherit it: the environment of a process is readable by its user only."""
+    os.environ[RUN_TOKEN_ENV] = token
 
 
 def run_id() -> str:
@@ -37,6 +54,9 @@ def run_token() -> str:
     if not token:
         raise RuntimeError(f"${RUN_TOKEN_ENV} is not set: the roles of a run are started by the torchx "
                            "component (torchx run -- --config ...), which gives every role the run's token")
+    if any(c not in string.hexdigits for c in token):
+        raise RuntimeError(f"${RUN_TOKEN_ENV} is not a run token (hex digits; a dry run's plan shows {DRY_RUN_TOKEN} "
+                           "there): launch with torchx run without --dryrun, which draws a token per launch")
     return token
 
 
@@ -78,8 +98,35 @@ def follow_torchrun() -> None:
     Call it first, before importing torch: a worker whose torchrun died while
     it was starting ends at once instead of training as an orphan.
     """
+    global _torchrun_pid
     if os.environ.get(TORCHRUN_ENV):
+        _torchrun_pid = os.getppid()
         die_with_parent(signal.SIGKILL, parent_marker=(b"torch.distributed.run", b"torchrun"))
+
+
+_torchrun_pid: Optional[int] = None  # the torchrun this worker followed at its start
+
+
+def is_of_run(pid: int, run: str) -> bool:
+    """Whether process ``pid`` carries run id ``run`` in its environment (and so is one of this run's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return bool(run) and f"{RUN_ID_ENV}={run}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def end_torchrun(sig: int = signal.SIGKILL) -> bool:
+    """In a torchrun worker: signal our torchrun (no restart can fix what we met); True if it was signalled.
+
+    Only the torchrun this worker followed at its start, proven still ours: our parent is still that
+    pid (an orphan is re-parented, so a reused pid is never our parent) and it carries this run's id.
+    """
+    parent = os.getppid()
+    if _torchrun_pid is None or parent != _torchrun_pid or not is_of_run(parent, run_id()):
+        return False
+    os.kill(parent, sig)
+    return True
 
 
 def expected_parent() -> Optional[int]:
@@ -100,18 +147,8 @@ def preexec_die_with_parent(sig: int) -> Callable[[], None]:
 
 def processes_of_run(run: str) -> List[int]:
     """PIDs of this user's processes that carry run id ``run`` in their environment (for tests and tools)."""
-    needle = f"{RUN_ID_ENV}={run}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
+    me = os.getpid()
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me and is_of_run(int(e), run)]
 
 
 def wait_for_console_copy(deadline_s: float = 3.0, poll_s: float = 0.05) -> bool:

@@ -19,14 +19,17 @@ from typing import Callable, List, Optional, Tuple
 
 from localsgd_ft.config import ExperimentConfig, resolved_yaml, to_dict
 from localsgd_ft.contract import FaultEvent, Snapshot, Summary, read_event
+from localsgd_ft.contract.names import CONFIG_FILE, GROUPS_DIR, METRICS_DIR, REPORT_DIR, SUMMARY_FILE
 from localsgd_ft.launch import addresses, lifecycle
 from localsgd_ft.launch.completion.server import serve as serve_completion
 from localsgd_ft.launch.completion.state import CompletionState
 from localsgd_ft.launch.torchft_lighthouse import command as lighthouse_command
 from localsgd_ft.results.metrics import metrics_dir
 from localsgd_ft.results.summary import summarize
+from localsgd_ft.storage import ownership, set_aside
 from localsgd_ft.storage.atomic import write_json_atomic, write_text_atomic
-from localsgd_ft.storage.checkpoints import move_aside
+from localsgd_ft.storage.ownership import Claim, DirectoryBusy
+from localsgd_ft.storage.set_aside import SetAsideError, set_aside_checkpoints, set_aside_outputs
 
 REPORT_TIMEOUT_S = 120
 
@@ -188,9 +191,9 @@ def _supervise(cfg: ExperimentConfig, state: CompletionState, lighthouse: Superv
         if failure and state.set_abort(failure):
             print(f"lighthouse: ABORT: {failure}", flush=True)
         state.settle_failing()
-        for g, silent in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
-            print(f"lighthouse: group {g}: role lost: no heartbeat for {silent:.0f} s "
-                  f"(lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})", flush=True)
+        for g, reason in state.declare_silent_lost(cfg.lighthouse.role_timeout_s):
+            print(f"lighthouse: group {g}: {reason} (lighthouse.role_timeout_s {cfg.lighthouse.role_timeout_s:g})",
+                  flush=True)
         if time.monotonic() - opened > never_seen:
             for g in state.declare_never_seen_lost(never_seen):
                 print(f"lighthouse: group {g}: role lost: it never reached the lighthouse role in "
@@ -199,20 +202,38 @@ def _supervise(cfg: ExperimentConfig, state: CompletionState, lighthouse: Superv
 
 
 def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool = False) -> int:
-    """Own the ports, prepare the outputs, supervise until training ends, then give the verdict (the exit code)."""
+    """Own the ports and the output, prepare it, supervise until training ends, then give the verdict (the exit code)."""
     started_at = time.time()
     stop = _stop_on_signals()
     bind_host = addresses.bind_address(host)
     state, completion, lighthouse = _bind(cfg, bind_host)
+    local = bind_host != "::"
+    try:
+        owned = _own_outputs(cfg, config_path)
+    except (DirectoryBusy, SetAsideError) as e:
+        _refuse_run(cfg, state, str(e), local)
+        completion.shutdown()
+        completion.server_close()
+        lighthouse.stop()
+        raise RuntimeError(str(e)) from None
+    try:
+        return _supervise_and_conclude(cfg, host, bind_host, config_path, print_summary, started_at, stop,
+                                       state, completion, lighthouse, local)
+    finally:
+        owned.release()
+
+
+def _supervise_and_conclude(cfg: ExperimentConfig, host: str, bind_host: str, config_path: str,
+                            print_summary: bool, started_at: float, stop: threading.Event, state: CompletionState,
+                            completion: ThreadingHTTPServer, lighthouse: "SupervisedLighthouse", local: bool) -> int:
     role_error: Optional[str] = None
     try:
-        _prepare_outputs(cfg, config_path)
         state.on_event = _on_fault(lighthouse, cfg)
         state.open()
         opened = time.monotonic()
         _announce(cfg, host, bind_host)
         # A role that never reaches us (it died at start, its pod was never scheduled) is lost too.
-        never_seen = addresses.never_seen_s(cfg, local=bind_host != "::")
+        never_seen = addresses.never_seen_s(cfg, local=local)
         _supervise(cfg, state, lighthouse, stop, opened, never_seen)
     except Exception as e:  # never end without a verdict: the summary says what went wrong
         role_error = f"lighthouse role error: {type(e).__name__}: {e}"
@@ -222,7 +243,18 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         completion.server_close()  # free the port now, not when the report is done
         lighthouse.stop()
     summary = _summary(cfg, state, started_at, config_path, lighthouse.restarts, role_error, stop.is_set())
-    return _conclude(cfg, summary, stop.is_set(), print_summary)
+    try:
+        return _conclude(cfg, summary, stop.is_set(), print_summary)
+    except OSError:  # even the console's log cannot be written (its disk is full): the exit code still tells
+        return 0 if summary.succeeded else 1
+
+
+def _refuse_run(cfg: ExperimentConfig, state: CompletionState, reason: str, local: bool) -> None:
+    """This run may not use its output: tell its replica roles at their first contact (they stop without
+    touching a file), bounded by how long they would look for us, then leave without writing anything."""
+    state.set_abort(reason)
+    state.open()
+    state.wait(state.all_finished, timeout=addresses.first_contact_s(cfg, local=local) + 5.0)
 
 
 def _summary(cfg: ExperimentConfig, state: CompletionState, started_at: float, config_path: str, restarts: int,
@@ -271,18 +303,47 @@ def _bind(cfg: ExperimentConfig, bind_host: str) -> Tuple[CompletionState, Threa
     return state, completion, lighthouse
 
 
+# A previous job's outputs in the run directory, set aside at every start so the directory describes one job:
+# its verdict (a stale summary.json must never stand beside a new run's files), the config it ran, its
+# metrics, report and group results.
+PREVIOUS_OUTPUTS = (SUMMARY_FILE, CONFIG_FILE, METRICS_DIR, REPORT_DIR, GROUPS_DIR)
+# More set-aside folders than this in a run directory and the start says how to remove them.
+SET_ASIDE_NOTICE = 10
+
+
+def _own_outputs(cfg: ExperimentConfig, config_path: str) -> Claim:
+    """Claim the output (and checkpoint) directory, then prepare it; the claim, held until the verdict is out.
+
+    Before anything is moved or written: a directory another live run holds is refused (DirectoryBusy),
+    and so is a checkpoint directory that is not only ours (SetAsideError), with nothing touched.
+    """
+    owned, notes = ownership.claim(ownership.directories(cfg), lifecycle.run_id())
+    try:
+        for note in notes:
+            print(f"lighthouse: {note}", flush=True)
+        _prepare_outputs(cfg, config_path)
+    except BaseException:
+        owned.release()
+        raise
+    return owned
+
+
 def _prepare_outputs(cfg: ExperimentConfig, config_path: str) -> None:
-    """Set aside what a previous job left (its checkpoints with --fresh, its metrics); record this run's config."""
+    """Set aside what a previous job left (its checkpoints with --fresh, its outputs); record this run's config."""
     if cfg.checkpoint.enabled and addresses.fresh_requested(cfg):
-        moved = move_aside(cfg.checkpoint_dir)
+        moved = set_aside_checkpoints(cfg.checkpoint_dir)
         if moved:
-            print(f"lighthouse: starting over: moved old checkpoints {cfg.checkpoint_dir} -> {moved}", flush=True)
-    # The metrics files and the report describe this job; a previous job's are kept beside them.
-    old_metrics = move_aside(metrics_dir(cfg.run_dir))
-    if old_metrics:
-        print(f"lighthouse: a previous run's metrics moved to {old_metrics}", flush=True)
+            print(f"lighthouse: starting over: old checkpoints set aside in {moved}", flush=True)
+    previous = set_aside_outputs(cfg.run_dir, PREVIOUS_OUTPUTS)
+    if previous:
+        print(f"lighthouse: a previous run's outputs set aside in {previous}", flush=True)
+    folders = set_aside.find(cfg.run_dir)
+    if len(folders) > SET_ASIDE_NOTICE:
+        mb = sum(f.bytes for f in folders) / 2**20
+        print(f"lighthouse: {len(folders)} set-aside folders under {cfg.run_dir} hold {mb:.0f} MB; list or remove "
+              f"them with: python -m localsgd_ft.cleanup {cfg.run_dir} [--delete --keep N]", flush=True)
     # What this run ran, every default filled in (overrides included): rerunnable as it is.
-    write_text_atomic(cfg.run_dir / "config.yaml", resolved_yaml(cfg, config_path))
+    write_text_atomic(cfg.run_dir / CONFIG_FILE, resolved_yaml(cfg, config_path))
 
 
 def _announce(cfg: ExperimentConfig, host: str, bind_host: str) -> None:
@@ -298,7 +359,13 @@ def _announce(cfg: ExperimentConfig, host: str, bind_host: str) -> None:
 
 def _conclude(cfg: ExperimentConfig, summary: Summary, stopped: bool, print_summary: bool) -> int:
     """Write summary.json, say what happened and make the report; the role's exit code (the run's verdict)."""
-    write_json_atomic(cfg.run_dir / "summary.json", summary.wire())
+    summary_path = cfg.run_dir / SUMMARY_FILE
+    try:
+        write_json_atomic(summary_path, summary.wire())
+    except OSError as e:  # a full disk must not cost the verdict: it is still printed, and is the exit code
+        print(f"lighthouse: ERROR: could not write {summary_path} ({type(e).__name__}: {e}); the verdict "
+              "below stands, and the summary is printed in full", flush=True)
+        summary_path, print_summary = None, True
     for g, rep in summary.replica_groups.items():
         print(f"lighthouse: group {g}: exit_code={rep.exit_code} steps={rep.steps} "
               f"syncs_committed={rep.syncs_committed} restarts={rep.restarts} "
@@ -311,17 +378,20 @@ def _conclude(cfg: ExperimentConfig, summary: Summary, stopped: bool, print_summ
             print(f"lighthouse: to resume, run the same command again ({where}, in {cfg.checkpoint_dir})", flush=True)
     if summary.lost_groups:
         print(f"lighthouse: lost replica groups: {summary.lost_groups}", flush=True)
+    if summary.checkpoints_stopped:
+        print(f"lighthouse: WARNING: checkpoints stopped ({summary.checkpoints_stopped}); the newest is in "
+              f"{cfg.checkpoint_dir}", flush=True)
     if print_summary:
         # One line, so it can be cut out of `torchx log` / kubectl logs: the container keeps no files.
         print("lighthouse: SUMMARY_JSON " + json.dumps(summary.wire(), separators=(",", ":")), flush=True)
     # Stopped (Ctrl-C, a cancel, the client gone): leave at once; the plots can be made later.
-    report_ok = False if stopped else _run_report(cfg)
+    report_ok = False if stopped or summary_path is None else _run_report(cfg)
     if stopped:
         print(f"lighthouse: report skipped; make it with: python -m localsgd_ft.report {cfg.run_dir}", flush=True)
     verdict = "SUCCEEDED" if summary.succeeded else "FAILED"
     why = f" ({summary.failure_reason})" if summary.failure_reason else ""
     print(f"lighthouse: training {verdict}{why}; final_test_accuracy={summary.final_test_accuracy}; "
-          f"summary: {cfg.run_dir / 'summary.json'}"
+          f"summary: {summary_path or 'not written (see above)'}"
           + (f"; report: {cfg.run_dir / 'report'}" if report_ok else ""), flush=True)
     if not stopped:  # stopped, the client is tearing the run down and copies nothing more
         lifecycle.wait_for_console_copy()

@@ -12,8 +12,11 @@ from localsgd_ft.config import ConfigError, ExperimentConfig
 from localsgd_ft.launch.addresses import free_port
 from localsgd_ft.launch.client_hooks import is_dry_run, scheduler_from_argv
 from localsgd_ft.launch.gpus import check_local_lists
-from localsgd_ft.storage.checkpoints import resume_point
+from localsgd_ft.storage import ownership, set_aside
+from localsgd_ft.storage.checkpoints import check_extends, resume_point
 from localsgd_ft.storage.cifar10 import DataError, locate
+from localsgd_ft.storage.ownership import DirectoryBusy
+from localsgd_ft.storage.set_aside import SetAsideError
 
 # Schedulers that give every replica of a role a host the others can reach by a name we can find
 # (see localsgd_ft.launch.addresses.group_first_host): where a group may span several nodes.
@@ -30,10 +33,17 @@ def check(cfg: ExperimentConfig, config: str, image: str, fresh: bool, argv: Lis
             # catch missing data and absent GPUs before any process starts, and download CIFAR-10 here,
             # once, rather than in every group (each role still checks it before its torchrun starts).
             _check_local_machine(cfg, download=cfg.data.download and not is_dry_run(argv))
-            if not fresh:  # an incompatible resume is refused now (in images the trainer checks)
-                resume_point(cfg, start_over=not cfg.checkpoint.resume)
+            # Another live run in this run's directories, or --fresh where it would move foreign files.
+            for directory, what in ownership.directories(cfg):
+                ownership.check_free(directory, what)
+            if cfg.checkpoint.enabled and (fresh or not cfg.checkpoint.resume):
+                set_aside.check_checkpoints(cfg.checkpoint_dir)
+            if not fresh:  # an incompatible resume, or one with nothing to train, is refused now
+                found, _ = resume_point(cfg, start_over=not cfg.checkpoint.resume)
+                if found is not None:
+                    check_extends(cfg, found)
         _check_scheduler_places_nodes(cfg, scheduler_from_argv(argv))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, DirectoryBusy, SetAsideError) as e:
         raise ConfigError(f"{config}: {e}") from None
 
 

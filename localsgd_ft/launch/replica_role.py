@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 from localsgd_ft.config import ExperimentConfig
 from localsgd_ft.contract import (COMPLETION_ENV, GROUP_ENV, HEARTBEAT_S, NUM_GROUPS_ENV, TORCHFT_LIGHTHOUSE_ENV,
                                   Status, StopReason, TrainerResult, read)
+from localsgd_ft.contract.names import GROUPS_DIR
 from localsgd_ft.launch import addresses, gpus, lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient, Refused
 from localsgd_ft.storage.cifar10 import DataError, locate
@@ -38,7 +39,7 @@ class Stop:
 
 def result_path(cfg: ExperimentConfig, group: int) -> Path:
     """Where group ``group``'s trainer (worker 0) leaves its final result."""
-    return cfg.run_dir / "groups" / f"{group}.json"
+    return cfg.run_dir / GROUPS_DIR / f"{group}.json"
 
 
 def torchrun_command(cfg: ExperimentConfig, config_path: str, script: str,
@@ -176,8 +177,14 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     client = CompletionClient(env[COMPLETION_ENV], lifecycle.run_token())
 
     local = addresses.is_loopback(host)
-    if not _first_contact(cfg, client, group, node, local):
+    status = _first_contact(cfg, client, group, node, local)
+    if status is None:
         return 1
+    if status.abort:  # e.g. another run holds the output directory: touch nothing, start nothing
+        print(f"replica {group}: not started: the lighthouse role refused this run (its line says why)",
+              file=sys.stderr, flush=True)
+        return _report(client, group, 2, TrainerResult(error=status.abort, permanent=True), deadline_s=5.0,
+                       node=node)
 
     beat = Heartbeat(cfg, group, client, node).start()
     gpu_problem = gpus.check_role(cfg, group, env)
@@ -218,13 +225,14 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping)
 
 
-def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, local: bool) -> bool:
-    """Whether this run's lighthouse role answers; if not, one line on stderr says why."""
+def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int,
+                   local: bool) -> Optional[Status]:
+    """Where the run stands, if this run's lighthouse role answers; if not, None and one line on stderr says why."""
     # The lighthouse role may still be starting (on a cluster its pod or node may come up later
     # than ours); a stranger on its port refuses us at once.
     try:
-        client.heartbeat(group, deadline_s=addresses.first_contact_s(cfg, local=local), node=node)
-        return True
+        return Status.model_validate(client.heartbeat(group, deadline_s=addresses.first_contact_s(cfg, local=local),
+                                                      node=node))
     except Refused as e:
         print(f"replica {group}: error: the completion service at {client.url} refused this run ({e}); "
               f"another run holds port {cfg.lighthouse.completion_port} (lighthouse.port + 1): stop it, or set "
@@ -232,7 +240,7 @@ def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, 
     except Exception as e:
         print(f"replica {group}: error: the lighthouse role at {client.url} is not reachable: {e}",
               file=sys.stderr, flush=True)
-    return False
+    return None
 
 
 def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, code: int,

@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from localsgd_ft.contract.names import METRICS_DIR
+
 
 def metrics_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "metrics"
+    return Path(run_dir) / METRICS_DIR
 
 
 def metrics_path(run_dir: Path, group: int) -> Path:

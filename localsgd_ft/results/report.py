@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from localsgd_ft.contract import Summary
+from localsgd_ft.contract.names import REPORT_DIR
 from localsgd_ft.results.plots import write_plots
 from localsgd_ft.results.tables import summary_table
 
@@ -48,7 +49,7 @@ def make_report(run_dir: Path) -> Tuple[str, List[Path]]:
     """Write the report into ``run_dir/report``; returns the table and the files written."""
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
-    out = run_dir / "report"
+    out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(summary)
     (out / "summary.txt").write_text(table + "\n")

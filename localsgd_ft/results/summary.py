@@ -15,18 +15,20 @@ from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional
 
 from localsgd_ft.config import ExperimentConfig, to_dict
-from localsgd_ft.contract import (CheckpointEntry, CheckpointEvent, FaultCounts, FaultEvent, GroupSummary,
-                                  RecoveredEvent, Recovery, ResumedEvent, Snapshot, Summary, SyncStallEvent,
-                                  TrainerResult)
+from localsgd_ft.contract import (CheckpointEntry, CheckpointEvent, CheckpointFailedEvent, FaultCounts, FaultEvent,
+                                  GroupSummary, RecoveredEvent, Recovery, ResumedEvent, Snapshot, Summary,
+                                  SyncStallEvent, TrainerResult)
 
 # How long after a failure's recovery a survivor's stall report may still arrive.
 STALL_REPORT_SLACK_S = 5.0
 
 
 def _recoveries(events: List[Any]) -> List[Recovery]:
-    faults = [e for e in events if isinstance(e, FaultEvent)]
-    recovered = [e for e in events if isinstance(e, RecoveredEvent)]
-    stalls = [e for e in events if isinstance(e, SyncStallEvent)]
+    # The service stamps every event it stores; one without a time (a snapshot made by hand) cannot be paired.
+    timed = [e for e in events if e.time is not None]
+    faults = [e for e in timed if isinstance(e, FaultEvent)]
+    recovered = [e for e in timed if isinstance(e, RecoveredEvent)]
+    stalls = [e for e in timed if isinstance(e, SyncStallEvent)]
     # A stall belongs to the latest failure before it ended: when failures come closer together
     # than a recovery takes, each stall is still counted once, for the failure that caused it.
     cause = {id(s): max((i for i, f in enumerate(faults) if f.time <= s.time), default=None) for s in stalls}
@@ -130,6 +132,8 @@ def summarize(cfg: ExperimentConfig, reports: Mapping[str, Any], started_at: flo
         resumed_from_step=min(resumed) if resumed else 0,
         checkpoints_written=[CheckpointEntry(step=e.step, sync=e.sync, group=e.group)
                              for e in events if isinstance(e, CheckpointEvent)],
+        checkpoints_stopped=next((f"group {e.group} at step {e.step}: {e.error}" for e in events
+                                  if isinstance(e, CheckpointFailedEvent)), None),
         wall_time_s=round(time.time() - started_at, 3),
         lighthouse_peak_rss_mb=lighthouse_rss_mb,
         lighthouse_restarts=lighthouse_restarts,

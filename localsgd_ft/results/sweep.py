@@ -9,7 +9,15 @@ Every combination of the ``--grid`` values is one point; trailing
 same validation, lifecycle and outputs as a single run), one after another,
 into ``SWEEP_DIR/<point>/`` (``--out``, default ``outputs/sweeps/<config
 name>``), named after its point. Grid values are parsed as YAML and split at
-commas (a value cannot hold a comma).
+commas (a value cannot hold a comma); two values of one key that YAML reads
+as the same (``10`` and ``1_0``) are refused.
+
+- Point names: ``<name>-<key><value>-...`` with the last part of each key.
+  Where that is not the values' own text (characters a name cannot hold,
+  such as ``.`` or ``/``, become ``_``) or longer than a name may be, a hash
+  of the exact values follows, so distinct points never share a directory
+  (``120.5`` and ``120_5`` give ``...120_5-<hash>`` and ``...120_5``); any
+  clash left is refused before anything runs.
 
 - Progress: each point's line (``point i/n``) and its run's own output.
 - A failed point is recorded and the sweep goes on; the exit code is 1 if any
@@ -34,6 +42,7 @@ commas (a value cannot hold a comma).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import re
@@ -45,7 +54,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from localsgd_ft.config import ConfigError, load_config, to_dict
+from localsgd_ft.config import ConfigError, load_config, load_yaml, to_dict
+from localsgd_ft.config.errors import shown
+from localsgd_ft.config.limits import NAME_MAX
 from localsgd_ft.contract import Summary
 from localsgd_ft.results.compare import compare, flatten
 from localsgd_ft.results.report import ReportError
@@ -63,14 +74,49 @@ def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
                               "(e.g. localsgd.sync_every=10,50,100)")
         if key in [k for k, _ in grid]:
             raise ConfigError(f"--grid {item!r}: {key} is already swept; give all its values in one --grid")
+        _refuse_repeats(item, parts)
         grid.append((key, parts))
     return grid
 
 
+def _refuse_repeats(item: str, values: Sequence[str]) -> None:
+    """Two texts of one grid key that YAML reads as one value would run the same point twice."""
+    seen: Dict[str, str] = {}
+    for text in values:
+        value = load_yaml(text, f"--grid {shown(item)}: {shown(text)}", "the value is not valid YAML")  # bounded
+        same = seen.setdefault(json.dumps(value, sort_keys=True, default=repr), text)
+        if same != text:
+            raise ConfigError(f"--grid {shown(item)}: {shown(same)} and {shown(text)} are the same value "
+                              f"({shown(value)}) in YAML; give each value once")
+
+
+_NAME_PART = re.compile(r"[A-Za-z0-9_]+")  # '-' separates the parts, so a value holding one is not its own text
+_HASH_CHARS = 8
+
+
 def point_name(base: str, point: Sequence[Tuple[str, str]]) -> str:
-    """A run name that says its point, e.g. ``smoke-sync_every10-recoveryasync`` (letters, digits, - and _)."""
-    parts = [base] + [f"{key.split('.')[-1]}{value}" for key, value in point]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join(parts))
+    """A run name that says its point, e.g. ``smoke-sync_every10-recoveryasync`` (letters, digits, - and _).
+
+    Where the readable name loses something (a character it cannot hold) or would be too long for a name, a
+    hash of the exact values follows it: two distinct points never get one name, or one output directory.
+    """
+    parts = [f"{key.split('.')[-1]}{value}" for key, value in point]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", "-".join([base, *(re.sub("-", "_", p) for p in parts)]))
+    exact = all(_NAME_PART.fullmatch(value) for _, value in point)
+    if exact and len(readable) <= NAME_MAX:
+        return readable
+    digest = hashlib.sha256(json.dumps([list(p) for p in point]).encode()).hexdigest()[:_HASH_CHARS]
+    return f"{readable[: NAME_MAX - _HASH_CHARS - 1].rstrip('-_')}-{digest}"
+
+
+def _refuse_shared_names(todo: Sequence[Dict[str, Any]]) -> None:
+    """Two points in one directory: the second would resume from, or be skipped for, the first's run."""
+    owner: Dict[str, Dict[str, Any]] = {}
+    for p in todo:
+        first = owner.setdefault(p["name"], p)
+        if first is not p:
+            raise ConfigError(f"points {first['point']} and {p['point']} would both be named {p['name']} (one "
+                              "output directory); change one of the values")
 
 
 def points(config: Path, grid: List[Tuple[str, List[str]]], fixed: Sequence[str],
@@ -84,6 +130,7 @@ def points(config: Path, grid: List[Tuple[str, List[str]]], fixed: Sequence[str]
         overrides = [*fixed, *(f"{k}={v}" for k, v in combo), f"name={name}", f"output_dir={run_dir}"]
         load_config(config, overrides=overrides)  # a bad value fails the sweep now, not after hours
         result.append({"name": name, "point": dict(combo), "overrides": overrides, "output_dir": str(run_dir)})
+    _refuse_shared_names(result)
     return result
 
 

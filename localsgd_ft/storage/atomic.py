@@ -1,4 +1,8 @@
-"""Atomic text and JSON writes (a reader never sees a half-written file) and file digests."""
+"""Atomic, durable text and JSON writes (a reader never sees a half-written file) and file digests.
+
+Durable: the data is fsynced before the rename, and the directory after it, so that once a write
+returns, a power cut leaves the new file under its name (not the old one, not none).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,20 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable (a rename or unlink is only in memory until then)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and FUSE mounts) cannot fsync a directory; the data itself was synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

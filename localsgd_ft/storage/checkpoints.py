@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from localsgd_ft.config import ConfigError, ExperimentConfig, to_dict
-from localsgd_ft.storage.atomic import file_digest, write_json_atomic
+from localsgd_ft.storage.atomic import file_digest, fsync_dir, write_json_atomic
 
 # Config keys a checkpoint cannot outlive: changing one changes what the saved
 # state means. Everything else (max_steps, eval cadence, timeouts, faults, ...) may change.
@@ -83,7 +83,7 @@ def check_compatible(cfg: ExperimentConfig, found: Found) -> None:
         raise ConfigError(
             f"cannot resume from checkpoint {found.path}: {what}. Restore those settings to resume, "
             "or start over with `torchx run -- --fresh True ...` or checkpoint.resume: false "
-            "(the old checkpoints are then moved aside, not deleted)"
+            "(the old checkpoints are then set aside, not deleted)"
         )
 
 
@@ -124,7 +124,10 @@ def load(found: Found, device: Any) -> Dict[str, Any]:
 
 
 def save(cfg: ExperimentConfig, payload: Dict[str, Any], step: int, sync: int) -> Path:
-    """Write ``payload`` as the checkpoint of training step ``step``; prune to checkpoint.keep."""
+    """Write ``payload`` as the checkpoint of training step ``step``; once it is durable, prune to checkpoint.keep.
+
+    Raises OSError (a full disk, a quota) with no partial checkpoint left under a valid-looking name.
+    """
     import torch
 
     directory = cfg.checkpoint_dir
@@ -142,25 +145,40 @@ def save(cfg: ExperimentConfig, payload: Dict[str, Any], step: int, sync: int) -
         raise
     meta = {"step": step, "sync": sync, "sha256": file_digest(pt, "sha256"), "time": time.time(), "file": pt.name,
             "config": to_dict(cfg)}
-    write_json_atomic(pt.with_suffix(".json"), meta)
-    for old in list_valid(directory, warn=False)[cfg.checkpoint.keep:]:
-        old.path.with_suffix(".json").unlink(missing_ok=True)  # metadata first: never a valid-looking orphan
-        old.path.unlink(missing_ok=True)
+    write_json_atomic(pt.with_suffix(".json"), meta)  # fsyncs the directory: both names are durable now
+    prune(directory, cfg.checkpoint.keep, step)
     return pt
 
 
-def move_aside(directory: Path) -> Optional[Path]:
-    """Start-over: rename an existing checkpoint directory out of the way (nothing is deleted)."""
-    directory = Path(directory)
-    if not directory.is_dir() or not any(directory.iterdir()):
-        return None
-    target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = target.with_name(f"{target.name}-{n}")
-        n += 1
-    shutil.move(str(directory), str(target))
-    return target
+_STEP_OF = re.compile(r"^\.?step_(\d+)\.")
+
+
+def prune(directory: Path, keep: int, newest: int) -> None:
+    """Keep the newest ``keep`` valid checkpoints; remove the rest, and what killed or failed writes left
+    behind for steps before ``newest`` (temporary files, a ``.pt`` whose ``.json`` never landed).
+    Invalid checkpoints (a ``.json`` whose ``.pt`` does not match) stay, as evidence."""
+    for old in list_valid(directory, warn=False)[keep:]:
+        old.path.with_suffix(".json").unlink(missing_ok=True)  # metadata first: never a valid-looking orphan
+        old.path.unlink(missing_ok=True)
+    for path in directory.iterdir():
+        m = _STEP_OF.match(path.name)
+        if not m or int(m.group(1)) >= newest:
+            continue
+        temporary = path.name.startswith(".")
+        orphan = path.suffix == ".pt" and not path.with_suffix(".json").exists()
+        if temporary or orphan:
+            path.unlink(missing_ok=True)
+    fsync_dir(directory)
+
+
+def check_extends(cfg: ExperimentConfig, found: Found) -> None:
+    """Refuse a new launch that would resume at or past its end: it would train nothing and report success."""
+    if found.step >= cfg.train.max_steps:
+        raise ConfigError(
+            f"the newest checkpoint ({found.path}) is at step {found.step}, and train.max_steps is "
+            f"{cfg.train.max_steps}: this run would train nothing. To train further, raise train.max_steps "
+            f"above {found.step}; to start over, run with `torchx run -- --fresh True ...` (the old checkpoints "
+            "are set aside, not deleted)")
 
 
 def resume_point(cfg: ExperimentConfig, start_over: bool) -> Tuple[Optional[Found], str]:
@@ -173,4 +191,7 @@ def resume_point(cfg: ExperimentConfig, start_over: bool) -> Tuple[Optional[Foun
     if found is None:
         return None, f"no valid checkpoint in {cfg.checkpoint_dir}: starting from scratch"
     check_compatible(cfg, found)
+    if found.step >= cfg.train.max_steps:  # a restart after the end (a new launch is refused: check_extends)
+        return found, (f"resuming from checkpoint {found.path} (step {found.step}), at or past train.max_steps "
+                       f"({cfg.train.max_steps}): nothing is left to train")
     return found, f"resuming from checkpoint {found.path} (step {found.step})"

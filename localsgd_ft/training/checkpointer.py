@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from localsgd_ft.config import ExperimentConfig
-from localsgd_ft.contract import EventKind
+from localsgd_ft.contract import EventKind, clip
 from localsgd_ft.launch.completion.client import CompletionClient
 from localsgd_ft.results.metrics import MetricsLog
 from localsgd_ft.storage import checkpoints
@@ -56,6 +56,7 @@ class Checkpointer:
         self.writer = writer  # worker 0 of the group: DDP keeps every worker's state identical
         self.policy = CheckpointPolicy(cfg.checkpoint.every_syncs, cfg.checkpoint.every_s, clock())
         self.written: List[int] = []  # training steps of the checkpoints this process wrote
+        self.stopped: Optional[str] = None  # why this process writes no more checkpoints
 
     def restore(self, found: checkpoints.Found, device: torch.device) -> int:
         """Load ``found`` into model, optimizer, algorithm and Manager; returns its training step."""
@@ -76,19 +77,37 @@ class Checkpointer:
     def after_commit(self) -> None:
         """Called after every committed sync: write a checkpoint if this group should, now."""
         pos = self.position
-        if not self.cfg.checkpoint.enabled or not self.writer or pos.manager.participating_rank() != 0:
+        if (not self.cfg.checkpoint.enabled or not self.writer or self.stopped is not None
+                or pos.manager.participating_rank() != 0):
             return
         now = self.clock()
         if not self.policy.due(pos.syncs, pos.done(), now):
             return
         step = pos.step()
-        path = checkpoints.save(self.cfg, self._payload(step), step, pos.global_syncs)
+        try:
+            path = checkpoints.save(self.cfg, self._payload(step), step, pos.global_syncs)
+        except OSError as e:
+            self._stop(step, e)
+            return
         self.policy.wrote(self.clock())
         self.written.append(step)
         print(f"LocalSGD: checkpoint written: {path} (step {step})", flush=True)
         self.completion.report(self.group, EventKind.CHECKPOINT, step=step, sync=pos.global_syncs)
         if self.metrics is not None:
             self.metrics.add(EventKind.CHECKPOINT, step, global_sync=pos.global_syncs)
+
+    def _stop(self, step: int, e: OSError) -> None:
+        """A write failed (a full disk, a quota, the volume gone): say so once and train on without checkpoints.
+
+        Retrying at every sync would crash-loop nothing now, but would fill the log and pause every sync for a
+        write that fails; the live groups still hold the state, and the summary says checkpoints stopped."""
+        self.stopped = f"{type(e).__name__}: {e}"
+        print(f"LocalSGD: WARNING: checkpoint at step {step} could not be written ({self.stopped}); this group "
+              f"writes no more checkpoints and trains on. Free space in {self.cfg.checkpoint_dir} and resume from "
+              "the newest valid checkpoint should the run stop", flush=True)
+        self.completion.report(self.group, EventKind.CHECKPOINT_FAILED, step=step, error=clip(self.stopped))
+        if self.metrics is not None:
+            self.metrics.add(EventKind.CHECKPOINT_FAILED, step, error=self.stopped)
 
     def _payload(self, step: int) -> Dict[str, Any]:
         epoch, batch_in_epoch = self.batches.position(step)

@@ -24,6 +24,7 @@ from typing import Any, List, Optional
 
 from localsgd_ft.config import ExperimentConfig, Fault
 from localsgd_ft.contract import EventKind
+from localsgd_ft.launch import lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient
 from localsgd_ft.results.metrics import MetricsLog
 
@@ -111,8 +112,11 @@ class FaultInjector:
             _die()
         elif fault.kind == "hang":
             # A helper process stops us and resumes us: the whole process freezes, heartbeats included,
-            # as when a machine stops responding.
-            subprocess.Popen(["sh", "-c", f"kill -STOP {os.getpid()}; sleep {fault.duration_s}; kill -CONT {os.getpid()}"])
+            # as when a machine stops responding. The helper dies with us (parent-death signal), so it
+            # can never signal a pid that was reused after we died.
+            pid = os.getpid()
+            subprocess.Popen(["sh", "-c", f"kill -STOP {pid}; sleep {fault.duration_s}; kill -CONT {pid}"],
+                             preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
             self.hung = True
         elif fault.kind == "kill_during_sync":
             self._arm_kill_in_allreduce()

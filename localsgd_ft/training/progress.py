@@ -5,9 +5,12 @@ torchft's example (``LocalSGD: Number of local optimizer steps completed: N``)
 and one line of its own (training step, loss, accuracy, samples/s, quorum,
 committed syncs, ETA), and appends a ``train`` event to its metrics file.
 Every ``train.eval_every`` local steps it evaluates on the test set; the time
-spent evaluating is left out of samples/s. The loss stays on the device and is
-read once per progress line: no host sync per step. A loss that is not a
-finite number there stops the run (:class:`Diverged`, a permanent error).
+spent evaluating is left out of samples/s. The evaluations kept for the result
+are bounded (``Evaluation.thin``): a long run's result still fits the
+completion service's cap, and the metrics file keeps every one. The loss stays
+on the device and is read once per progress line: no host sync per step. A
+loss that is not a finite number there stops the run (:class:`Diverged`, a
+permanent error).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from localsgd_ft.config import ExperimentConfig
+from localsgd_ft.contract import Evaluation
 from localsgd_ft.results.metrics import MetricsLog
 from localsgd_ft.training.position import Position
 from localsgd_ft.training.sync_monitor import SyncMonitor
@@ -37,7 +41,8 @@ class Progress:
         # A group's other workers leave lines and evaluations to worker 0: their parameters are its.
         self.quiet = quiet
         self.loss_sum = torch.zeros((), device=device)
-        self.evals: List[Dict[str, float]] = []
+        self.evals: List[Dict[str, float]] = []  # for the result: thinned at the cap, the latest always last
+        self.evals_count = 0
         self.started = time.monotonic()
         # The measuring window since the last progress line (evaluations excluded).
         self._t, self._steps, self._paused_s = self.started, 0, 0.0
@@ -58,7 +63,9 @@ class Progress:
         t = time.monotonic()
         acc = self.evaluate()
         self._paused_s += time.monotonic() - t
+        self.evals_count += 1
         self.evals.append({"step": steps, "test_accuracy": acc})
+        self.evals = Evaluation.thin(self.evals)
         print(f"LocalSGD: group {self.group} step {steps} test_accuracy {acc:.4f}", flush=True)
         if self.metrics is not None:
             self.metrics.add("eval", self.position.step(), flush=True, local_step=steps, test_accuracy=acc)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from localsgd_ft.config import ConfigError, ExperimentConfig, load_config
-from localsgd_ft.contract import COMPLETION_ENV, GROUP_ENV, TORCHRUN_ENV, EventKind, FinalSync, Status, TrainerResult
+from localsgd_ft.contract import (COMPLETION_ENV, GROUP_ENV, TORCHRUN_RESTARTS_ENV, EventKind, FinalSync, Status,
+                                  TrainerResult)
 from localsgd_ft.launch import addresses, lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient, Refused
 from localsgd_ft.results.metrics import MetricsLog, metrics_path
@@ -195,23 +195,27 @@ class GroupTraining:
         """This incarnation: its number, its metrics, its checkpoints, where it resumes; then wait for the others."""
         cfg, group, workers, completion = self.cfg, self.group, self.workers, self.completion
         self.metrics: Optional[MetricsLog] = None
-        restarts = 0
+        restarts, first = 0, True
         if self.leader:
             # The lighthouse role counts the group's incarnations: torchrun's restart count is each agent's
             # own, and the agents of a multi-node group do not always count alike.
-            restarts = completion.started(group, uuid.uuid4().hex)
+            index = completion.started(group, uuid.uuid4().hex)
+            # An incarnation killed during its start-up never reached the lighthouse role, but torchrun
+            # counted its restart: count what torchrun counted where it counted more.
+            restarts = max(index, int(os.environ.get(TORCHRUN_RESTARTS_ENV, "0") or 0))
+            first = index == 0
             # Only after the lighthouse role is up: it moves a previous job's metrics aside at its start.
             self.metrics = MetricsLog(metrics_path(cfg.run_dir, group), group)
         self.restarts = restarts = int(workers.agree(restarts))
         self.checkpointer = Checkpointer(cfg, group, self.model, self.optimizer, self.algorithm, self.position,
                                          self.batches, completion, self.metrics, writer=self.leader)
-        # A restarted incarnation always resumes: old runs' checkpoints were moved aside at the start.
+        # A restarted incarnation always resumes: old runs' checkpoints were set aside at the start.
         found, how = _agreed_resume(cfg, workers, restarts)
         self.resumed_from = self.checkpointer.restore(found, self.device) if found is not None else 0
         if not self.leader:
             return  # the others follow worker 0 into the next collective
         print(f"LocalSGD: group {group}: {how}", flush=True)
-        if restarts == 0:
+        if first:  # the group's first incarnation to reach the lighthouse role says where the run starts
             completion.report(group, EventKind.RESUMED, step=self.resumed_from)
         started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
         print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
@@ -321,6 +325,7 @@ class GroupTraining:
             worker_params_sha256=every_worker,
             final_test_accuracy=final_acc,
             evals=self.progress.evals,
+            evals_count=self.progress.evals_count,
             train_time_s=round(train_time, 3),
             samples_per_s=samples_per_s,
             peak_rss_mb=lifecycle.peak_rss_mb(),
@@ -372,8 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 path = result_path(cfg, group)
                 if workers.leader or not path.exists():
                     write_json_atomic(path, TrainerResult(error=str(e), permanent=True).wire())
-                if os.environ.get(TORCHRUN_ENV):  # our parent is torchrun
-                    os.kill(os.getppid(), signal.SIGKILL)
+                lifecycle.end_torchrun()  # only our own torchrun, proven ours
             return 2
         if workers.leader:
             write_json_atomic(result_path(cfg, group), result.wire())

@@ -16,7 +16,8 @@ log = logging.getLogger("localsgd_ft.control")
 
 
 class Refused(RuntimeError):
-    """The completion service answered with an error (4xx): retrying will not help."""
+    """The completion service refused the request (4xx): retrying it will not help. A 5xx (starting, busy)
+    is a ConnectionError, retried."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -39,12 +40,12 @@ class CompletionClient:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
-            if e.code == 503:
-                raise ConnectionError("the lighthouse role is starting") from None
             try:
                 message = ErrorReply.model_validate(json.loads(e.read())).error
             except (ValueError, OSError):
                 message = str(e)
+            if e.code >= 500:  # starting, busy, or failing on this one request: the service is there, retry
+                raise ConnectionError(f"{self.url}{path}: {e.code}: {message}") from None
             raise Refused(e.code, f"{self.url}{path}: {e.code}: {message}") from None
 
     def _call_retrying(self, path: str, body: Optional[dict], deadline_s: float) -> dict:
@@ -102,7 +103,19 @@ class CompletionClient:
 
     def finished(self, group: int, exit_code: int, result: Union[TrainerResult, Dict[str, Any], None],
                  deadline_s: float = 60.0, node: int = 0) -> None:
-        """Report this node's end; ``result`` a TrainerResult, or its JSON (the service checks it)."""
+        """Report this node's end; ``result`` a TrainerResult, or its JSON (the service checks it).
+
+        A result too large for the service (none built as a TrainerResult is) is replaced by the reason it
+        was refused: the group's end is then known, with why its result is missing, rather than inferred
+        from silence as a lost role.
+        """
         report = FinishedRequest(group=group, node=node, exit_code=exit_code, result=None).wire()
         report["result"] = result.wire() if isinstance(result, TrainerResult) else result
-        self._call_retrying(Route.FINISHED, report, deadline_s)
+        try:
+            self._call_retrying(Route.FINISHED, report, deadline_s)
+        except Refused as e:
+            if e.code != 413 or report["result"] is None:
+                raise
+            log.warning("the completion service refused this node's result: %s", e)
+            report["result"] = TrainerResult(error=f"the completion service refused its result: {e}").wire()
+            self._call_retrying(Route.FINISHED, report, deadline_s)

@@ -42,6 +42,7 @@ class CompletionState:
         self.completed: Optional[dict] = None
         self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.training.quorums)
         self.last_seen: Dict[Tuple[int, int], float] = {}  # (group, node) -> monotonic time of its last heartbeat
+        self.refused: Dict[Tuple[int, int], str] = {}  # (group, node) -> why its /finished was refused
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
 
@@ -67,6 +68,12 @@ class CompletionState:
                 seen.append(incarnation)
             self._cond.notify_all()
             return seen.index(incarnation)
+
+    def refuse_report(self, group: int, node: int, reason: str) -> None:
+        """Node ``node`` of ``group`` reported its end but the report was refused: should it fall silent, that
+        is the reason its group is lost, not a vanished role."""
+        with self._cond:
+            self.refused[(group, node)] = reason
 
     def add_event(self, event: dict) -> bool:
         """Record ``event``; False if it repeats an already fired ``fault_id``."""
@@ -142,8 +149,9 @@ class CompletionState:
                 self._cond.notify_all()
         return settled
 
-    def declare_silent_lost(self, timeout_s: float) -> List[Tuple[int, float]]:
-        """Groups a node of which has heartbeated before but not for ``timeout_s``: mark them finished as lost."""
+    def declare_silent_lost(self, timeout_s: float) -> List[Tuple[int, str]]:
+        """Groups a node of which has heartbeated before but not for ``timeout_s``: mark them finished as lost;
+        each with the reason (a refused report, if that was the last thing heard from it)."""
         now = time.monotonic()
         with self._cond:
             silent: Dict[int, Tuple[int, float]] = {}
@@ -152,9 +160,17 @@ class CompletionState:
                         if (g, n) in self.last_seen and now - self.last_seen[(g, n)] > timeout_s]
                 if late:
                     silent[g] = late[0]
-            self._mark_lost({g: f"role lost: no heartbeat{self._from_node(n)} for {s:.0f} s"
-                             for g, (n, s) in silent.items()})
-        return [(g, s) for g, (_, s) in silent.items()]
+            reasons = {g: self._silence(g, n, s) for g, (n, s) in silent.items()}
+            self._mark_lost(reasons)
+        return sorted(reasons.items())
+
+    def _silence(self, group: int, node: int, silent_s: float) -> str:
+        """Why a silent node's group is lost (caller holds the lock)."""
+        refused = self.refused.get((group, node))
+        if refused is not None:
+            return (f"its report of how it ended{self._from_node(node)} was refused by the completion service "
+                    f"({refused}); silent for {silent_s:.0f} s since")
+        return f"role lost: no heartbeat{self._from_node(node)} for {silent_s:.0f} s"
 
     def declare_never_seen_lost(self, after_s: float) -> List[int]:
         """Groups a node of which never made contact (no heartbeat, no report): mark them finished as lost."""
