@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, TORCHX, read_summary, small_config, wait_gone, write_config
 
 from localsgd_ft.config import ConfigError, parse_config
-from localsgd_ft.contract.names import RUN_ID_ENV
+from localsgd_ft.contract.names import RUN_ID_ENV, RUN_TOKEN_ENV
 from localsgd_ft.storage import checkpoints, ownership, set_aside
 from localsgd_ft.storage.ownership import OWNER_FILE, DirectoryBusy
 from localsgd_ft.storage.set_aside import SetAsideError
@@ -269,7 +269,7 @@ def test_fresh_with_foreign_files_is_refused_before_anything_starts(tmp_path, ci
 
 
 def _role_env(run_id: str, token: str) -> dict:
-    return {**os.environ, "LOCALSGD_FT_RUN_ID": run_id, "LOCALSGD_FT_RUN_TOKEN": token, "LH_HOST": "localhost",
+    return {**os.environ, RUN_ID_ENV: run_id, RUN_TOKEN_ENV: token, "LH_HOST": "localhost",
             "PYTHONUNBUFFERED": "1"}
 
 

@@ -212,9 +212,7 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
         owned = _own_outputs(cfg, config_path)
     except (DirectoryBusy, SetAsideError) as e:
         _refuse_run(cfg, state, str(e), local)
-        completion.shutdown()
-        completion.server_close()
-        lighthouse.stop()
+        _close(completion, lighthouse)
         raise RuntimeError(str(e)) from None
     try:
         return _supervise_and_conclude(cfg, host, bind_host, config_path, print_summary, started_at, stop,
@@ -239,9 +237,7 @@ def _supervise_and_conclude(cfg: ExperimentConfig, host: str, bind_host: str, co
         role_error = f"lighthouse role error: {type(e).__name__}: {e}"
         print(f"lighthouse: {role_error}", flush=True)
     finally:
-        completion.shutdown()
-        completion.server_close()  # free the port now, not when the report is done
-        lighthouse.stop()
+        _close(completion, lighthouse)  # free the ports now, not when the report is done
     summary = _summary(cfg, state, started_at, config_path, lighthouse.restarts, role_error, stop.is_set())
     try:
         return _conclude(cfg, summary, stop.is_set(), print_summary)
@@ -297,10 +293,17 @@ def _bind(cfg: ExperimentConfig, bind_host: str) -> Tuple[CompletionState, Threa
     try:
         lighthouse.start()
     except RuntimeError:
-        completion.shutdown()
-        completion.server_close()
+        _close(completion)
         raise
     return state, completion, lighthouse
+
+
+def _close(completion: ThreadingHTTPServer, lighthouse: Optional["SupervisedLighthouse"] = None) -> None:
+    """Stop serving and free the ports (the completion service's, the torchft lighthouse's)."""
+    completion.shutdown()
+    completion.server_close()
+    if lighthouse is not None:
+        lighthouse.stop()
 
 
 # A previous job's outputs in the run directory, set aside at every start so the directory describes one job:

@@ -136,16 +136,19 @@ class Claim:
                         warned = True
 
     def release(self) -> None:
-        """Remove each claim file that is still this holder's."""
+        """Stop renewing and remove each claim file that is still this holder's."""
         self._stop.set()
-        for path in self.paths:
-            held = _read(path)
-            if held is not None and (held.run_id, held.pid, held.host) == (
-                    self.holder.run_id, self.holder.pid, self.holder.host):
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        _release(self.paths, self.holder)
+
+
+def _release(paths: List[Path], holder: Holder) -> None:
+    for path in paths:
+        held = _read(path)
+        if held is not None and (held.run_id, held.pid, held.host) == (holder.run_id, holder.pid, holder.host):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def _create(path: Path, holder: Holder) -> bool:
@@ -234,7 +237,7 @@ def claim(directories: Sequence[Tuple[Path, str]], run_id: str) -> Tuple[Claim, 
             if note:
                 notes.append(note)
     except BaseException:
-        Claim(held, holder).release()
+        _release(held, holder)  # what was claimed before the refusal
         raise
     return Claim(held, holder), notes
 
