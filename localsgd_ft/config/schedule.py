@@ -219,7 +219,8 @@ class FaultConfig(Section):
         description="When a 'lighthouse' failure strikes: 'step' (at at_step, between syncs), 'quorum' (as the "
                     "first sync after at_step asks for its quorum), 'allreduce' (inside that sync's parameter "
                     "allreduce), 'heal' (while the first group to recover live loads the state it was sent; "
-                    "at_step is then ignored).")
+                    "at_step is then ignored). A 'hang' takes 'allreduce' too: the group freezes just before it "
+                    "sends its part of the first sync after at_step, so its peers wait for it mid-collective.")
 
     def check(self, cfg: ExperimentConfig, key: str) -> None:
         count, size, steps = cfg.replica_groups.count, cfg.group_size, cfg.train.max_steps
@@ -228,8 +229,9 @@ class FaultConfig(Section):
              f"expected -1 (random) or 0..{size - 1} (a rank of the group's {size} worker(s))")
         need(self.at_step < steps, f"{key}.at_step", self.at_step,
              f"expected 1..{steps - 1} (inside train.max_steps)")
-        need(self.moment == "step" or self.kind == "lighthouse", f"{key}.moment", self.moment,
-             "only 'lighthouse' failures take a moment; other kinds strike at at_step")
+        need(self.moment == "step" or self.kind == "lighthouse" or (self.kind == "hang" and self.moment == "allreduce"),
+             f"{key}.moment", self.moment,
+             "only 'lighthouse' failures take any moment, and 'hang' takes 'allreduce'; other kinds strike at at_step")
 
 
 class FaultsConfig(Section):

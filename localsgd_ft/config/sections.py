@@ -97,6 +97,14 @@ class ReplicaGroupsConfig(Section):
     max_restarts: int = Field(
         3, ge=0, le=MAX_RESTARTS,
         description="How often torchrun restarts a group's crashed workers before the group gives up.")
+    trainer_timeout_s: Annotated[Number, Allowed(
+        f"expected {3 * HEARTBEAT_S:g}..{DAY_S} seconds")] = Field(
+        30.0, ge=3 * HEARTBEAT_S, le=DAY_S,
+        description="A trainer shows it lives twice a second from a thread of its own (it goes on while the "
+                    "trainer waits in a collective or a quorum); one silent this long (frozen, stopped, stuck "
+                    "holding the interpreter) is killed by its replica role so that torchrun restarts the group, "
+                    "which counts as a restart; with none left the group is lost with that reason. Peers stop "
+                    "waiting for it in a sync sooner, after lighthouse.heartbeat_timeout_ms.")
     cpus: Annotated[int, Allowed(f"expected 0 (one per worker) or 1..{MAX_CPUS}, at least one CPU per worker "
                                  "(replica_groups.workers)")] = Field(
         0, ge=0, le=MAX_CPUS,

@@ -16,6 +16,7 @@ GROUP_ENV = "REPLICA_GROUP_ID"  # the component, for a replica role and (through
 NUM_GROUPS_ENV = "NUM_REPLICA_GROUPS"  # the same: replica_groups.count
 COMPLETION_ENV = "LOCALSGD_FT_COMPLETION"  # a replica role, for its trainers: the completion service's URL
 TORCHFT_LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # a replica role, for torchft's Managers: the lighthouse's URL
+LIVENESS_DIR_ENV = "LOCALSGD_FT_LIVENESS_DIR"  # a replica role, for its trainers: where each worker shows it lives
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # torchrun, in its workers: a process that has it runs under torchrun
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun, in its workers: how often it restarted them
 TOKEN_HEADER = "X-LocalSGD-Run-Token"  # the HTTP header that carries the run token on every request
@@ -51,6 +52,8 @@ class EventKind(Name):
     SYNC_STALL = "sync_stall"
     CHECKPOINT = "checkpoint"
     CHECKPOINT_FAILED = "checkpoint_failed"
+    TRAINER_FROZEN = "trainer_frozen"
+    SYNC_ABANDONED = "sync_abandoned"
 
 
 class Route(Name):

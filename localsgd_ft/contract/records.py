@@ -29,6 +29,7 @@ LENIENT = {"lenient": True}
 MAX_EVALS = 1000  # evaluations listed; beyond, older ones are thinned (evals_count keeps the total)
 MAX_CHECKPOINTS_LISTED = 1000  # checkpoint steps listed: the newest (checkpoints_count keeps the total)
 MAX_WORKERS = 4096  # workers of one group whose hashes a result lists (nodes x workers)
+MAX_QUIET_S = 86400.0 * 365  # a trainer's silence, as a role reports it (a year: any real one fits)
 MAX_TEXT = 4000  # characters of an error or a reason; a longer one keeps its start and its end
 Digest = Annotated[str, Field(max_length=64)]  # a SHA-256 in hex
 
@@ -174,6 +175,9 @@ class GroupRequest(Record):
 
 class HeartbeatRequest(GroupRequest):
     """POST /heartbeat, every HEARTBEAT_S from each replica role; answered with the /status reply."""
+    trainer_quiet_s: Optional[float] = Field(
+        None, ge=0, le=MAX_QUIET_S,
+        description="Seconds since the quietest of this node's trainers last showed it lives (null: none runs).")
 
 
 class StartedRequest(GroupRequest):
@@ -265,8 +269,23 @@ class CheckpointFailedEvent(_Event):
     error: str = Field(max_length=MAX_TEXT, description=f"Why the write failed (at most {MAX_TEXT} characters).")
 
 
+class TrainerFrozenEvent(_Event):
+    """A replica role ended a trainer that showed no sign of life for replica_groups.trainer_timeout_s."""
+    kind: Literal[EventKind.TRAINER_FROZEN] = Field(description=_KIND)
+    worker: int = Field(description="The worker's local rank on its node.")
+    quiet_s: float = Field(description="Seconds it had been silent.")
+
+
+class SyncAbandonedEvent(_Event):
+    """A group stopped waiting for a sync's collective because a peer in it fell silent (or it was cut off)."""
+    kind: Literal[EventKind.SYNC_ABANDONED] = Field(description=_KIND)
+    silent: List[int] = Field(max_length=4096, description="The groups of the quorum that had fallen silent "
+                                                            "(empty: this group could not reach the lighthouse role).")
+    waited_s: float = Field(description="Seconds it had waited in the collective.")
+
+
 Event = Annotated[Union[FaultEvent, ResumedEvent, RecoveredEvent, SyncStallEvent, CheckpointEvent,
-                        CheckpointFailedEvent],
+                        CheckpointFailedEvent, TrainerFrozenEvent, SyncAbandonedEvent],
                   Field(discriminator="kind")]
 EVENT_MODELS: Dict[EventKind, type] = {m.model_fields["kind"].annotation.__args__[0]: m
                                        for m in typing.get_args(typing.get_args(Event)[0])}
@@ -285,6 +304,10 @@ class Status(Record):
     abort: Optional[str] = Field(description="Why the run was aborted (null: it goes on).")
     completed: Optional[FinalSync] = Field(description="The run's final sync (null: training goes on).")
     lighthouse_incarnation: int = Field(description="How many times the torchft lighthouse was started.")
+    silent: List[int] = Field(
+        default_factory=list, max_length=4096,
+        description="Groups not finished whose role, or whose trainer, has been silent longer than "
+                    "lighthouse.heartbeat_timeout_ms: a sync waiting on them stops waiting.")
 
 
 class OkReply(Record):

@@ -283,7 +283,8 @@ def _bind(cfg: ExperimentConfig, bind_host: str) -> Tuple[CompletionState, Threa
     """Own both ports before anything is moved or written: a port held by another run ends this role at
     once with one line, and the replica roles, refused by that run's service, stop too."""
     state = CompletionState(cfg.replica_groups.count, lifecycle.run_id(), {f.id: f.kind for f in cfg.fault_plan},
-                            nodes=cfg.replica_groups.nodes)
+                            nodes=cfg.replica_groups.nodes,
+                            silent_after_s=cfg.lighthouse.heartbeat_timeout_ms / 1000)
     port = cfg.lighthouse.completion_port
     try:
         completion = serve_completion(listen_host(bind_host), port, state, lifecycle.run_token())

@@ -18,14 +18,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from localsgd_ft.config import ExperimentConfig
 from localsgd_ft.contract import (COMPLETION_ENV, GROUP_ENV, HEARTBEAT_S, NUM_GROUPS_ENV, TORCHFT_LIGHTHOUSE_ENV,
-                                  Status, StopReason, TrainerResult, read)
+                                  EventKind, Status, StopReason, TrainerResult, read)
 from localsgd_ft.contract.names import GROUPS_DIR
 from localsgd_ft.launch import addresses, gpus, lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient, Refused
+from localsgd_ft.launch.trainer_watch import TrainerWatch
 from localsgd_ft.storage.cifar10 import DataError, locate
 
 
@@ -94,11 +95,13 @@ class Heartbeat:
     A thread, so that nothing this role does (checking or downloading data,
     waiting for torchrun) can make it fall silent. It keeps what the role must
     act on: the reason to stop (the run aborted, a refusal, the lighthouse role
-    unreachable for ``lighthouse.role_timeout_s``, a signal); the first one stands.
+    unreachable for ``lighthouse.role_timeout_s``, a signal); the first one stands. With a ``watch`` each
+    beat also looks at the trainers (ends a frozen one) and says how long the quietest has been silent.
     """
 
-    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0) -> None:
-        self.cfg, self.group, self.client, self.node = cfg, group, client, node
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0,
+                 watch: Optional[TrainerWatch] = None) -> None:
+        self.cfg, self.group, self.client, self.node, self.watch = cfg, group, client, node, watch
         self.last_contact = time.monotonic()
         self.stopping: Optional[Stop] = None
         self._done = threading.Event()
@@ -117,9 +120,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._done.wait(HEARTBEAT_S):
+            quiet = self.watch.check() if self.watch is not None else None
             try:
                 status = Status.model_validate(self.client.heartbeat(self.group, deadline_s=HEARTBEAT_S,
-                                                                     node=self.node))
+                                                                     node=self.node, trainer_quiet_s=quiet))
                 self.last_contact = time.monotonic()
                 if status.abort:
                     self.stop_for(StopReason.ABORTED, f"the run was aborted: {status.abort}")
@@ -186,7 +190,27 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
         return _report(client, group, 2, TrainerResult(error=status.abort, permanent=True), deadline_s=5.0,
                        node=node)
 
-    beat = Heartbeat(cfg, group, client, node).start()
+    def frozen(local_rank: int, quiet_s: float) -> None:
+        try:
+            client.event(group, EventKind.TRAINER_FROZEN, deadline_s=2.0, node=node, worker=local_rank,
+                         quiet_s=round(quiet_s, 3))
+        except Exception as e:  # the line on stderr says it too
+            print(f"replica {group}: could not report the frozen trainer: {e}", file=sys.stderr, flush=True)
+
+    watch = TrainerWatch(group, cfg.replica_groups.trainer_timeout_s, lifecycle.run_id(), frozen)
+    env.update(watch.env())
+    try:
+        return _run_torchrun(cfg, config_path, group, host, script, config_b64, node, rdzv_port, env, client,
+                             local, watch)
+    finally:
+        watch.close()
+
+
+def _run_torchrun(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
+                  config_b64: Optional[str], node: int, rdzv_port: int, env: dict, client: CompletionClient,
+                  local: bool, watch: TrainerWatch) -> int:
+    """From the first heartbeat to the report: checks no restart can fix, torchrun, its end."""
+    beat = Heartbeat(cfg, group, client, node, watch).start()
     gpu_problem = gpus.check_role(cfg, group, env)
     if gpu_problem:
         beat.stop()
@@ -222,7 +246,8 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
     if proc.poll() is None:
         code = stop_torchrun(proc)
     beat.stop()
-    return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping)
+    return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping,
+                       watch.ended)
 
 
 def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int,
@@ -244,12 +269,17 @@ def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, 
 
 
 def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, code: int,
-                result: Optional[TrainerResult], stop: Optional[Stop]) -> int:
-    """Report torchrun's exit and the trainer's result; why this role stopped it, if it did, is the error."""
+                result: Optional[TrainerResult], stop: Optional[Stop], frozen: Sequence[str] = ()) -> int:
+    """Report torchrun's exit and the trainer's result; why this role stopped it, if it did, is the error
+    (and with torchrun's restarts spent after this role ended a frozen trainer, that is the reason)."""
     if stop:
         result = TrainerResult.failed(result, stop.message)
+    elif code != 0 and frozen and not (result and result.error):
+        result = TrainerResult.failed(result, f"{frozen[-1]}, and torchrun had no restart left "
+                                              f"(replica_groups.max_restarts {cfg.replica_groups.max_restarts})")
     if code != 0:
         why = (stop.message if stop else f"permanent error: {result.error}" if result and result.permanent
+               else result.error if frozen and result and result.error
                else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed")
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:

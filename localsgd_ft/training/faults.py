@@ -70,8 +70,8 @@ class FaultInjector:
         """This group is loading live state from another (torchft calls our load_state_dict)."""
         self._fire_armed("heal")
 
-    def _fire_armed(self, moment: str) -> None:
-        for fault in [f for f in self.armed if f.moment == moment]:
+    def _fire_armed(self, moment: str, kinds: Optional[tuple] = None) -> None:
+        for fault in [f for f in self.armed if f.moment == moment and (kinds is None or f.kind in kinds)]:
             self.armed.remove(fault)
             self._fire(fault)
 
@@ -86,6 +86,8 @@ class FaultInjector:
             return start_quorum(*args, **kwargs)
 
         def allreduce_then(*args: Any, **kwargs: Any) -> Any:
+            # A hang strikes before this group's part is sent: its peers wait in the collective for it.
+            self._fire_armed("allreduce", kinds=("hang",))
             work = allreduce(*args, **kwargs)
             self._fire_armed("allreduce")  # the collective is in flight
             return work
@@ -111,12 +113,13 @@ class FaultInjector:
         if fault.kind == "kill":
             _die()
         elif fault.kind == "hang":
-            # A helper process stops us and resumes us: the whole process freezes, heartbeats included,
-            # as when a machine stops responding. The helper dies with us (parent-death signal), so it
-            # can never signal a pid that was reused after we died.
+            # We stop ourselves, here and now, and a helper process resumes us: the whole process
+            # freezes, heartbeats and liveness included, as when a machine stops responding. The helper
+            # dies with us (parent-death signal), so it never signals a pid reused after we died.
             pid = os.getpid()
-            subprocess.Popen(["sh", "-c", f"kill -STOP {pid}; sleep {fault.duration_s}; kill -CONT {pid}"],
+            subprocess.Popen(["sh", "-c", f"sleep {fault.duration_s}; kill -CONT {pid}"],
                              preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+            os.kill(pid, signal.SIGSTOP)
             self.hung = True
         elif fault.kind == "kill_during_sync":
             self._arm_kill_in_allreduce()

@@ -43,11 +43,13 @@ from localsgd_ft.training.algorithms import Sync, build_algorithm
 from localsgd_ft.training.checkpointer import Checkpointer
 from localsgd_ft.training.data import DataError, ShardedBatches, eval_batches, load_cifar10, shard_of
 from localsgd_ft.training.faults import FaultInjector
+from localsgd_ft.training.liveness import Pulse
 from localsgd_ft.training.manager import LiveState, build_manager
 from localsgd_ft.training.model import build_model
 from localsgd_ft.training.optim import build_optimizer
 from localsgd_ft.training.position import Position
 from localsgd_ft.training.progress import Diverged, Progress
+from localsgd_ft.training.silence import POLL_S, SilenceGuard, report_abandoned
 from localsgd_ft.training.sync_monitor import ForeignQuorum, SyncMonitor
 from localsgd_ft.training.workers import GroupWorkers
 
@@ -165,6 +167,13 @@ class GroupTraining:
         # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
         self.unique = quorums.install(self.manager,
                                       lambda: completion.run_status(deadline_s=1.0).lighthouse_incarnation)
+        # A sync whose peer falls silent ends within seconds, not after localsgd.timeout_s.
+        self.metrics: Optional[MetricsLog] = None
+        self.silence = SilenceGuard(
+            self.manager, group, cfg.group_size, cfg.lighthouse.heartbeat_timeout_ms / 1000,
+            silent=lambda: completion.run_status(deadline_s=POLL_S).silent,
+            on_abandon=report_abandoned(completion, group, lambda: self.metrics, self.position.step)
+            if self.leader else None)
 
     def eval_data(self) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
         return eval_batches(self.test_split, channels_last=self.cfg.train.channels_last)
@@ -194,7 +203,6 @@ class GroupTraining:
     def _join(self) -> None:
         """This incarnation: its number, its metrics, its checkpoints, where it resumes; then wait for the others."""
         cfg, group, workers, completion = self.cfg, self.group, self.workers, self.completion
-        self.metrics: Optional[MetricsLog] = None
         restarts, first = 0, True
         if self.leader:
             # The lighthouse role counts the group's incarnations: torchrun's restart count is each agent's
@@ -355,6 +363,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # torchrun starts us in a session of our own: without this a dead torchrun leaves us running.
     lifecycle.follow_torchrun()
+    # From now on our replica role can tell a frozen trainer from a busy one.
+    Pulse().start()
 
     @record
     def _run() -> int:

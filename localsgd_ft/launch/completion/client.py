@@ -59,9 +59,12 @@ class CompletionClient:
                     raise
                 time.sleep(0.2)
 
-    def heartbeat(self, group: int, deadline_s: float = 5.0, node: int = 0) -> dict:
-        """Say this node lives; the run's :class:`Status` as JSON."""
-        return self._call_retrying(Route.HEARTBEAT, HeartbeatRequest(group=group, node=node).wire(), deadline_s)
+    def heartbeat(self, group: int, deadline_s: float = 5.0, node: int = 0,
+                  trainer_quiet_s: Optional[float] = None) -> dict:
+        """Say this node lives (and how long its quietest trainer has been silent); the run's :class:`Status`
+        as JSON."""
+        request = HeartbeatRequest(group=group, node=node, trainer_quiet_s=trainer_quiet_s)
+        return self._call_retrying(Route.HEARTBEAT, request.wire(), deadline_s)
 
     def started(self, group: int, incarnation: str = "", deadline_s: float = 60.0) -> int:
         """Report group ``group`` up; returns how many incarnations of it started before this one."""

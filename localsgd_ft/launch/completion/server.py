@@ -183,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Update the state with a checked request; its reply."""
         state = self.state
         if isinstance(request, HeartbeatRequest):
-            state.heartbeat(request.group, request.node)
+            state.heartbeat(request.group, request.node, request.trainer_quiet_s)
             return state.status()
         if isinstance(request, StartedRequest):
             return StartedReply(ok=True, restarts=state.mark_started(request.group, request.incarnation)).wire()

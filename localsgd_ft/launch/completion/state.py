@@ -25,8 +25,9 @@ class CompletionState:
     """What the groups have reported so far; thread-safe (read it through the methods)."""
 
     def __init__(self, expected: int, run: str = "", faults: Optional[Dict[int, str]] = None,
-                 nodes: int = 1) -> None:
+                 nodes: int = 1, silent_after_s: float = 5.0) -> None:
         self.expected = expected
+        self.silent_after_s = silent_after_s  # lighthouse.heartbeat_timeout_ms: a group this quiet is silent
         self.nodes = nodes  # replica roles (nodes) per group
         self.run = run
         self.faults: Dict[int, str] = dict(faults or {})  # fault id -> kind: what may be reported
@@ -42,6 +43,7 @@ class CompletionState:
         self.completed: Optional[dict] = None
         self.incarnation = 0  # how many times the torchft lighthouse was started (see localsgd_ft.training.quorums)
         self.last_seen: Dict[Tuple[int, int], float] = {}  # (group, node) -> monotonic time of its last heartbeat
+        self.trainer_quiet: Dict[Tuple[int, int], Optional[float]] = {}  # (group, node) -> as its last heartbeat said
         self.refused: Dict[Tuple[int, int], str] = {}  # (group, node) -> why its /finished was refused
         self.on_event: Optional[Callable[[dict], None]] = None  # called for every new event
         self._cond = threading.Condition()
@@ -56,9 +58,24 @@ class CompletionState:
         with self._cond:
             self.incarnation += 1
 
-    def heartbeat(self, group: int, node: int = 0) -> None:
+    def heartbeat(self, group: int, node: int = 0, trainer_quiet_s: Optional[float] = None) -> None:
         with self._cond:
             self.last_seen[(group, node)] = time.monotonic()
+            self.trainer_quiet[(group, node)] = trainer_quiet_s
+
+    def silent_groups(self) -> List[int]:
+        """Groups still training of which a node, or a trainer on it, has been silent for ``silent_after_s``.
+
+        A node's silence runs from its role's last heartbeat; its trainers' from the moment that heartbeat
+        says the quietest of them last showed it lives. A node not heard from yet is not silent: it is
+        starting (its loss is :meth:`declare_never_seen_lost`'s to judge).
+        """
+        now = time.monotonic()
+        with self._cond:
+            return [g for g in self._open_groups() if any(
+                (g, n) in self.last_seen
+                and now - self.last_seen[(g, n)] + (self.trainer_quiet.get((g, n)) or 0.0) > self.silent_after_s
+                for n in self._unreported(g))]
 
     def mark_started(self, group: int, incarnation: str = "") -> int:
         """Group ``group`` is up; returns how many of its incarnations started before this one."""
@@ -215,8 +232,9 @@ class CompletionState:
             return True
 
     def status(self) -> dict:
+        silent = self.silent_groups()
         with self._cond:
-            return Status(run=self.run, started=sorted(self.incarnations), expected=self.expected,
+            return Status(silent=silent, run=self.run, started=sorted(self.incarnations), expected=self.expected,
                           fired=sorted(self.fired), finished=sorted(self.finished), abort=self.abort,
                           completed=self.completed, lighthouse_incarnation=self.incarnation).wire()
 

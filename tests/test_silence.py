@@ -1,0 +1,144 @@
+"""Silence, detected within seconds: a trainer frozen while its role lives, a peer frozen mid-collective.
+
+On one host a dead process resets its connections at once; a frozen one (SIGSTOP, as a host that went dark
+or a driver call that never returns) answers nothing. These runs freeze real trainers and check that the
+run notices from the trainers' own signs of life and the completion service's silent groups, not from
+``localsgd.timeout_s`` or never.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import finish, read_summary, small_config, trainer_pid, write_config
+
+from localsgd_ft.contract.liveness import read_pulses
+from localsgd_ft.contract.names import LIVENESS_DIR_ENV, RUN_ID_ENV
+from localsgd_ft.launch.completion.state import CompletionState
+from localsgd_ft.launch.trainer_watch import TrainerWatch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- pure logic
+
+def test_a_group_is_silent_when_its_role_or_its_trainer_is_quiet_past_the_bound(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("localsgd_ft.launch.completion.state.time.monotonic", lambda: clock[0])
+    state = CompletionState(3, silent_after_s=5.0)
+    state.heartbeat(0, 0, trainer_quiet_s=0.2)
+    state.heartbeat(1, 0, trainer_quiet_s=4.5)  # its trainer is quiet, its role is not
+    # group 2 never heartbeated: starting, not silent
+    assert state.silent_groups() == []
+    clock[0] += 1.0  # group 1: trainer quiet 4.5 s as of 1 s ago
+    assert state.silent_groups() == [1]
+    clock[0] += 4.5  # group 0's role now silent too
+    assert state.silent_groups() == [0, 1]
+    state.heartbeat(0, 0, trainer_quiet_s=None)  # back, and no trainer runs (restarting)
+    state.mark_finished(1, {"group": 1, "exit_code": 0})
+    assert state.silent_groups() == []  # a finished group is never silent
+    assert state.status()["silent"] == []
+
+
+# ---------------------------------------------------------------------------- a real process, its pulse, its end
+
+def _beating_child(directory: Path, run: str) -> subprocess.Popen:
+    code = ("import time\nfrom localsgd_ft.training.liveness import Pulse\nPulse().start()\n"
+            "print('beating', flush=True)\ntime.sleep(120)\n")
+    env = {**os.environ, LIVENESS_DIR_ENV: str(directory), RUN_ID_ENV: run, "LOCAL_RANK": "0"}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "beating"
+    return child
+
+
+def test_the_watch_ends_a_stopped_trainer_and_spares_a_beating_one():
+    frozen = []
+    watch = TrainerWatch(0, timeout_s=3.0, run="watchtest", on_frozen=lambda rank, q: frozen.append((rank, q)))
+    child = _beating_child(watch.directory, "watchtest")
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:  # beating: never ended, always recently heard
+            quiet = watch.check()
+            assert quiet is not None and quiet < 2.0
+            time.sleep(0.5)
+        assert child.poll() is None and frozen == []
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 15
+        while child.poll() is None and time.monotonic() < deadline:
+            quiet = watch.check()
+            time.sleep(0.25)
+        assert child.wait(5) == -signal.SIGKILL
+        assert frozen and frozen[0][0] == 0 and frozen[0][1] > 3.0
+        assert watch.ended and "no sign of life" in watch.ended[0]
+        assert read_pulses(watch.directory) == []
+    finally:
+        child.kill()
+        watch.close()
+    assert not watch.directory.exists()
+
+
+def test_the_watch_never_signals_a_process_of_another_run():
+    watch = TrainerWatch(0, timeout_s=3.0, run="mine")
+    child = _beating_child(watch.directory, "someone-else")
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            assert watch.check() is None  # not ours: neither counted nor ended
+            time.sleep(0.5)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        watch.close()
+
+
+# ---------------------------------------------------------------------------- real runs
+
+@pytest.mark.integration
+def test_a_trainer_frozen_for_good_is_ended_restarted_and_the_run_ends(tmp_path, cifar_root, torchx_run):
+    """SIGSTOP group 1's trainer and never continue it (its role lives): before, the run never ended."""
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 400},
+                       replica_groups={"trainer_timeout_s": 5})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    run.wait_for_line(lambda line: "group 1 step 60 " in line, timeout=180)
+    os.kill(trainer_pid(path, 1), signal.SIGSTOP)
+    run.wait_for_line(lambda line: "showed no sign of life" in line, timeout=60)
+    assert finish(run, path, timeout=300) == 0, run.tail()
+    summary = read_summary(cfg)
+    assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
+    frozen = [e for e in summary["events"] if e["kind"] == "trainer_frozen"]
+    assert [e["group"] for e in frozen] == [1] and frozen[0]["quiet_s"] > 5
+    assert summary["replica_groups"]["1"]["restarts"] >= 1
+
+
+@pytest.mark.integration
+def test_a_peer_frozen_mid_collective_costs_its_survivor_seconds_not_the_timeout(tmp_path, cifar_root, torchx_run):
+    """Group 1 freezes just before it sends its part of a sync, for 25 s; the collective timeout is 60 s.
+
+    Before, group 0 waited in the collective until group 1 came back (25 s); now it gives the sync up once
+    the completion service counts group 1 silent (heartbeat timeout 1 s), and the summary's recovery of the
+    hang says so."""
+    timeout_s, hang_s = 60, 25
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 400},
+                       localsgd={"timeout_s": timeout_s, "quorum_timeout_s": 120},
+                       replica_groups={"trainer_timeout_s": 120},
+                       faults={"enabled": True, "schedule": [
+                           {"kind": "hang", "group": 1, "at_step": 50, "duration_s": hang_s, "moment": "allreduce"}]})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert finish(run, path, timeout=400) == 0, run.tail()
+    summary = read_summary(cfg)
+    assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
+    abandoned = [e for e in summary["events"] if e["kind"] == "sync_abandoned"]
+    assert abandoned and abandoned[0]["group"] == 0 and abandoned[0]["silent"] == [1], summary["events"]
+    (hang,) = [r for r in summary["recoveries"] if r["kind"] == "hang"]
+    # The survivor's longest stall: the heartbeat timeout and a quorum, far from the hang or the timeout.
+    assert hang["survivor_stall_s"] < hang_s / 3, hang
+    assert summary["replica_groups"]["0"]["max_sync_s"] < hang_s / 3, summary["replica_groups"]["0"]
