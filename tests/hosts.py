@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544's benchmarking range: never routed on the internet
 PREFIX = "lsft"  # every namespace, link and bridge of a test bed starts with it
@@ -58,21 +58,23 @@ def _sh(argv: Sequence[str], check: bool = True, timeout: float = 30) -> subproc
     return res
 
 
+ROUTE_TYPES = {"local", "broadcast", "unreachable", "prohibit", "blackhole", "anycast", "multicast", "throw"}
+
+
 def _used_networks() -> List[ipaddress.IPv4Network]:
-    """Every IPv4 network this machine's root namespace has an address or a route in."""
+    """Every IPv4 network this machine's root namespace has an address or a route in (not the default route)."""
     nets = []
     for line in _sh(["ip", "-4", "-o", "addr", "show"]).stdout.splitlines():
         parts = line.split()
         if "inet" in parts:
             nets.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
     for line in _sh(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
-        first = line.split()[0] if line.split() else ""
-        if first in ("default", "local", "broadcast", "unreachable", "prohibit", "blackhole"):
-            first = line.split()[1] if first != "default" and len(line.split()) > 1 else ""
-        try:
-            nets.append(ipaddress.ip_network(first, strict=False))
-        except ValueError:
-            continue
+        words = [w for w in line.split()[:2] if w not in ROUTE_TYPES]  # "local 10.0.0.1 ..." names its network second
+        if words and words[0] != "default":
+            try:
+                nets.append(ipaddress.ip_network(words[0], strict=False))
+            except ValueError:
+                continue
     return nets
 
 
@@ -141,7 +143,7 @@ class TestBed:
         for candidate in RANGE.subnets(new_prefix=24):
             if candidate.network_address == RANGE.network_address:
                 continue  # leave 198.18.0.0/24 to whoever uses the range by hand
-            if not any(candidate.overlaps(u) for u in used if u.prefixlen > 0):
+            if not any(candidate.overlaps(u) for u in used):
                 return candidate
         raise RuntimeError("no free /24 left in 198.18.0.0/15 for a test bed")
 
@@ -223,9 +225,6 @@ class TestBed:
             if mbit is not None:
                 _sh([*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
                      "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
-
-    def namespaces(self) -> Dict[int, str]:
-        return {i: self.ns(i) for i in range(self.count)}
 
 
 def cleanup() -> List[str]:

@@ -13,8 +13,8 @@ import hosts
 import pytest
 from hosts import TestBed
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(hosts.unavailable() is not None, reason=str(hosts.unavailable()))]
+WHY_NOT = hosts.unavailable()
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
 # A tiny TCP peer, run on a host: 'serve PORT' echoes each line and sends N bytes on 'bytes N';
 # 'talk ADDR PORT' sends a line a second and prints what happened to each.

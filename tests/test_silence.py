@@ -98,6 +98,34 @@ def test_the_watch_never_signals_a_process_of_another_run():
         watch.close()
 
 
+def test_a_group_out_of_restarts_after_a_frozen_trainer_is_lost_with_that_reason(tmp_path, cifar_root):
+    """What the role reports when torchrun gave up after the watch ended a trainer: the frozen line is the reason;
+    a reason the trainer left itself stands."""
+    from localsgd_ft.config import parse_config
+    from localsgd_ft.contract import TrainerResult
+    from localsgd_ft.launch.replica_role import _report_end
+
+    class Client:
+        url = "http://test"
+
+        def __init__(self):
+            self.reports = []
+
+        def finished(self, group, code, result, deadline_s, node):
+            self.reports.append((code, result))
+
+    cfg = parse_config(small_config(tmp_path, cifar_root))
+    line = "trainer worker 0 (pid 7) showed no sign of life for 31 s (replica_groups.trainer_timeout_s 30)"
+    client = Client()
+    _report_end(cfg, client, 1, 0, 1, None, None, [line])
+    _report_end(cfg, client, 1, 0, 1, TrainerResult(error="diverged"), None, [line])
+    _report_end(cfg, client, 1, 0, 0, TrainerResult(params_sha256="0" * 64), None, [line])  # restarted, finished
+    (c1, r1), (c2, r2), (c3, r3) = client.reports
+    assert c1 == 1 and r1.error.startswith(line) and "no restart left (replica_groups.max_restarts 2)" in r1.error
+    assert r2.error == "diverged"
+    assert c3 == 0 and r3.error is None
+
+
 # ---------------------------------------------------------------------------- real runs
 
 @pytest.mark.integration

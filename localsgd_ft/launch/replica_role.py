@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from localsgd_ft.config import ExperimentConfig
 from localsgd_ft.contract import (COMPLETION_ENV, GROUP_ENV, HEARTBEAT_S, NUM_GROUPS_ENV, TORCHFT_LIGHTHOUSE_ENV,
@@ -95,13 +95,13 @@ class Heartbeat:
     A thread, so that nothing this role does (checking or downloading data,
     waiting for torchrun) can make it fall silent. It keeps what the role must
     act on: the reason to stop (the run aborted, a refusal, the lighthouse role
-    unreachable for ``lighthouse.role_timeout_s``, a signal); the first one stands. With a ``watch`` each
-    beat also looks at the trainers (ends a frozen one) and says how long the quietest has been silent.
+    unreachable for ``lighthouse.role_timeout_s``, a signal); the first one stands. Once ``watch`` is set
+    each beat also looks at the trainers (ends a frozen one) and says how long the quietest has been silent.
     """
 
-    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0,
-                 watch: Optional[TrainerWatch] = None) -> None:
-        self.cfg, self.group, self.client, self.node, self.watch = cfg, group, client, node, watch
+    def __init__(self, cfg: ExperimentConfig, group: int, client: CompletionClient, node: int = 0) -> None:
+        self.cfg, self.group, self.client, self.node = cfg, group, client, node
+        self.watch: Optional[TrainerWatch] = None  # set once torchrun starts
         self.last_contact = time.monotonic()
         self.stopping: Optional[Stop] = None
         self._done = threading.Event()
@@ -190,27 +190,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
         return _report(client, group, 2, TrainerResult(error=status.abort, permanent=True), deadline_s=5.0,
                        node=node)
 
-    def frozen(local_rank: int, quiet_s: float) -> None:
-        try:
-            client.event(group, EventKind.TRAINER_FROZEN, deadline_s=2.0, node=node, worker=local_rank,
-                         quiet_s=round(quiet_s, 3))
-        except Exception as e:  # the line on stderr says it too
-            print(f"replica {group}: could not report the frozen trainer: {e}", file=sys.stderr, flush=True)
-
-    watch = TrainerWatch(group, cfg.replica_groups.trainer_timeout_s, lifecycle.run_id(), frozen)
-    env.update(watch.env())
-    try:
-        return _run_torchrun(cfg, config_path, group, host, script, config_b64, node, rdzv_port, env, client,
-                             local, watch)
-    finally:
-        watch.close()
-
-
-def _run_torchrun(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: str,
-                  config_b64: Optional[str], node: int, rdzv_port: int, env: dict, client: CompletionClient,
-                  local: bool, watch: TrainerWatch) -> int:
-    """From the first heartbeat to the report: checks no restart can fix, torchrun, its end."""
-    beat = Heartbeat(cfg, group, client, node, watch).start()
+    beat = Heartbeat(cfg, group, client, node).start()
     gpu_problem = gpus.check_role(cfg, group, env)
     if gpu_problem:
         beat.stop()
@@ -239,15 +219,37 @@ def _run_torchrun(cfg: ExperimentConfig, config_path: str, group: int, host: str
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
-    proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64, rendezvous), env=env,
-                            start_new_session=True, preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
-    code = wait_for_torchrun(proc, beat, group)
-    if proc.poll() is None:
-        code = stop_torchrun(proc)
-    beat.stop()
+    # From now on each heartbeat also looks at the trainers (and ends a frozen one).
+    beat.watch = watch = TrainerWatch(group, cfg.replica_groups.trainer_timeout_s, lifecycle.run_id(),
+                                      _report_frozen(client, group, node))
+    env.update(watch.env())
+    try:
+        # torchrun follows this role, even if this role is SIGKILLed; its workers follow torchrun.
+        proc = subprocess.Popen(torchrun_command(cfg, config_path, script, config_b64, rendezvous), env=env,
+                                start_new_session=True,
+                                preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+        code = wait_for_torchrun(proc, beat, group)
+        if proc.poll() is None:
+            code = stop_torchrun(proc)
+    finally:
+        beat.stop()
+        watch.close()
     return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping,
                        watch.ended)
+
+
+def _report_frozen(client: CompletionClient, group: int, node: int) -> Callable[[int, float], None]:
+    """What this role does after ending a frozen trainer: a ``trainer_frozen`` event (the line on stderr says it
+    too, should the event not get through)."""
+
+    def report(local_rank: int, quiet_s: float) -> None:
+        try:
+            client.event(group, EventKind.TRAINER_FROZEN, deadline_s=2.0, node=node, worker=local_rank,
+                         quiet_s=round(quiet_s, 3))
+        except Exception as e:
+            print(f"replica {group}: could not report the frozen trainer: {e}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int,
@@ -274,12 +276,12 @@ def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, nod
     (and with torchrun's restarts spent after this role ended a frozen trainer, that is the reason)."""
     if stop:
         result = TrainerResult.failed(result, stop.message)
-    elif code != 0 and frozen and not (result and result.error):
+    elif code != 0 and frozen:  # a reason the trainer left stands (failed() keeps it)
         result = TrainerResult.failed(result, f"{frozen[-1]}, and torchrun had no restart left "
                                               f"(replica_groups.max_restarts {cfg.replica_groups.max_restarts})")
     if code != 0:
         why = (stop.message if stop else f"permanent error: {result.error}" if result and result.permanent
-               else result.error if frozen and result and result.error
+               else result.error if frozen and result
                else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed")
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:

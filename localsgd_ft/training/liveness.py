@@ -1,13 +1,15 @@
 """A trainer's sign of life for its replica role: a thread that touches this worker's pulse file.
 
 A thread, so that the trainer beats while it waits (a collective on a slow link, a quorum, a heal): only a
-process that is frozen, or stuck holding the interpreter, stops. Format and reader: :mod:`localsgd_ft.contract.liveness`.
+process that is frozen, or stuck holding the interpreter, stops. Format and reader:
+:mod:`localsgd_ft.contract.liveness`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +25,6 @@ class Pulse:
         directory = os.environ.get(LIVENESS_DIR_ENV)
         self.path: Optional[Path] = (pulse_path(Path(directory), int(os.environ.get("LOCAL_RANK", "0")))
                                      if directory else None)
-        self._stop = threading.Event()
 
     def start(self) -> "Pulse":
         if self.path is None:
@@ -33,12 +34,10 @@ class Pulse:
         threading.Thread(target=self._beat, name="liveness", daemon=True).start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _beat(self) -> None:
         assert self.path is not None
-        while not self._stop.wait(BEAT_S):
+        while True:  # a daemon thread: it ends with the trainer
+            time.sleep(BEAT_S)
             try:
                 os.utime(self.path)
             except OSError:  # the role removed its directory: it is ending; nothing to tell

@@ -46,10 +46,8 @@ class SilenceGuard:
         self.manager, self.group, self.group_size = manager, group, group_size
         self.silent_after_s = silent_after_s
         self._silent, self._on_abandon = silent, on_abandon
-        self.abandoned = 0  # syncs given up
-        self._given_up: Set[int] = set()  # ids of the process groups whose collectives were abandoned
-        self.set_aside: List[Any] = []  # those process groups, kept alive (never aborted: that would wait)
-        self._lock = threading.Lock()
+        self._stuck: Any = None  # the process group whose collective was given up, until it is set aside
+        self.set_aside: List[Any] = []  # those set aside, kept alive (never aborted: that would wait)
         wrapper = manager._pg
         if not hasattr(wrapper, "configure") or not hasattr(wrapper, "_pg"):
             raise RuntimeError("this torchft's process group has no _pg to set aside; "
@@ -63,14 +61,18 @@ class SilenceGuard:
             return _GuardedWork(work, self, pg) if hasattr(work, "_work") and pg is not None else work
 
         def configure_aside(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                if id(wrapper._pg) in self._given_up:
-                    self._given_up.discard(id(wrapper._pg))
-                    self.set_aside = (self.set_aside + [wrapper._pg])[-KEPT:]
-                    wrapper._pg = None  # so torchft's configure does not abort (and wait for) it
+            # The next quorum's process group replaces the stuck one: torchft's configure would abort it,
+            # and wait for its collective, so it is moved out of the way (and kept) first.
+            if wrapper._pg is not None and wrapper._pg is self._stuck:
+                self.set_aside = (self.set_aside + [wrapper._pg])[-KEPT:]
+                wrapper._pg = self._stuck = None
             return configure(*args, **kwargs)
 
         manager.allreduce, wrapper.configure = guarded_allreduce, configure_aside
+
+    def given_up(self) -> bool:
+        """Whether this sync was given up (the Manager's error is ours; torchft clears it at the next quorum)."""
+        return isinstance(getattr(self.manager.errored(), "original_exception", None), SilentPeer)
 
     def peers(self) -> Optional[Set[int]]:
         """The other groups in the current quorum's process group (None: torchft does not say; any other)."""
@@ -98,7 +100,6 @@ class SilenceGuard:
 
     def _give_up(self, silent: List[int], started: float, why: str) -> str:
         waited = time.monotonic() - started
-        self.abandoned += 1
         line = f"gave up a sync after {waited:.1f} s: {why}"
         log.warning("group %d: %s", self.group, line)
         self.manager.report_error(SilentPeer(line))
@@ -109,14 +110,9 @@ class SilenceGuard:
                 log.warning("could not report the abandoned sync: %s", e)
         return line
 
-    def give_up(self, pg: Any) -> None:
-        """``pg``'s collectives are abandoned: set it aside when the next quorum reconfigures."""
-        with self._lock:
-            self._given_up.add(id(pg))
-
-    def gave_up(self, pg: Any) -> bool:
-        with self._lock:
-            return id(pg) in self._given_up
+    def stuck(self, pg: Any) -> None:
+        """``pg``'s collective was given up: set it aside when the next quorum reconfigures."""
+        self._stuck = pg
 
 
 class _GuardedWork:
@@ -128,12 +124,12 @@ class _GuardedWork:
 
     def wait(self, timeout: Any = None) -> bool:
         guard = self._guard
-        if guard.gave_up(self._pg):  # another collective of this sync was given up: so is this one
+        if guard.given_up():  # another collective of this sync was given up: so is this one
             return False
         done = threading.Event()
         self._inner._work.get_future().add_done_callback(lambda _fut: done.set())
         if not done.wait(GRACE_S) and guard.watch(done, self._started) is not None:
-            guard.give_up(self._pg)
+            guard.stuck(self._pg)
             return False
         return self._inner.wait(timeout) if timeout is not None else self._inner.wait()
 
@@ -146,10 +142,11 @@ def report_abandoned(completion: Any, group: int, metrics: Callable[[], Any], st
     """What the trainer's worker 0 does with an abandoned sync: a metrics line and an event."""
 
     def tell(silent: List[int], waited_s: float, why: str) -> None:
-        if metrics() is not None:
-            metrics().add(EventKind.SYNC_ABANDONED, step(), flush=True, silent=silent, waited_s=round(waited_s, 3))
+        fields = dict(silent=silent, waited_s=round(waited_s, 3))
+        log = metrics()
+        if log is not None:
+            log.add(EventKind.SYNC_ABANDONED, step(), flush=True, **fields)
         if silent:  # cut off, the service cannot hear it: the metrics line is the record
-            completion.event(group, EventKind.SYNC_ABANDONED, deadline_s=1.0, step=step(), silent=silent,
-                             waited_s=round(waited_s, 3))
+            completion.event(group, EventKind.SYNC_ABANDONED, deadline_s=1.0, step=step(), **fields)
 
     return tell
