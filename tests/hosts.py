@@ -4,7 +4,9 @@ Each host is a network namespace with its own address on one test bridge, its ow
 namespace per command) and an ``/etc/netns/<ns>/hosts`` that names every host, so that what torchft
 advertises (``socket.gethostname()``) resolves on every other host. Its link can be cut (its bridge port
 down: packets vanish both ways, and nobody gets a reset) and restored, and rate-limited (tc ``tbf`` on
-both ends of its link; this kernel has no ``netem``, so no delay or loss).
+both ends of its link; this kernel has no ``netem``, so no delay or loss); a host can go down for good
+(its link cut, then everything on it killed). Its ``/etc/hosts`` names its link (``TESTBED_MARK``), so the
+``partition`` and ``host_down`` faults of a run's YAML can cut it from inside.
 
 Safety, checked before anything runs on it (:meth:`TestBed.check_isolated`): the addresses come from the
 benchmarking range 198.18.0.0/15 and live only on the test bridge; the bridge has no port but the hosts'
@@ -15,7 +17,7 @@ a killed test left. Needs root and iproute2 (``ip``, ``tc``): :func:`unavailable
 
     with TestBed(3) as bed:
         bed.run(0, ["python", "-m", "http.server"])      # on host 0, hostname bed.name(0)
-        bed.cut(0); bed.restore(0); bed.limit(1, mbit=50)
+        bed.cut(0); bed.restore(0); bed.limit(1, mbit=50); bed.host_down(2)
 
 ``python tests/hosts.py cleanup`` removes every test bed of this machine (what a killed run left).
 """
@@ -29,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from localsgd_ft.contract import TESTBED_MARK
 
 RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544's benchmarking range: never routed on the internet
 PREFIX = "lsft"  # every namespace, link and bridge of a test bed starts with it
@@ -101,6 +105,11 @@ class TestBed:
         """Host ``i``'s hostname (and the name every host resolves to its address)."""
         return f"{PREFIX}{self.tag}h{i}"
 
+    @property
+    def root_ns(self) -> str:
+        """The root namespace's name under ``ip netns`` (a handle, so a host can reach its own bridge port)."""
+        return f"{PREFIX}-{self.tag}-root"
+
     def port_link(self, i: int) -> str:
         """Host ``i``'s bridge port, in the root namespace (15 characters at most)."""
         return f"{PREFIX}{self.tag}p{i}"[:15]
@@ -152,6 +161,8 @@ class TestBed:
         if why:
             raise RuntimeError(why)
         self.subnet = self._pick_subnet()
+        # Deleting this name only unmounts the handle: the root namespace itself lives on.
+        self._do(["ip", "netns", "attach", self.root_ns, str(os.getpid())], ["ip", "netns", "del", self.root_ns])
         self._do(["ip", "link", "add", self.bridge, "type", "bridge"], ["ip", "link", "del", self.bridge])
         self._do(["ip", "addr", "add", f"{self.root_address}/24", "dev", self.bridge])
         self._do(["ip", "link", "set", self.bridge, "up"])
@@ -168,7 +179,8 @@ class TestBed:
             etc = NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=True)
             self._made.append(["rm", "-rf", str(etc)])
-            (etc / "hosts").write_text(self.hosts_file())
+            # The mark names the host's link, for the `partition` and `host_down` faults run on it.
+            (etc / "hosts").write_text(self.hosts_file() + f"{TESTBED_MARK} link={port} root={self.root_ns}\n")
 
     def check_isolated(self) -> None:
         """Refuse to go on unless the bed is cut off from everything but this machine (see the module doc)."""
@@ -217,6 +229,17 @@ class TestBed:
 
     def restore(self, i: int) -> None:
         _sh(["ip", "link", "set", self.port_link(i), "up"])
+
+    def host_down(self, i: int) -> List[int]:
+        """Host ``i`` goes dark for good: its link cut, then every process on it SIGKILLed; their pids."""
+        self.cut(i)
+        pids = [int(p) for p in _sh(["ip", "netns", "pids", self.ns(i)]).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        return pids
 
     def limit(self, i: int, mbit: Optional[float], burst_kb: int = 64, latency_ms: int = 200) -> None:
         """Rate-limit host ``i``'s link to ``mbit`` Mbit/s each way (tc tbf on both ends); None: unlimited."""

@@ -82,7 +82,7 @@ BAD_VALUES = [
     ({"faults": {"schedule": [{"kind": "kill", "moment": "quorum"}]}}, "faults.schedule[0].moment",
      "only 'lighthouse' failures take any moment"),
     ({"faults": {"schedule": [{"kind": "hang", "moment": "heal"}]}}, "faults.schedule[0].moment",
-     "'hang' takes 'allreduce'"),
+     "'hang', 'partition' and 'host_down' take 'allreduce'"),
     ({"train": {"max_steps": 200}, "checkpoint": {"every_s": 0}}, "checkpoint.every_syncs", "only 20 syncs"),
     ({"checkpoint": {"every_s": -1}}, "checkpoint.every_s", "expected 0..86400 seconds"),
     ({"lighthouse": {"role_timeout_s": 1}}, "lighthouse.role_timeout_s", "at least 3 seconds"),

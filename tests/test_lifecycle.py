@@ -299,6 +299,22 @@ def test_a_permanent_error_in_the_trainer_is_never_retried(tmp_path, cifar_root,
     assert wait_gone(run.run_id, 15) == []
 
 
+def test_a_host_failure_planned_off_the_test_bed_is_refused_at_once_not_skipped(tmp_path, cifar_root, torchx_run):
+    """`partition` and `host_down` cut the host's link: on this machine's own network (no test-bed host) the
+    trainers refuse them before the first step, once, and the run fails with the reason and the fix."""
+    cfg = small_config(tmp_path, cifar_root, faults={"enabled": True, "schedule": [
+        {"kind": "partition", "group": 0, "at_step": 50}, {"kind": "host_down", "group": 1, "at_step": 50}]})
+    path = write_config(tmp_path, cfg)
+    run = torchx_run(path)
+    assert run.wait(RUN_TIMEOUT) != 0
+    summary = read_summary(cfg)
+    reason = summary["failure_reason"]
+    assert not summary["succeeded"] and sorted(summary["lost_groups"]) == [0, 1], summary
+    assert "is a 'partition'" in reason and "is a 'host_down'" in reason and "test bed" in reason, reason
+    assert summary["faults"]["injected"] == 0 and not any(g.get("steps") for g in summary["replica_groups"].values())
+    assert wait_gone(run.run_id, 15) == []
+
+
 def test_the_resume_hint_does_not_depend_on_which_role_saw_the_interrupt_first(tmp_path, monkeypatch, capsys):
     """CI once saw a replica role stopped by the Ctrl-C report before the lighthouse role saw the signal:
     summary.json then said FAILED but not "stopped", and the client printed no way back."""

@@ -40,6 +40,17 @@ def test_no_verdict_during_warm_up():
     assert not any(detector.is_stall(d) for d in [0.01, 5.0, 0.01, 5.0])
 
 
+def test_a_sync_that_did_not_commit_stalled_even_when_it_lasted_no_longer_than_usual():
+    """On a slow link a sync lasts a second; one given up for a silent peer lasts about as long, and was
+    all cost: it counts, while a failed one of milliseconds (a reset on loopback) does not."""
+    detector = StallDetector(heartbeat_timeout_s=2.0)
+    for _ in range(20):
+        detector.is_stall(1.0)
+    assert not detector.is_stall(1.5, disrupted=True)  # committed, under twice the usual
+    assert detector.is_stall(1.5, disrupted=True, committed=False)
+    assert not detector.is_stall(0.02, disrupted=True, committed=False)
+
+
 class _Manager:
     def __init__(self, participants=2):
         self.participants, self.step, self._quorum_id = participants, 0, 1

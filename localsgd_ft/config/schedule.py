@@ -200,7 +200,10 @@ class FaultConfig(Section):
         "kill",
         description="'kill': SIGKILL the group's worker (a machine loss); 'hang': SIGSTOP it for duration_s; "
                     "'kill_during_sync': SIGKILL it inside the parameter allreduce; 'lighthouse': kill the "
-                    "lighthouse and restart it after duration_s.")
+                    "lighthouse and restart it after duration_s; 'partition': cut the worker's host off the "
+                    "network for duration_s, its processes left running; 'host_down': the worker's host goes "
+                    "dark for good (its link cut, then everything on it killed). The last two need a host of "
+                    "the multi-host test bed (tests/hosts.py) and are refused anywhere else.")
     group: Annotated[int, Allowed("expected -1 (random) or 0..replica_groups.count - 1")] = Field(
         -1, ge=-1, le=MAX_GROUPS - 1,
         description="Replica group to hit; -1: one chosen at random (seeded by faults.seed). Unused for 'lighthouse'.")
@@ -213,14 +216,16 @@ class FaultConfig(Section):
         description="Training step (committed syncs x sync_every + local steps since) at which it happens.")
     duration_s: Number = Field(
         3.0, gt=0, le=DAY_S,
-        description="How long a 'hang' lasts, or how long the lighthouse stays down.")
+        description="How long a 'hang' or a 'partition' lasts, or how long the lighthouse stays down.")
     moment: FaultMoment = Field(
         "step",
         description="When a 'lighthouse' failure strikes: 'step' (at at_step, between syncs), 'quorum' (as the "
                     "first sync after at_step asks for its quorum), 'allreduce' (inside that sync's parameter "
                     "allreduce), 'heal' (while the first group to recover live loads the state it was sent; "
                     "at_step is then ignored). A 'hang' takes 'allreduce' too: the group freezes just before it "
-                    "sends its part of the first sync after at_step, so its peers wait for it mid-collective.")
+                    "sends its part of the first sync after at_step, so its peers wait for it mid-collective. "
+                    "'partition' and 'host_down' take 'allreduce' as well: the link goes dark once that "
+                    "collective is under way.")
 
     def check(self, cfg: ExperimentConfig, key: str) -> None:
         count, size, steps = cfg.replica_groups.count, cfg.group_size, cfg.train.max_steps
@@ -229,9 +234,11 @@ class FaultConfig(Section):
              f"expected -1 (random) or 0..{size - 1} (a rank of the group's {size} worker(s))")
         need(self.at_step < steps, f"{key}.at_step", self.at_step,
              f"expected 1..{steps - 1} (inside train.max_steps)")
-        need(self.moment == "step" or self.kind == "lighthouse" or (self.kind == "hang" and self.moment == "allreduce"),
+        need(self.moment == "step" or self.kind == "lighthouse"
+             or (self.kind in ("hang", "partition", "host_down") and self.moment == "allreduce"),
              f"{key}.moment", self.moment,
-             "only 'lighthouse' failures take any moment, and 'hang' takes 'allreduce'; other kinds strike at at_step")
+             "only 'lighthouse' failures take any moment, and 'hang', 'partition' and 'host_down' take "
+             "'allreduce'; other kinds strike at at_step")
 
 
 class FaultsConfig(Section):

@@ -25,7 +25,7 @@ Algorithm = Literal["localsgd", "diloco"]
 Recovery = Literal["sync", "async"]
 ModelArch = Literal["cnn", "resnet"]
 OptimizerName = Literal["sgd", "adamw"]
-FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse"]
+FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse", "partition", "host_down"]
 FaultMoment = Literal["step", "quorum", "allreduce", "heal"]
 
 # How often a replica role tells the lighthouse role it lives (and learns whether the run goes on), in

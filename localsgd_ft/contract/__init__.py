@@ -23,7 +23,7 @@ _EXPORTS: Dict[str, List[str]] = {
         "COMPLETION_ENV", "EventKind", "FRESH_ENV", "GROUP_ENV", "NUM_GROUPS_ENV", "Name", "PARENT_PID_ENV",
         "RUN_ID_ENV", "RUN_TOKEN_ENV", "Route", "StopReason", "TOKEN_HEADER", "TORCHFT_LIGHTHOUSE_ENV",
         "TORCHRUN_ENV", "TORCHRUN_RESTARTS_ENV", "LIVENESS_DIR_ENV", "SUMMARY_FILE", "CONFIG_FILE", "METRICS_DIR",
-        "REPORT_DIR", "GROUPS_DIR"],
+        "REPORT_DIR", "GROUPS_DIR", "TESTBED_MARK"],
     "localsgd_ft.contract.records": [
         "CheckpointEvent", "CheckpointFailedEvent", "CompletedRequest", "EVENT_MODELS", "LENIENT", "ErrorReply", "Evaluation", "Event",
         "EventReply", "FaultEvent", "FinalSync", "FinishedRequest", "GroupReport", "GroupRequest",

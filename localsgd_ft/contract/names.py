@@ -20,6 +20,10 @@ LIVENESS_DIR_ENV = "LOCALSGD_FT_LIVENESS_DIR"  # a replica role, for its trainer
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # torchrun, in its workers: a process that has it runs under torchrun
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun, in its workers: how often it restarted them
 TOKEN_HEADER = "X-LocalSGD-Run-Token"  # the HTTP header that carries the run token on every request
+# The multi-host test bed (tests/hosts.py), for the failures of a whole host: a line of each bed host's
+# /etc/hosts, "<mark> link=<its bridge port> root=<the root namespace's name under ip netns>", that says
+# where its link lives. Only such a host can be cut off or taken down by a `partition` or `host_down` fault.
+TESTBED_MARK = "# localsgd-ft test bed host:"
 
 # The run directory (output_dir/name): what each process of the run writes there.
 SUMMARY_FILE = "summary.json"  # the lighthouse role: the verdict

@@ -11,7 +11,9 @@ A failure hits one worker of its group (``worker``, a rank); the others only
 take note of a hang (the group is frozen with that worker) so that the group's
 worker 0, which reports for the group, knows it was disrupted. A killed worker
 needs no such note: torchrun restarts the whole group. Lighthouse failures are
-fired by worker 0 only.
+fired by worker 0 only. ``partition`` and ``host_down`` act on the worker's whole host
+(:mod:`localsgd_ft.training.host_faults`): a plan that holds one for this worker is refused at once
+where this is no test-bed host.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from localsgd_ft.contract import EventKind
 from localsgd_ft.launch import lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient
 from localsgd_ft.results.metrics import MetricsLog
+from localsgd_ft.training import host_faults
 
 
 class FaultInjector:
@@ -46,6 +49,9 @@ class FaultInjector:
         self.armed: List[Fault] = [f for f in self.pending if f.moment == "heal"]
         self.pending = [f for f in self.pending if f.moment != "heal"]
         self.step = 0
+        # Refused before any step: a failure this host cannot deliver must not be skipped in silence.
+        self.link = next((host_faults.require_bed(f.kind, f.id) for f in self.pending + self.armed
+                          if f.kind in host_faults.HOST_KINDS and f.worker == worker), None)
         self._wrap_manager()
 
     def after_step(self, step: int) -> bool:
@@ -123,6 +129,13 @@ class FaultInjector:
             self.hung = True
         elif fault.kind == "kill_during_sync":
             self._arm_kill_in_allreduce()
+        elif fault.kind == "partition":
+            assert self.link is not None
+            host_faults.partition(self.link, fault.duration_s)
+        elif fault.kind == "host_down":
+            assert self.link is not None
+            sys.stdout.flush()
+            host_faults.host_down(self.link)
         # "lighthouse": the lighthouse role acts on the reported event.
 
     def _arm_kill_in_allreduce(self) -> None:

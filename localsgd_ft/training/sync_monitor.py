@@ -42,9 +42,13 @@ class StallDetector:
         ordered = sorted(self.recent)
         return ordered[min(len(ordered) - 1, int(self.PERCENTILE * len(ordered)))]
 
-    def is_stall(self, duration_s: float, disrupted: bool = False) -> bool:
-        """Whether a sync of ``duration_s`` stalled, given whether the group is disrupted for a known reason."""
+    def is_stall(self, duration_s: float, disrupted: bool = False, committed: bool = True) -> bool:
+        """Whether a sync of ``duration_s`` stalled, given whether the group is disrupted for a known reason
+        and whether the sync committed. One that did not was all cost (on a slow link, a sync given up for a
+        silent peer lasts about as long as a usual one): it stalls once it lasted SLOW_MIN_S."""
         usual = self.usual_s()
+        if not committed:
+            return duration_s >= self.SLOW_MIN_S
         if disrupted:
             return duration_s >= max(self.SLOW_MIN_S, self.SLOW_FACTOR * (usual or 0.0))
         stalled = usual is not None and duration_s >= max(self.floor_s, self.FACTOR * usual)
@@ -115,7 +119,7 @@ class SyncMonitor:
         whole = committed and participants == self.num_groups  # a sync as if nothing had happened
         if not whole:
             self.disrupt(since=time.monotonic() - duration)
-        if self.stalls.is_stall(duration, disrupted=self.disrupted):
+        if self.stalls.is_stall(duration, disrupted=self.disrupted, committed=committed):
             self.disrupt(since=time.monotonic() - duration)
             self._report(EventKind.SYNC_STALL, step=step, local_step=local_step, duration_s=round(duration, 3),
                          committed=committed, participants=participants)
