@@ -19,13 +19,16 @@ a killed test left. Needs root and iproute2 (``ip``, ``tc``): :func:`unavailable
         bed.run(0, ["python", "-m", "http.server"])      # on host 0, hostname bed.name(0)
         bed.cut(0); bed.restore(0); bed.limit(1, mbit=50); bed.host_down(2)
 
-``python tests/hosts.py cleanup`` removes every test bed of this machine (what a killed run left).
+``python tests/hosts.py cleanup`` removes every test bed of this machine (what a killed run left);
+``python tests/hosts.py up TAG NAME...`` builds one that outlives the command (the CI's Slurm cluster).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +40,8 @@ from localsgd_ft.contract import TESTBED_MARK
 RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544's benchmarking range: never routed on the internet
 PREFIX = "lsft"  # every namespace, link and bridge of a test bed starts with it
 NETNS_ETC = Path("/etc/netns")
+TAG = re.compile(r"[A-Za-z0-9]{1,6}")  # keeps every link name within the kernel's 15 characters
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -87,11 +92,17 @@ class TestBed:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, hosts: int, tag: str = "") -> None:
+    def __init__(self, hosts: int, tag: str = "", names: Optional[Sequence[str]] = None) -> None:
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts: expected 1..200, got {hosts}")
+        if names is not None and (len(names) != hosts or len(set(names)) != hosts
+                                  or not all(HOST_NAME.fullmatch(n) for n in names)):
+            raise ValueError(f"names: expected {hosts} distinct host names (letters, digits, '-'), got {names}")
         self.count = hosts
+        self.names = list(names) if names is not None else None
         self.tag = tag or f"{os.getpid() % 100000}"
+        if not TAG.fullmatch(self.tag):
+            raise ValueError(f"tag: expected 1 to 6 letters or digits, got {self.tag!r}")
         self.bridge = f"{PREFIX}br{self.tag}"[:15]
         self.subnet: Optional[ipaddress.IPv4Network] = None
         self._made: List[List[str]] = []  # how to undo each step, newest last
@@ -103,7 +114,7 @@ class TestBed:
 
     def name(self, i: int) -> str:
         """Host ``i``'s hostname (and the name every host resolves to its address)."""
-        return f"{PREFIX}{self.tag}h{i}"
+        return self.names[i] if self.names is not None else f"{PREFIX}{self.tag}h{i}"
 
     @property
     def root_ns(self) -> str:
@@ -250,30 +261,53 @@ class TestBed:
                      "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
 
 
-def cleanup() -> List[str]:
-    """Remove every test bed left on this machine (namespaces, links, bridges, /etc/netns entries); what went."""
+def cleanup(tag: Optional[str] = None) -> List[str]:
+    """Remove the test beds left on this machine (namespaces, links, bridges, /etc/netns entries): every
+    one, or only the one tagged ``tag``; what went."""
+    ns_prefix = f"{PREFIX}-{tag}-" if tag else f"{PREFIX}-"
+    link = re.compile(rf"{PREFIX}{tag}p\d+|{PREFIX}br{tag}" if tag else rf"{PREFIX}.*")
     gone = []
     for line in _sh(["ip", "netns", "list"], check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
-        if ns.startswith(f"{PREFIX}-"):
+        if ns.startswith(ns_prefix):
             _sh(["ip", "netns", "del", ns], check=False)
             gone.append(ns)
     for line in _sh(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
-        if name.startswith(PREFIX):
+        if link.fullmatch(name):
             _sh(["ip", "link", "del", name], check=False)
             gone.append(name)
     if NETNS_ETC.is_dir():
         for d in NETNS_ETC.iterdir():
-            if d.name.startswith(f"{PREFIX}-"):
+            if d.name.startswith(ns_prefix):
                 shutil.rmtree(d, ignore_errors=True)
                 gone.append(str(d))
     return gone
 
 
+USAGE = """usage: python tests/hosts.py up TAG NAME... | cleanup [TAG]
+
+  up TAG NAME...   build a test bed tagged TAG with one host per NAME (its hostname) and leave it up
+                   (for a cluster that outlives this command: .ci/slurm_setup.sh); prints it as JSON
+  cleanup [TAG]    remove every test bed of this machine, or only the one tagged TAG
+"""
+
+
+def main(argv: List[str]) -> int:
+    if argv[:1] == ["cleanup"] and len(argv) <= 2:
+        print("\n".join(cleanup(argv[1] if len(argv) == 2 else None)) or "nothing to remove")
+        return 0
+    if argv[:1] == ["up"] and len(argv) >= 3:
+        bed = TestBed(len(argv) - 2, tag=argv[1], names=argv[2:])
+        cleanup(bed.tag)  # what an earlier bed of this tag left
+        bed.__enter__()  # checked isolated, or removed again; never closed here: `cleanup TAG` removes it
+        print(json.dumps({"tag": bed.tag, "subnet": str(bed.subnet), "root_address": bed.root_address,
+                          "hosts": [{"name": bed.name(i), "ns": bed.ns(i), "address": bed.address(i)}
+                                    for i in range(bed.count)]}))
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["cleanup"]:
-        print("\n".join(cleanup()) or "nothing to remove")
-        sys.exit(0)
-    print(__doc__)
-    sys.exit(2)
+    sys.exit(main(sys.argv[1:]))

@@ -134,7 +134,12 @@ def test_nothing_is_left_when_a_test_fails_inside_the_bed():
 def test_cleanup_removes_what_a_killed_test_left():
     bed = TestBed(1, tag="kill")
     bed.__enter__()  # then "killed": never closed
-    assert hosts.cleanup()  # something went
+    other = TestBed(1, tag="keep").__enter__()  # another bed (the CI's Slurm cluster's) is left alone
+    try:
+        assert hosts.cleanup("kill")  # something went
+        assert other.ns(0) in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        other.close()
     assert bed.ns(0) not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", bed.bridge], capture_output=True).returncode != 0
 

@@ -10,10 +10,12 @@ while it runs, every process's command line is searched for the run token.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -243,6 +245,114 @@ def test_training_runs_to_completed_with_a_summary(finished_run):
     assert all(g["steps"] == 60 for g in summary["replica_groups"].values())
     # The replica groups found the lighthouse on the het-job node of role 0.
     assert "LocalSGD: Number of local optimizer steps completed" in log(cwd, job, "replica_0")
+
+
+def node_addresses() -> Dict[str, str]:
+    """Each node of the cluster -> its NodeAddr."""
+    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=30).stdout
+    return {m.group(1): m.group(2) for m in re.finditer(r"NodeName=(\S+).*?\bNodeAddr=(\S+)", out)}
+
+
+def on_the_test_bed() -> bool:
+    """Whether every node is a host of the multi-host test bed (CI's cluster: .ci/slurm_setup.sh)."""
+    addrs = node_addresses()
+    return bool(addrs) and all(ipaddress.ip_address(a) in ipaddress.ip_network("198.18.0.0/15")
+                               for a in addrs.values())
+
+
+def test_every_role_ran_on_a_host_of_its_own_and_talked_across_the_bridge(finished_run):
+    """On the test-bed cluster each role is on its own host, under its own name, and what the groups
+    advertise to each other (torchft's Managers, the lighthouse) are those hosts' addresses."""
+    if not on_the_test_bed():
+        pytest.skip("this cluster's nodes are not test-bed hosts (.ci/slurm_setup.sh builds such a cluster)")
+    cwd, job = finished_run.cwd, finished_run.job
+    served = re.search(r"serving http://([^:/\s]+):", log(cwd, job, "lighthouse"))
+    assert served, logs(cwd, job, "lighthouse")
+    where = {"lighthouse": served.group(1)}
+    for g in (0, 1):
+        manager = re.search(r"Manager listening on http://([^:/\s]+):", log(cwd, job, f"replica_{g}", "err"))
+        assert manager, logs(cwd, job, f"replica_{g}")
+        where[f"replica_{g}"] = manager.group(1)
+    addrs = node_addresses()
+    assert len(set(where.values())) == 3 and all(h in addrs for h in where.values()), (where, addrs)
+    for role, host in where.items():  # and each name leads to that host's own address on the bridge
+        assert socket.gethostbyname(host) == addrs[host], (role, host, addrs)
+
+
+def test_a_partition_of_one_group_from_the_yaml_heals_on_slurm(tmp_path, cifar_root, slurm_jobs):
+    """The YAML's `partition` cuts group 1's node off the bridge for 8 s inside a Slurm job: the job
+    still COMPLETES, group 1 heals without a restart and every group ends bit-identical."""
+    if not on_the_test_bed():
+        pytest.skip("a partition needs the test-bed cluster (.ci/slurm_setup.sh builds it)")
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 600, "eval_every": 0, "log_every": 100},
+                       lighthouse={"role_timeout_s": 60, "heartbeat_timeout_ms": 2000},
+                       localsgd={"timeout_s": 60, "quorum_timeout_s": 60, "quorum_retries": 3},
+                       faults={"enabled": True, "schedule": [
+                           {"kind": "partition", "group": 1, "at_step": 100, "duration_s": 8}]})
+    job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs).job
+    states = wait_for_end(job)
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["succeeded"] and summary["params_identical"], summary["failure_reason"]
+    assert summary["faults"]["by_kind"] == {"partition": 1}
+    recovery = summary["recoveries"][0]
+    assert recovery["recovered"] and recovery["survivor_stall_s"] <= 2 + 2, recovery
+    assert summary["replica_groups"]["1"]["restarts"] == 0
+
+
+BED_TAG = "slurm"  # .ci/slurm_setup.sh's test bed: node slurmciN on host N - 1
+
+
+def bring_back_nodes(deadline_s: float = 60) -> None:
+    """Every node whose host a test took down: its link up, its slurmd started again, until all are idle."""
+    for line in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                               timeout=30).stdout.splitlines():
+        name, state = line.split()
+        if state.rstrip("*") in ("down", "drain", "drng", "fail") or state.endswith("*"):
+            host = int(name.removeprefix("slurmci")) - 1
+            subprocess.run(["ip", "link", "set", f"lsft{BED_TAG}p{host}", "up"], check=True, timeout=30)
+            subprocess.run(["bash", str(REPO / ".ci" / "slurm_node.sh"), name, f"lsft-{BED_TAG}-h{host}"],
+                           check=True, timeout=60)
+    end = time.monotonic() + deadline_s
+    while idle_nodes() < len(node_addresses()):
+        assert time.monotonic() < end, subprocess.run(["sinfo", "-N"], capture_output=True, text=True).stdout
+        time.sleep(1)
+
+
+def test_a_node_that_dies_ends_the_het_job_and_slurm_requeues_it_to_resume_without_the_failure(
+        tmp_path, cifar_root, slurm_jobs):
+    """Group 1's host goes dark for good (the YAML's `host_down`: its link cut, its slurmd killed). Slurm
+    22.05 marks the node DOWN after SlurmdTimeout and then kills every component of the het job, whatever
+    `--no-kill` says, and requeues it (torchx submits with --requeue): a whole-job restart on the nodes left.
+    The requeued job resumes from its checkpoint, the failure does not fire again, and the job COMPLETES."""
+    if not on_the_test_bed():
+        pytest.skip("a node failure needs the test-bed cluster (.ci/slurm_setup.sh builds it)")
+    bring_back_nodes()
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 4000, "eval_every": 0, "log_every": 500},
+                       checkpoint={"every_syncs": 5},
+                       lighthouse={"role_timeout_s": 10, "heartbeat_timeout_ms": 2000},
+                       localsgd={"timeout_s": 60, "quorum_timeout_s": 60, "quorum_retries": 3},
+                       faults={"enabled": True, "schedule": [{"kind": "host_down", "group": 1, "at_step": 100}]})
+    job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs).job
+
+    def release_the_requeued_job() -> None:  # Slurm holds a requeued job for minutes (BeginTime): not here
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+        if "Reason=BeginTime" in out:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+
+    try:
+        states = wait_for_end(job, deadline_s=480, poll=release_the_requeued_job)
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    finally:
+        bring_back_nodes()
+    lighthouse_log = log(tmp_path, job, "lighthouse")
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs(tmp_path, job, 'lighthouse')}"
+    assert "Restarts=1" in shown, shown  # one whole-job restart
+    assert "planned failure(s) [0] fired in an earlier job of this run and will not fire again" in lighthouse_log
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["succeeded"] and summary["params_identical"] and summary["lost_groups"] == [], summary
+    assert summary["faults"]["injected"] == 0  # the requeued job: nothing fired twice
+    assert min(e["step"] for e in summary["events"] if e["kind"] == "resumed") >= 100  # from the checkpoint
 
 
 def test_the_run_token_is_on_no_command_line_and_in_no_readable_file(finished_run):

@@ -26,8 +26,9 @@ from localsgd_ft.launch.completion.state import CompletionState
 from localsgd_ft.launch.torchft_lighthouse import command as lighthouse_command
 from localsgd_ft.results.metrics import metrics_dir
 from localsgd_ft.results.summary import summarize
-from localsgd_ft.storage import ownership, set_aside
+from localsgd_ft.storage import fired_faults, ownership, set_aside
 from localsgd_ft.storage.atomic import write_json_atomic, write_text_atomic
+from localsgd_ft.storage.fired_faults import FiredFaultsUnreadable
 from localsgd_ft.storage.ownership import Claim, DirectoryBusy
 from localsgd_ft.storage.set_aside import SetAsideError, set_aside_checkpoints, set_aside_outputs
 
@@ -163,7 +164,8 @@ def _check_losses(cfg: ExperimentConfig, state: CompletionState) -> None:
             print(f"lighthouse: ABORT: {reason}", flush=True)
 
 
-def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callable[[dict], None]:
+def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig, state: CompletionState
+              ) -> Callable[[dict], None]:
     plan = {f.id: f for f in cfg.fault_plan}
 
     def on_event(recorded: dict) -> None:
@@ -173,6 +175,12 @@ def _on_fault(lighthouse: SupervisedLighthouse, cfg: ExperimentConfig) -> Callab
         print(f"lighthouse: FAULT #{event.fault_id}: {event.fault} of "
               f"{'the lighthouse' if event.fault == 'lighthouse' else 'group %s' % event.target} "
               f"at step {event.step}", flush=True)
+        if cfg.checkpoint.enabled:  # before the group hears back and strikes: a restarted job must not repeat it
+            try:
+                fired_faults.save(cfg.checkpoint_dir, state.fired_ids())
+            except OSError as e:
+                print(f"lighthouse: WARNING: could not record the fired failure in {cfg.checkpoint_dir} "
+                      f"({type(e).__name__}: {e}); a whole-job restart would fire it again", flush=True)
         if event.fault == "lighthouse":
             # Off the HTTP thread: the reporting group must get its answer before the kill.
             # The outage lasts as planned, whatever the report claims.
@@ -209,8 +217,8 @@ def run(cfg: ExperimentConfig, host: str, config_path: str, print_summary: bool 
     state, completion, lighthouse = _bind(cfg, bind_host)
     local = bind_host != "::"
     try:
-        owned = _own_outputs(cfg, config_path)
-    except (DirectoryBusy, SetAsideError) as e:
+        owned = _own_outputs(cfg, config_path, state)
+    except (DirectoryBusy, SetAsideError, FiredFaultsUnreadable) as e:
         _refuse_run(cfg, state, str(e), local)
         _close(completion, lighthouse)
         raise RuntimeError(str(e)) from None
@@ -226,7 +234,7 @@ def _supervise_and_conclude(cfg: ExperimentConfig, host: str, bind_host: str, co
                             completion: ThreadingHTTPServer, lighthouse: "SupervisedLighthouse", local: bool) -> int:
     role_error: Optional[str] = None
     try:
-        state.on_event = _on_fault(lighthouse, cfg)
+        state.on_event = _on_fault(lighthouse, cfg, state)
         state.open()
         opened = time.monotonic()
         _announce(cfg, host, bind_host)
@@ -315,17 +323,24 @@ PREVIOUS_OUTPUTS = (SUMMARY_FILE, CONFIG_FILE, METRICS_DIR, REPORT_DIR, GROUPS_D
 SET_ASIDE_NOTICE = 10
 
 
-def _own_outputs(cfg: ExperimentConfig, config_path: str) -> Claim:
+def _own_outputs(cfg: ExperimentConfig, config_path: str, state: CompletionState) -> Claim:
     """Claim the output (and checkpoint) directory, then prepare it; the claim, held until the verdict is out.
 
     Before anything is moved or written: a directory another live run holds is refused (DirectoryBusy),
-    and so is a checkpoint directory that is not only ours (SetAsideError), with nothing touched.
+    and so is a checkpoint directory that is not only ours (SetAsideError), with nothing touched. A
+    resumed run learns which planned failures an earlier job already fired (unreadable: refused).
     """
     owned, notes = ownership.claim(ownership.directories(cfg), lifecycle.run_id())
     try:
         for note in notes:
             print(f"lighthouse: {note}", flush=True)
         _prepare_outputs(cfg, config_path)
+        if cfg.checkpoint.enabled and cfg.fault_plan:
+            fired = fired_faults.load(cfg.checkpoint_dir, [f.id for f in cfg.fault_plan])
+            if fired:
+                state.remember_fired(fired)
+                print(f"lighthouse: resuming: planned failure(s) {fired} fired in an earlier job of this run and "
+                      "will not fire again", flush=True)
     except BaseException:
         owned.release()
         raise

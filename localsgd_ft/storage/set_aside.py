@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 from localsgd_ft.storage.atomic import fsync_dir
+from localsgd_ft.storage.fired_faults import FIRED_FILE
 from localsgd_ft.storage.ownership import OWNER_FILE
 
 PREFIX = "set-aside-"
 # What a checkpoint directory may hold: checkpoints, their temporary files (a writer killed
-# mid-write), the run's claim, and earlier set-aside folders.
-CHECKPOINT_FILES = ("step_*.pt", "step_*.json", ".step_*.pt.*", ".step_*.json.*")
+# mid-write), the record of fired failures, the run's claim, and earlier set-aside folders.
+CHECKPOINT_FILES = ("step_*.pt", "step_*.json", ".step_*.pt.*", ".step_*.json.*", FIRED_FILE, f".{FIRED_FILE}.*")
 OURS = CHECKPOINT_FILES + (OWNER_FILE, f"{OWNER_FILE}.stale-*", f"{PREFIX}*")
 SHOWN = 3  # foreign names quoted in a refusal: enough to recognise the directory
 

@@ -92,6 +92,15 @@ class CompletionState:
         with self._cond:
             self.refused[(group, node)] = reason
 
+    def remember_fired(self, fault_ids: List[int]) -> None:
+        """Failures an earlier job of this run fired: a report of one is refused, so it never fires again."""
+        with self._cond:
+            self.fired.update(fault_ids)
+
+    def fired_ids(self) -> List[int]:
+        with self._cond:
+            return sorted(self.fired)
+
     def add_event(self, event: dict) -> bool:
         """Record ``event``; False if it repeats an already fired ``fault_id``."""
         with self._cond:
