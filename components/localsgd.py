@@ -66,6 +66,8 @@ def localsgd(
     except ConfigError as e:
         # torchx prints this one message and exits 1 (a plain exception would print a traceback).
         raise ComponentValidationException(str(e)) from None
+    for note in cfg.advice():
+        print(f"localsgd: warning: {note}", file=sys.stderr, flush=True)
     local = is_local_launch(sys.argv)
     if local:
         watch_for_interrupt()

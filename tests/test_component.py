@@ -149,8 +149,11 @@ def test_cli_overrides_reach_every_role_and_bad_ones_are_refused(tmp_path, cifar
 
     path = write_config(tmp_path, small_config(tmp_path, cifar_root))
     res = subprocess.run([TORCHX, "run", "--dryrun", "--", "--config", str(path), "localsgd.sync_every=20",
-                          "train.max_steps=400"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "train.max_steps=400", "localsgd.quorum_retries=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
+    # Valid, but costly after every failed quorum: the launch says so, with the fix.
+    assert "localsgd: warning: localsgd.quorum_retries 1 with localsgd.quorum_timeout_s 30" in res.stderr, res.stderr
     # What the real CLI handed every role (the dry run prints each role's arguments).
     request = res.stdout.split("SCHEDULER REQUEST")[0]
     texts = [base64.b64decode(b).decode() for b in re.findall(r"--config-b64\W+([A-Za-z0-9+/=]{20,})", request)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,6 +196,21 @@ def test_reference_lists_every_key_with_its_doc():
     for key in ["replica_groups.count", "localsgd.sync_every", "localsgd.recovery", "lighthouse.heartbeat_timeout_ms",
                 "data.verify", "train.max_steps", "model.arch", "optimizer.lr", "output_dir"]:
         assert f"| `{key}` |" in table
+
+
+def test_a_long_pause_after_a_failed_quorum_is_advised_against_with_the_fix_and_shipped_configs_are_quiet():
+    """The independent storm run that set quorum_retries 5 by hand beside quorum_timeout_s 120 paid 20 s per
+    lighthouse outage: such a setting is valid but gets a warning naming the pause and the fix."""
+    cfg = parse_config({"localsgd": {"quorum_retries": 5, "quorum_timeout_s": 120}})
+    [note] = cfg.advice()
+    assert "waits 20.0 s before it asks again" in note and "leave quorum_retries at -1" in note
+    assert "set it to 239" in note  # the automatic count: a try every 0.5 s
+    assert parse_config({"localsgd": {"quorum_retries": 10, "quorum_timeout_s": 30}}).advice() == []
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert load_config(path).advice() == [], path
+    out = subprocess.run([sys.executable, "-m", "localsgd_ft.config", str(REPO / "configs" / "default.yaml"),
+                          "localsgd.quorum_retries=5"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "warning: localsgd.quorum_retries 5" in out.stderr, out.stderr
 
 
 def test_config_doc_reference_is_current():

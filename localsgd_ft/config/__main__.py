@@ -31,6 +31,8 @@ def main(argv: List[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for note in cfg.advice():
+        print(f"warning: {note}", file=sys.stderr)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 

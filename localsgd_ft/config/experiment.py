@@ -11,6 +11,10 @@ from pydantic import Field, model_validator
 from localsgd_ft.config.errors import Allowed
 from localsgd_ft.config.fault_plan import Fault, plan_faults
 from localsgd_ft.config.limits import NAME_MAX
+
+# A pause after a failed quorum request longer than this is worth a warning: a lighthouse outage of a
+# second would cost every group that long.
+QUORUM_PAUSE_WARN_S = 5.0
 from localsgd_ft.config.schedule import (QUORUM_RETRY_INTERVAL_S, CheckpointConfig, FaultsConfig, LocalSGDConfig,
                                          TrainConfig)
 from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig, PathText,
@@ -103,6 +107,24 @@ class ExperimentConfig(Section):
         # torchft sleeps quorum_timeout / (retries + 1) after a failed try; the Python side gives
         # up after quorum_timeout anyway, so more retries only shorten the wait after an outage.
         return max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
+
+    @property
+    def quorum_pause_s(self) -> float:
+        """How long torchft waits after a failed quorum request before it asks again."""
+        return self.localsgd.quorum_timeout_s / (self.quorum_retries + 1)
+
+    def advice(self) -> List[str]:
+        """Settings that are valid but make failures costly, each with the fix (printed at launch, never refused)."""
+        notes = []
+        if self.quorum_pause_s > QUORUM_PAUSE_WARN_S:
+            auto = max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
+            notes.append(
+                f"localsgd.quorum_retries {self.localsgd.quorum_retries} with localsgd.quorum_timeout_s "
+                f"{self.localsgd.quorum_timeout_s:g}: after a failed quorum request torchft waits "
+                f"{self.quorum_pause_s:.1f} s before it asks again (quorum_timeout_s / (quorum_retries + 1)), so "
+                f"every lighthouse outage or refused quorum costs the groups at least that; leave quorum_retries "
+                f"at -1 (automatic: a try every {QUORUM_RETRY_INTERVAL_S:g} s) or set it to {auto}")
+        return notes
 
     @property
     def initial_syncs(self) -> int:

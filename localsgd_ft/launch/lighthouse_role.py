@@ -370,6 +370,8 @@ def _announce(cfg: ExperimentConfig, host: str, bind_host: str) -> None:
     print(f"lighthouse: run {lifecycle.run_id()}: serving {url}, bound to {bind_host}; "
           f"waiting for {cfg.replica_groups.count} replica groups", flush=True)
     print(f"lighthouse: dashboard: {url}/ ; metrics: {metrics_dir(cfg.run_dir)}", flush=True)
+    for note in cfg.advice():
+        print(f"lighthouse: warning: {note}", flush=True)
     if cfg.fault_plan:
         print(f"lighthouse: {len(cfg.fault_plan)} failure(s) will be injected: "
               + "; ".join(f"#{f.id} {f.kind} group {f.group} at step {f.at_step}" for f in cfg.fault_plan),
