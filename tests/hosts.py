@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +248,7 @@ class TestBed:
         pids = [int(p) for p in _sh(["ip", "netns", "pids", self.ns(i)]).stdout.split()]
         for pid in pids:
             try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         return pids

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Set
 
+import hosts
 import pytest
 from conftest import REPO, TORCHX, small_config, write_config
 
@@ -256,8 +257,7 @@ def node_addresses() -> Dict[str, str]:
 def on_the_test_bed() -> bool:
     """Whether every node is a host of the multi-host test bed (CI's cluster: .ci/slurm_setup.sh)."""
     addrs = node_addresses()
-    return bool(addrs) and all(ipaddress.ip_address(a) in ipaddress.ip_network("198.18.0.0/15")
-                               for a in addrs.values())
+    return bool(addrs) and all(ipaddress.ip_address(a) in hosts.RANGE for a in addrs.values())
 
 
 def test_every_role_ran_on_a_host_of_its_own_and_talked_across_the_bridge(finished_run):
@@ -307,7 +307,8 @@ def test_a_partition_of_one_group_from_the_yaml_heals_on_slurm(tmp_path, cifar_r
     assert summary["replica_groups"]["1"]["restarts"] == 0
 
 
-BED_TAG = "slurm"  # .ci/slurm_setup.sh's test bed: node slurmciN on host N - 1
+# .ci/slurm_setup.sh's test bed, for its names only (never built here): node slurmciN lives on host N - 1.
+BED = hosts.TestBed(1, tag="slurm")
 
 
 def bring_back_nodes(deadline_s: float = 60) -> None:
@@ -317,8 +318,8 @@ def bring_back_nodes(deadline_s: float = 60) -> None:
         name, state = line.split()
         if state.rstrip("*") in ("down", "drain", "drng", "fail") or state.endswith("*"):
             host = int(name.removeprefix("slurmci")) - 1
-            subprocess.run(["ip", "link", "set", f"lsft{BED_TAG}p{host}", "up"], check=True, timeout=30)
-            subprocess.run(["bash", str(REPO / ".ci" / "slurm_node.sh"), name, f"lsft-{BED_TAG}-h{host}"],
+            subprocess.run(["ip", "link", "set", BED.port_link(host), "up"], check=True, timeout=30)
+            subprocess.run(["bash", str(REPO / ".ci" / "slurm_node.sh"), name, BED.ns(host)],
                            check=True, timeout=60)
     end = time.monotonic() + deadline_s
     while idle_nodes() < len(node_addresses()):

@@ -11,14 +11,14 @@ from pydantic import Field, model_validator
 from localsgd_ft.config.errors import Allowed
 from localsgd_ft.config.fault_plan import Fault, plan_faults
 from localsgd_ft.config.limits import NAME_MAX
-
-# A pause after a failed quorum request longer than this is worth a warning: a lighthouse outage of a
-# second would cost every group that long.
-QUORUM_PAUSE_WARN_S = 5.0
 from localsgd_ft.config.schedule import (QUORUM_RETRY_INTERVAL_S, CheckpointConfig, FaultsConfig, LocalSGDConfig,
                                          TrainConfig)
 from localsgd_ft.config.sections import (DataConfig, LighthouseConfig, ModelConfig, OptimizerConfig, PathText,
                                          ReplicaGroupsConfig, Section, section)
+
+# A pause after a failed quorum request longer than this is worth a warning: a lighthouse outage of a
+# second would cost every group that long.
+QUORUM_PAUSE_WARN_S = 5.0
 
 
 class ExperimentConfig(Section):
@@ -104,6 +104,11 @@ class ExperimentConfig(Section):
         """Retries handed to torchft's Manager (localsgd.quorum_retries, or the automatic count)."""
         if self.localsgd.quorum_retries >= 0:
             return self.localsgd.quorum_retries
+        return self.automatic_quorum_retries
+
+    @property
+    def automatic_quorum_retries(self) -> int:
+        """Retries for a try every QUORUM_RETRY_INTERVAL_S within quorum_timeout_s (quorum_retries: -1)."""
         # torchft sleeps quorum_timeout / (retries + 1) after a failed try; the Python side gives
         # up after quorum_timeout anyway, so more retries only shorten the wait after an outage.
         return max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
@@ -117,13 +122,13 @@ class ExperimentConfig(Section):
         """Settings that are valid but make failures costly, each with the fix (printed at launch, never refused)."""
         notes = []
         if self.quorum_pause_s > QUORUM_PAUSE_WARN_S:
-            auto = max(1, int(self.localsgd.quorum_timeout_s / QUORUM_RETRY_INTERVAL_S) - 1)
             notes.append(
                 f"localsgd.quorum_retries {self.localsgd.quorum_retries} with localsgd.quorum_timeout_s "
                 f"{self.localsgd.quorum_timeout_s:g}: after a failed quorum request torchft waits "
                 f"{self.quorum_pause_s:.1f} s before it asks again (quorum_timeout_s / (quorum_retries + 1)), so "
                 f"every lighthouse outage or refused quorum costs the groups at least that; leave quorum_retries "
-                f"at -1 (automatic: a try every {QUORUM_RETRY_INTERVAL_S:g} s) or set it to {auto}")
+                f"at -1 (automatic: a try every {QUORUM_RETRY_INTERVAL_S:g} s) or set it to "
+                f"{self.automatic_quorum_retries}")
         return notes
 
     @property

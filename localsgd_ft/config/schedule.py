@@ -14,7 +14,8 @@ from localsgd_ft.config.errors import Allowed, ConfigError, need, shown
 from localsgd_ft.config.limits import (DAY_S, MAX_BUCKET_MB, MAX_CHECKPOINTS_KEPT, MAX_CPUS, MAX_FRAGMENTS, MAX_GROUPS,
                                        MAX_LR, MAX_NODES, MAX_QUORUM_RETRIES, MAX_RANDOM_FAULTS, MAX_RANDOM_KINDS,
                                        MAX_SCHEDULED_FAULTS, MAX_SEED, MAX_STEPS, MAX_WORKERS)
-from localsgd_ft.config.sections import Algorithm, FaultKind, FaultMoment, Number, PathText, Recovery, Section, section
+from localsgd_ft.config.sections import (HOST_FAULT_KINDS, Algorithm, FaultKind, FaultMoment, Number, PathText,
+                                         Recovery, Section, section)
 
 if TYPE_CHECKING:
     from localsgd_ft.config.experiment import ExperimentConfig
@@ -235,7 +236,7 @@ class FaultConfig(Section):
         need(self.at_step < steps, f"{key}.at_step", self.at_step,
              f"expected 1..{steps - 1} (inside train.max_steps)")
         need(self.moment == "step" or self.kind == "lighthouse"
-             or (self.kind in ("hang", "partition", "host_down") and self.moment == "allreduce"),
+             or (self.kind in ("hang", *HOST_FAULT_KINDS) and self.moment == "allreduce"),
              f"{key}.moment", self.moment,
              "only 'lighthouse' failures take any moment, and 'hang', 'partition' and 'host_down' take "
              "'allreduce'; other kinds strike at at_step")

@@ -26,6 +26,7 @@ Recovery = Literal["sync", "async"]
 ModelArch = Literal["cnn", "resnet"]
 OptimizerName = Literal["sgd", "adamw"]
 FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse", "partition", "host_down"]
+HOST_FAULT_KINDS = ("partition", "host_down")  # failures of the worker's whole host (the test bed's only)
 FaultMoment = Literal["step", "quorum", "allreduce", "heal"]
 
 # How often a replica role tells the lighthouse role it lives (and learns whether the run goes on), in

@@ -41,7 +41,7 @@ def load(directory: Path, planned: Iterable[int]) -> List[int]:
         if not isinstance(fired, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in fired):
             raise ValueError("'fired' is not a list of failure ids")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FiredFaultsUnreadable(f"{path} cannot be read ({e}): it says which planned failures already fired; remove it "
-                         "to fire them all again, or start over with --fresh") from None
+        raise FiredFaultsUnreadable(f"{path} cannot be read ({e}): it says which planned failures already "
+                                    "fired; remove it to fire them all again, or start over with --fresh") from None
     known = set(planned)
     return sorted(i for i in set(fired) if i in known)

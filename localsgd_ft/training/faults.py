@@ -25,6 +25,7 @@ import sys
 from typing import Any, List, Optional
 
 from localsgd_ft.config import ExperimentConfig, Fault
+from localsgd_ft.config.sections import HOST_FAULT_KINDS
 from localsgd_ft.contract import EventKind
 from localsgd_ft.launch import lifecycle
 from localsgd_ft.launch.completion.client import CompletionClient
@@ -51,7 +52,7 @@ class FaultInjector:
         self.step = 0
         # Refused before any step: a failure this host cannot deliver must not be skipped in silence.
         self.link = next((host_faults.require_bed(f.kind, f.id) for f in self.pending + self.armed
-                          if f.kind in host_faults.HOST_KINDS and f.worker == worker), None)
+                          if f.kind in HOST_FAULT_KINDS and f.worker == worker), None)
         self._wrap_manager()
 
     def after_step(self, step: int) -> bool:

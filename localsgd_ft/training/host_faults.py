@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from localsgd_ft.config import ConfigError
 from localsgd_ft.contract import RUN_ID_ENV, RUN_TOKEN_ENV, TESTBED_MARK
 
-HOST_KINDS = ("partition", "host_down")
 HOSTS_FILE = Path("/etc/hosts")
 NETNS_DIR = Path("/run/netns")
 # The bed's names (tests/hosts.py): a port of 15 characters at most, a namespace of its own prefix.
@@ -76,8 +76,9 @@ def require_bed(kind: str, fault_id: int) -> BedLink:
     return link
 
 
-def _in_root(link: BedLink, state: str) -> str:
-    return f"ip -n {link.root} link set {link.port} {state}"
+def _set_link(link: BedLink, state: str) -> List[str]:
+    """The command that sets the host's bridge port ``up`` or ``down``, in the root namespace."""
+    return ["ip", "-n", link.root, "link", "set", link.port, state]
 
 
 def _outside_the_run() -> dict:
@@ -89,8 +90,9 @@ def _outside_the_run() -> dict:
 def partition(link: BedLink, duration_s: float) -> None:
     """Cut ``link`` now and restore it after ``duration_s``, from a helper of its own session that outlives
     this process (it may be ended while it is cut off); returns once the link is down."""
-    subprocess.run(_in_root(link, "down").split(), check=True, timeout=30, capture_output=True)
-    subprocess.Popen(["sh", "-c", f"sleep {float(duration_s)}; {_in_root(link, 'up')}"], start_new_session=True,
+    subprocess.run(_set_link(link, "down"), check=True, timeout=30, capture_output=True)
+    subprocess.Popen(["sh", "-c", f"sleep {float(duration_s)}; {shlex.join(_set_link(link, 'up'))}"],
+                     start_new_session=True,
                      env=_outside_the_run(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
 
@@ -100,7 +102,7 @@ def host_down(link: BedLink) -> None:
     own, me = _net_of("/proc/self/ns/net"), os.getpid()
     if _net_of(str(NETNS_DIR / link.root)) == own:  # bed_link proved it; proven again before anything is killed
         raise RuntimeError("host_down: this is the test bed's root namespace, not one of its hosts")
-    subprocess.run(_in_root(link, "down").split(), check=True, timeout=30, capture_output=True)
+    subprocess.run(_set_link(link, "down"), check=True, timeout=30, capture_output=True)
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue

@@ -46,9 +46,9 @@ class StallDetector:
         """Whether a sync of ``duration_s`` stalled, given whether the group is disrupted for a known reason
         and whether the sync committed. One that did not was all cost (on a slow link, a sync given up for a
         silent peer lasts about as long as a usual one): it stalls once it lasted SLOW_MIN_S."""
-        usual = self.usual_s()
         if not committed:
             return duration_s >= self.SLOW_MIN_S
+        usual = self.usual_s()
         if disrupted:
             return duration_s >= max(self.SLOW_MIN_S, self.SLOW_FACTOR * (usual or 0.0))
         stalled = usual is not None and duration_s >= max(self.floor_s, self.FACTOR * usual)
