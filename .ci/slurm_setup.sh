@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NODES="${SLURM_FAKE_NODES:-4}"      # lighthouse + up to 3 replica groups
+NODES="${SLURM_FAKE_NODES:-5}"      # lighthouse + 4 nodes: 3 groups, or 2 groups of 2 nodes
 CPUS="${SLURM_FAKE_CPUS:-2}"        # per node
 MEM_MB="${SLURM_FAKE_MEM_MB:-4000}" # per node
 PYTHON="${PYTHON:-python}"          # one that imports localsgd_ft (the test bed reads its contract)

@@ -176,10 +176,10 @@ def _check(reply: bytes, path: str) -> int:
 def _stored(state: CompletionState) -> str:
     """Everything the service holds that a request could change.
 
-    ``silent`` is left out of the status: it is derived from the stored heartbeat times and the clock, so it
+    ``silent`` and ``silent_nodes`` are left out of the status: it is derived from the stored heartbeat times and the clock, so it
     changes with time alone; the times it is derived from are compared instead.
     """
-    status = {**state.status(), "silent": None}
+    status = {**state.status(), "silent": None, "silent_nodes": None}
     return json.dumps([state.snapshot(), status, state.node_reports, sorted(state.last_seen.items()),
                        sorted(state.trainer_quiet.items())], default=str)
 

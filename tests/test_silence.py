@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import finish, read_summary, small_config, trainer_pid, write_config
 
+from localsgd_ft.contract import SilentNode, Status
 from localsgd_ft.contract.liveness import read_pulses
 from localsgd_ft.contract.names import LIVENESS_DIR_ENV, RUN_ID_ENV
 from localsgd_ft.launch.completion.state import CompletionState
@@ -44,6 +45,27 @@ def test_a_group_is_silent_when_its_role_or_its_trainer_is_quiet_past_the_bound(
     state.mark_finished(1, {"group": 1, "exit_code": 0})
     assert state.silent_groups() == []  # a finished group is never silent
     assert state.status()["silent"] == []
+
+
+def test_the_status_names_which_node_of_a_group_is_silent(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("localsgd_ft.launch.completion.state.time.monotonic", lambda: clock[0])
+    state = CompletionState(2, nodes=2, silent_after_s=2.0)
+    for group in (0, 1):
+        for node in (0, 1):
+            state.heartbeat(group, node, trainer_quiet_s=0.1)
+    clock[0] += 1.0
+    for group, node in ((0, 0), (0, 1), (1, 0)):  # group 1's node 1 went dark
+        state.heartbeat(group, node, trainer_quiet_s=0.1)
+    assert state.status()["silent_nodes"] == []
+    clock[0] += 1.5
+    status = Status.model_validate(state.status())
+    assert status.silent == [1]
+    assert [(s.group, s.node) for s in status.silent_nodes] == [(1, 1)] and status.silent_nodes[0].silent_s == 2.6
+    one_node = CompletionState(1, silent_after_s=2.0)
+    one_node.heartbeat(0, 0)
+    clock[0] += 3.0
+    assert one_node.status()["silent"] == [0] and one_node.status()["silent_nodes"] == []  # nothing to tell apart
 
 
 # ---------------------------------------------------------------------------- a real process, its pulse, its end
@@ -124,6 +146,54 @@ def test_a_group_out_of_restarts_after_a_frozen_trainer_is_lost_with_that_reason
     assert c1 == 1 and r1.error.startswith(line) and "no restart left (replica_groups.max_restarts 2)" in r1.error
     assert r2.error == "diverged"
     assert c3 == 0 and r3.error is None
+
+
+def test_a_silent_node_of_the_group_ends_this_nodes_trainers_and_is_the_reason(tmp_path, cifar_root):
+    """The role of a node whose sibling fell silent ends its own trainers (a real beating process) and tells
+    the service; a silent node of another group, or a status naming this node itself, ends nothing; when
+    torchrun then fails, the silent sibling is the group's reason."""
+    from localsgd_ft.config import parse_config
+    from localsgd_ft.launch.replica_role import Heartbeat, _report_end
+
+    class Client:
+        url = "http://test"
+
+        def __init__(self):
+            self.events, self.reports = [], []
+
+        def event(self, group, kind, deadline_s, node, **fields):
+            self.events.append((group, kind, node, fields))
+
+        def finished(self, group, code, result, deadline_s, node):
+            self.reports.append((code, result))
+
+    cfg = parse_config(small_config(tmp_path, cifar_root, replica_groups={"count": 2, "nodes": 2}))
+    client = Client()
+    beat = Heartbeat(cfg, 1, client, node=0)
+    beat.watch = watch = TrainerWatch(1, timeout_s=30.0, run="siblingtest")
+    child = _beating_child(watch.directory, "siblingtest")
+
+    def status(*silent):
+        return Status(run="r", started=[0, 1], expected=2, fired=[], finished=[], abort=None, completed=None,
+                      lighthouse_incarnation=1, silent=sorted({g for g, _ in silent}),
+                      silent_nodes=[SilentNode(group=g, node=n, silent_s=2.5) for g, n in silent])
+
+    try:
+        beat._end_for_silent_sibling(status((0, 1), (1, 0)))  # another group's node; this very node
+        assert child.poll() is None and client.events == [] and beat.sibling_lost is None
+        beat._end_for_silent_sibling(status((1, 1)))
+        assert child.wait(5) == -signal.SIGKILL
+        assert client.events == [(1, "node_silent", 0, {"silent_node": 1, "silent_s": 2.5, "workers": 1})]
+        assert beat.sibling_lost.startswith("node 1 of this group has been silent for 2.5 s")
+        beat._end_for_silent_sibling(status((1, 1)))  # none runs now (torchrun waits for the nodes): no event
+        assert len(client.events) == 1
+    finally:
+        child.kill()
+        watch.close()
+    _report_end(cfg, client, 1, 0, 1, None, None, watch.ended, beat.sibling_lost)
+    code, result = client.reports[0]
+    assert code == 1 and result.error.startswith("this node ended its trainers: node 1 of this group has been "
+                                                 "silent") and "could not bring the group back" in result.error
 
 
 # ---------------------------------------------------------------------------- real runs

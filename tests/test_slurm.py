@@ -363,6 +363,52 @@ def test_a_node_that_dies_ends_the_het_job_and_slurm_requeues_it_to_resume_witho
     assert min(e["step"] for e in summary["events"] if e["kind"] == "resumed") >= 100  # from the checkpoint
 
 
+def test_a_dark_node_of_a_two_node_group_costs_the_others_seconds_and_its_group_is_lost(
+        tmp_path, cifar_root, slurm_jobs):
+    """Two groups of two nodes; the host of group 1's worker 1 goes dark for good (the YAML's `host_down`).
+    Group 1's other node would wait for it in the group's own gradient allreduce while its Manager heartbeats,
+    and torchft's lighthouse forms no quorum of one group while two heartbeat: group 0 would wait until Slurm
+    killed the job. Its role ends its trainers instead (a `node_silent` event), so the Manager falls silent:
+    group 0 goes on within two heartbeat timeouts, group 1 is named lost, and the run SUCCEEDS before Slurm
+    (SlurmdTimeout 30 s) ends the het job for its dead node."""
+    if not on_the_test_bed():
+        pytest.skip("a node failure needs the test-bed cluster (.ci/slurm_setup.sh builds it)")
+    bring_back_nodes()
+    if idle_nodes() < 5:
+        pytest.skip("needs 5 idle test-bed nodes (.ci/slurm_setup.sh makes 5; SLURM_FAKE_NODES sets how many)")
+    hb_s = 2.0
+    cfg = small_config(tmp_path, cifar_root, replica_groups={"count": 2, "nodes": 2, "max_restarts": 2,
+                                                             "memory_mb": 1024},
+                       train={"max_steps": 500, "eval_every": 0, "log_every": 50},
+                       lighthouse={"role_timeout_s": 10, "heartbeat_timeout_ms": int(hb_s * 1000)},
+                       localsgd={"timeout_s": 60, "quorum_timeout_s": 60, "quorum_retries": 3},
+                       faults={"enabled": True, "schedule": [
+                           {"kind": "host_down", "group": 1, "worker": 1, "at_step": 100}]})
+    job = submit(tmp_path, write_config(tmp_path, cfg), slurm_jobs).job
+    summary_file = tmp_path / "out" / "summary.json"
+    try:
+        end = time.monotonic() + JOB_DEADLINE_S
+        while not summary_file.exists():  # the job itself ends NODE_FAIL (a node died), after the verdict
+            assert time.monotonic() < end and not set(job_states(job).values()) & TERMINAL, (
+                f"{job_states(job)}\n{logs(tmp_path, job, 'lighthouse')}")
+            time.sleep(1)
+        lighthouse_log = log(tmp_path, job, "lighthouse")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+        bring_back_nodes()
+    summary = json.loads(summary_file.read_text())
+    assert summary["succeeded"] and summary["lost_groups"] == [1], f"{summary}\n{lighthouse_log}"
+    assert "node 1" in summary["replica_groups"]["1"]["error"], summary["replica_groups"]["1"]
+    ended = [e for e in summary["events"] if e["kind"] == "node_silent"]
+    assert ended and ended[0]["group"] == 1 and ended[0]["silent_node"] == 1 and ended[0]["workers"] == 1, ended
+    [recovery] = summary["recoveries"]
+    # Our service needs a heartbeat timeout to count the node silent, torchft's lighthouse another to stop
+    # counting the Manager the role ended; the role looks once a second.
+    assert recovery["kind"] == "host_down" and recovery["survivor_stall_s"] <= 2 * hb_s + 2, recovery
+    print(f"\ndark node of a 2-node group: {recovery}; node 1 silent {ended[0]['silent_s']} s when its sibling "
+          f"ended its trainers; group 1: {summary['replica_groups']['1']['error']}")
+
+
 def test_the_run_token_is_on_no_command_line_and_in_no_readable_file(finished_run):
     watch = finished_run.watch
     assert watch.token is not None and len(watch.token) == 32, "no role of the job was seen with its token"

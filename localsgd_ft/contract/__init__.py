@@ -27,8 +27,8 @@ _EXPORTS: Dict[str, List[str]] = {
     "localsgd_ft.contract.records": [
         "CheckpointEvent", "CheckpointFailedEvent", "CompletedRequest", "EVENT_MODELS", "LENIENT", "ErrorReply", "Evaluation", "Event",
         "EventReply", "FaultEvent", "FinalSync", "FinishedRequest", "GroupReport", "GroupRequest",
-        "HeartbeatRequest", "OkReply", "Record", "RecoveredEvent", "ResumedEvent", "StartedReply",
-        "StartedRequest", "Status", "SyncAbandonedEvent", "SyncStallEvent", "TrainerFrozenEvent", "TrainerResult",
+        "HeartbeatRequest", "NodeSilentEvent", "OkReply", "Record", "RecoveredEvent", "ResumedEvent", "StartedReply",
+        "SilentNode", "StartedRequest", "Status", "SyncAbandonedEvent", "SyncStallEvent", "TrainerFrozenEvent", "TrainerResult",
         "clip"],
     "localsgd_ft.contract.summary": [
         "CheckpointEntry", "FaultCounts", "GroupSummary", "Recovery", "Snapshot", "Summary", "SummaryLike"],

@@ -58,6 +58,7 @@ class EventKind(Name):
     CHECKPOINT_FAILED = "checkpoint_failed"
     TRAINER_FROZEN = "trainer_frozen"
     SYNC_ABANDONED = "sync_abandoned"
+    NODE_SILENT = "node_silent"
 
 
 class Route(Name):

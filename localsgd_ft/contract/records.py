@@ -284,8 +284,17 @@ class SyncAbandonedEvent(_Event):
     waited_s: float = Field(description="Seconds it had waited in the collective.")
 
 
+class NodeSilentEvent(_Event):
+    """A replica role ended its node's trainers because another node of its group fell silent: they would wait
+    for it in the group's own collectives while their Manager, heartbeating, held every other group's quorum."""
+    kind: Literal[EventKind.NODE_SILENT] = Field(description=_KIND)
+    silent_node: int = Field(description="The node of the group that fell silent.")
+    silent_s: float = Field(description="Seconds it had been silent, as the completion service counted them.")
+    workers: int = Field(description="How many of this node's trainers the role ended.")
+
+
 Event = Annotated[Union[FaultEvent, ResumedEvent, RecoveredEvent, SyncStallEvent, CheckpointEvent,
-                        CheckpointFailedEvent, TrainerFrozenEvent, SyncAbandonedEvent],
+                        CheckpointFailedEvent, TrainerFrozenEvent, SyncAbandonedEvent, NodeSilentEvent],
                   Field(discriminator="kind")]
 EVENT_MODELS: Dict[EventKind, type] = {m.model_fields["kind"].annotation.__args__[0]: m
                                        for m in typing.get_args(typing.get_args(Event)[0])}
@@ -293,6 +302,13 @@ assert set(EVENT_MODELS) == set(EventKind), "every event kind has its model"
 
 
 # ---------------------------------------------------------------------------- replies
+
+class SilentNode(Record):
+    """A node of a group still training whose role, or a trainer on it, has fallen silent."""
+    group: int = Field(description="Its replica group.")
+    node: int = Field(description="Which node of the group (0..replica_groups.nodes-1).")
+    silent_s: float = Field(description="Seconds since it last showed it lives.")
+
 
 class Status(Record):
     """GET /status (and the answer to every heartbeat): where the run stands."""
@@ -308,6 +324,10 @@ class Status(Record):
         default_factory=list, max_length=4096,
         description="Groups not finished whose role, or whose trainer, has been silent longer than "
                     "lighthouse.heartbeat_timeout_ms: a sync waiting on them stops waiting.")
+    silent_nodes: List[SilentNode] = Field(
+        default_factory=list, max_length=4096,
+        description="With several nodes per group: which nodes those are (the other nodes of such a group "
+                    "end their trainers, which would wait for it).")
 
 
 class OkReply(Record):

@@ -104,6 +104,7 @@ class Heartbeat:
         self.watch: Optional[TrainerWatch] = None  # set once torchrun starts
         self.last_contact = time.monotonic()
         self.stopping: Optional[Stop] = None
+        self.sibling_lost: Optional[str] = None  # why this role last ended its trainers: another node fell silent
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -127,6 +128,7 @@ class Heartbeat:
                 self.last_contact = time.monotonic()
                 if status.abort:
                     self.stop_for(StopReason.ABORTED, f"the run was aborted: {status.abort}")
+                self._end_for_silent_sibling(status)
             except Refused as e:
                 self.stop_for(StopReason.REFUSED, f"the completion service refused this role ({e})")
             except Exception:  # the lighthouse role busy or restarting: keep training, within reason
@@ -134,6 +136,30 @@ class Heartbeat:
                 if silent > self.cfg.lighthouse.role_timeout_s:
                     self.stop_for(StopReason.UNREACHABLE,
                                   f"the lighthouse role has been unreachable for {silent:.0f} s")
+
+
+    def _end_for_silent_sibling(self, status: Status) -> None:
+        """Another node of this group fell silent (its host dark, its link cut): end this node's trainers.
+
+        They would wait for it in the group's own collectives while their Manager kept heartbeating, and
+        torchft's lighthouse forms no quorum without a group that heartbeats (with two groups, never):
+        every other group would wait. Ended, the Manager falls silent, the others go on without this group,
+        and torchrun restarts it once all its nodes meet again (or fails it, when they do not).
+        """
+        sibling = next((s for s in status.silent_nodes if s.group == self.group and s.node != self.node), None)
+        if sibling is None or self.watch is None:
+            return
+        why = (f"node {sibling.node} of this group has been silent for {sibling.silent_s:.1f} s "
+               f"(lighthouse.heartbeat_timeout_ms {self.cfg.lighthouse.heartbeat_timeout_ms})")
+        ended = self.watch.end_all(why)
+        if not ended:
+            return  # none runs: torchrun is between incarnations, waiting for the group's nodes
+        self.sibling_lost = why
+        try:
+            self.client.event(self.group, EventKind.NODE_SILENT, deadline_s=2.0, node=self.node,
+                              silent_node=sibling.node, silent_s=sibling.silent_s, workers=ended)
+        except Exception as e:
+            print(f"replica {self.group}: could not report the silent node: {e}", file=sys.stderr, flush=True)
 
 
 def wait_for_torchrun(proc: subprocess.Popen, beat: Heartbeat, group: int) -> int:
@@ -235,7 +261,7 @@ def run(cfg: ExperimentConfig, config_path: str, group: int, host: str, script: 
         beat.stop()
         watch.close()
     return _report_end(cfg, client, group, node, code, read_result(result_file, group), beat.stopping,
-                       watch.ended)
+                       watch.ended, beat.sibling_lost)
 
 
 def _report_frozen(client: CompletionClient, group: int, node: int) -> Callable[[int, float], None]:
@@ -271,17 +297,25 @@ def _first_contact(cfg: ExperimentConfig, client: CompletionClient, group: int, 
 
 
 def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, node: int, code: int,
-                result: Optional[TrainerResult], stop: Optional[Stop], frozen: Sequence[str] = ()) -> int:
+                result: Optional[TrainerResult], stop: Optional[Stop], frozen: Sequence[str] = (),
+                sibling_lost: Optional[str] = None) -> int:
     """Report torchrun's exit and the trainer's result; why this role stopped it, if it did, is the error
-    (and with torchrun's restarts spent after this role ended a frozen trainer, that is the reason)."""
+    (and with torchrun failing after this role ended its trainers, for a silent node of the group or a frozen
+    trainer, that is the reason)."""
+    ended_here = False  # whether the error is why this role ended the trainers
     if stop:
         result = TrainerResult.failed(result, stop.message)
+    elif code != 0 and sibling_lost:
+        result = TrainerResult.failed(result, f"this node ended its trainers: {sibling_lost}; torchrun could not "
+                                              "bring the group back without it")
+        ended_here = True
     elif code != 0 and frozen:  # a reason the trainer left stands (failed() keeps it)
         result = TrainerResult.failed(result, f"{frozen[-1]}, and torchrun had no restart left "
                                               f"(replica_groups.max_restarts {cfg.replica_groups.max_restarts})")
+        ended_here = True
     if code != 0:
         why = (stop.message if stop else f"permanent error: {result.error}" if result and result.permanent
-               else result.error if frozen and result
+               else result.error if ended_here and result
                else f"max_restarts={cfg.replica_groups.max_restarts} exhausted or training failed")
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:

@@ -61,19 +61,30 @@ class TrainerWatch:
                 quiet.append(pulse.quiet_s)
         return max(quiet) if quiet else None
 
+    def end_all(self, why: str) -> int:
+        """End every trainer of this node for ``why`` (another node of the group fell silent); how many ran."""
+        alive = [p for p in read_pulses(self.directory) if _running(p.pid, self.run)]
+        for pulse in alive:
+            self._kill(pulse, f"trainer worker {pulse.local_rank} (pid {pulse.pid}): {why}")
+        return len(alive)
+
     def _end(self, pulse: Pulse) -> None:
         line = (f"trainer worker {pulse.local_rank} (pid {pulse.pid}) showed no sign of life for "
                 f"{pulse.quiet_s:.0f} s (replica_groups.trainer_timeout_s {self.timeout_s:g})")
+        if self._kill(pulse, line) and self.on_frozen is not None:
+            self.on_frozen(pulse.local_rank, pulse.quiet_s)
+
+    def _kill(self, pulse: Pulse, line: str) -> bool:
+        """SIGKILL ``pulse``'s trainer and forget its pulse; False if it was already gone."""
         print(f"replica {self.group}: {line}: ending it so that torchrun restarts the group", file=sys.stderr,
               flush=True)
         try:
             os.kill(pulse.pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
+            return False
         pulse_path(self.directory, pulse.local_rank).unlink(missing_ok=True)
         self.ended.append(line)
-        if self.on_frozen is not None:
-            self.on_frozen(pulse.local_rank, pulse.quiet_s)
+        return True
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from localsgd_ft.contract import HEARTBEAT_S, EventKind, FinalSync, GroupReport, Status, TrainerResult
+from localsgd_ft.contract import HEARTBEAT_S, EventKind, FinalSync, GroupReport, SilentNode, Status, TrainerResult
 
 # After a node of a multi-node group fails, how long its siblings (heartbeating every HEARTBEAT_S) have
 # to report or be heard from, before the group finishes as failed without them.
@@ -63,8 +63,9 @@ class CompletionState:
             self.last_seen[(group, node)] = time.monotonic()
             self.trainer_quiet[(group, node)] = trainer_quiet_s
 
-    def silent_groups(self) -> List[int]:
-        """Groups still training of which a node, or a trainer on it, has been silent for ``silent_after_s``.
+    def silent_nodes(self) -> List[Tuple[int, int, float]]:
+        """(group, node, seconds) of every node of a group still training that has been silent for
+        ``silent_after_s``: the node's role, or a trainer on it.
 
         A node's silence runs from its role's last heartbeat; its trainers' from the moment that heartbeat
         says the quietest of them last showed it lives. A node not heard from yet is not silent: it is
@@ -72,10 +73,13 @@ class CompletionState:
         """
         now = time.monotonic()
         with self._cond:
-            return [g for g in self._open_groups() if any(
-                (g, n) in self.last_seen
-                and now - self.last_seen[(g, n)] + (self.trainer_quiet.get((g, n)) or 0.0) > self.silent_after_s
-                for n in self._unreported(g))]
+            quiet = [(g, n, now - self.last_seen[(g, n)] + (self.trainer_quiet.get((g, n)) or 0.0))
+                     for g in self._open_groups() for n in self._unreported(g) if (g, n) in self.last_seen]
+        return [(g, n, s) for g, n, s in quiet if s > self.silent_after_s]
+
+    def silent_groups(self) -> List[int]:
+        """Groups still training of which a node, or a trainer on it, is silent (:meth:`silent_nodes`)."""
+        return sorted({g for g, _, _ in self.silent_nodes()})
 
     def mark_started(self, group: int, incarnation: str = "") -> int:
         """Group ``group`` is up; returns how many of its incarnations started before this one."""
@@ -241,11 +245,13 @@ class CompletionState:
             return True
 
     def status(self) -> dict:
-        silent = self.silent_groups()
+        nodes = self.silent_nodes()
         with self._cond:
-            return Status(silent=silent, run=self.run, started=sorted(self.incarnations), expected=self.expected,
-                          fired=sorted(self.fired), finished=sorted(self.finished), abort=self.abort,
-                          completed=self.completed, lighthouse_incarnation=self.incarnation).wire()
+            return Status(silent=sorted({g for g, _, _ in nodes}), run=self.run, started=sorted(self.incarnations),
+                          expected=self.expected, fired=sorted(self.fired), finished=sorted(self.finished),
+                          abort=self.abort, completed=self.completed, lighthouse_incarnation=self.incarnation,
+                          silent_nodes=[SilentNode(group=g, node=n, silent_s=round(q, 3)) for g, n, q in nodes]
+                          if self.nodes > 1 else []).wire()
 
     def snapshot(self, events: bool = True) -> dict:
         """Copies of what was reported, taken under the lock (for the summary and the verdict).
