@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
 from localsgd_ft.config import DataConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from localsgd_ft.training.data import MEAN, STD, ShardedBatches, load_cifar10  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
+from localsgd_ft.training.data import MEAN, STD, ShardedBatches, load_cifar10  # noqa: E402
 from localsgd_ft.training.model import build_model  # noqa: E402
 from localsgd_ft.training.optim import build_optimizer  # noqa: E402
 from localsgd_ft.training.trainer import backward  # noqa: E402

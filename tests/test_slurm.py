@@ -10,42 +10,25 @@ while it runs, every process's command line is searched for the run token.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set
 
-import hosts
 import pytest
-from conftest import REPO, TORCHX, small_config, write_config
+from conftest import REPO, small_config, write_config
+from slurm_cluster import (JOB_DEADLINE_S, TERMINAL, bring_back_nodes, idle_nodes, job_states, node_addresses,
+                           on_the_test_bed, submit_job, wait_for_end)
 
 from localsgd_ft.contract import RUN_TOKEN_ENV
 
 pytestmark = pytest.mark.slurm
-
-JOB_DEADLINE_S = 240
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE"}
-
-
-def idle_nodes() -> int:
-    if not shutil.which("sbatch") or not shutil.which("sinfo"):
-        return 0
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], capture_output=True, text=True,
-                             timeout=15)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return len(out.stdout.split()) if out.returncode == 0 else 0
-
 
 def _cancelled_afterwards() -> Iterator[List[str]]:
     """Job ids submitted by a test; all cancelled afterwards."""
@@ -75,44 +58,12 @@ class Submitted:
 
 def submit(cwd: Path, config: Path, jobs: List[str], script: str = str(REPO / "train_localsgd.py")) -> Submitted:
     """``torchx run -s slurm`` from ``cwd``; returns the Slurm job id and the client's output."""
-    res = subprocess.run(
-        [TORCHX, "run", "-s", "slurm", str(REPO / "components/localsgd.py") + ":localsgd",
-         "--config", str(config), "--script", script],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
-    )
-    m = re.search(r"^slurm://[^/\s]*/(\d+)$", res.stdout, re.M)
-    assert m, f"no app handle printed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
-    jobs.append(m.group(1))
+    job, res = submit_job(cwd, config, script)
+    jobs.append(job)
     # torchx 0.7.0 asks sacct for the status right after submitting; without an accounting
     # database (this CI cluster) that fails after the job is in. Anything else is an error.
     assert res.returncode == 0 or "sacct" in res.stderr, res.stderr
-    return Submitted(m.group(1), res.stdout + res.stderr)
-
-
-def job_states(job: str) -> Dict[str, str]:
-    """Each het-job component's name -> JobState (scontrol keeps finished jobs for MinJobAge)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
-    states = {}
-    for line in out.stdout.splitlines():
-        name = re.search(r"\bJobName=(\S+)", line)
-        state = re.search(r"\bJobState=(\S+)", line)
-        if name and state:
-            states[name.group(1)] = state.group(1)
-    return states
-
-
-def wait_for_end(job: str, deadline_s: float = JOB_DEADLINE_S, poll: Callable[[], None] = lambda: None,
-                 every_s: float = 2.0) -> Dict[str, str]:
-    """Poll until every component of ``job`` is in a final state, calling ``poll`` at each look."""
-    end = time.monotonic() + deadline_s
-    states: Dict[str, str] = {}
-    while time.monotonic() < end:
-        poll()
-        states = job_states(job)
-        if states and all(s in TERMINAL for s in states.values()):
-            return states
-        time.sleep(every_s)
-    raise AssertionError(f"Slurm job {job} not finished after {deadline_s}s: {states}")
+    return Submitted(job, res.stdout + res.stderr)
 
 
 def slurm_dir(cwd: Path) -> Path:
@@ -248,18 +199,6 @@ def test_training_runs_to_completed_with_a_summary(finished_run):
     assert "LocalSGD: Number of local optimizer steps completed" in log(cwd, job, "replica_0")
 
 
-def node_addresses() -> Dict[str, str]:
-    """Each node of the cluster -> its NodeAddr."""
-    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=30).stdout
-    return {m.group(1): m.group(2) for m in re.finditer(r"NodeName=(\S+).*?\bNodeAddr=(\S+)", out)}
-
-
-def on_the_test_bed() -> bool:
-    """Whether every node is a host of the multi-host test bed (CI's cluster: .ci/slurm_setup.sh)."""
-    addrs = node_addresses()
-    return bool(addrs) and all(ipaddress.ip_address(a) in hosts.RANGE for a in addrs.values())
-
-
 def test_every_role_ran_on_a_host_of_its_own_and_talked_across_the_bridge(finished_run):
     """On the test-bed cluster each role is on its own host, under its own name, and what the groups
     advertise to each other (torchft's Managers, the lighthouse) are those hosts' addresses."""
@@ -305,26 +244,6 @@ def test_a_partition_of_one_group_from_the_yaml_heals_on_slurm(tmp_path, cifar_r
     healed = [e for e in summary["events"] if e["kind"] == "recovered" and e["group"] == 1]
     assert summary["recoveries"][0]["recovered"] and healed and healed[0]["time"] - restored < 10, healed
     assert summary["replica_groups"]["1"]["restarts"] == 0
-
-
-# .ci/slurm_setup.sh's test bed, for its names only (never built here): node slurmciN lives on host N - 1.
-BED = hosts.TestBed(1, tag="slurm")
-
-
-def bring_back_nodes(deadline_s: float = 60) -> None:
-    """Every node whose host a test took down: its link up, its slurmd started again, until all are idle."""
-    for line in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
-                               timeout=30).stdout.splitlines():
-        name, state = line.split()
-        if state.rstrip("*") in ("down", "drain", "drng", "fail") or state.endswith("*"):
-            host = int(name.removeprefix("slurmci")) - 1
-            subprocess.run(["ip", "link", "set", BED.port_link(host), "up"], check=True, timeout=30)
-            subprocess.run(["bash", str(REPO / ".ci" / "slurm_node.sh"), name, BED.ns(host)],
-                           check=True, timeout=60)
-    end = time.monotonic() + deadline_s
-    while idle_nodes() < len(node_addresses()):
-        assert time.monotonic() < end, subprocess.run(["sinfo", "-N"], capture_output=True, text=True).stdout
-        time.sleep(1)
 
 
 def test_a_node_that_dies_ends_the_het_job_and_slurm_requeues_it_to_resume_without_the_failure(
