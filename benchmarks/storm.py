@@ -12,6 +12,17 @@ kind's failures, of the longest sync stall any group had between the failure
 and the first full commit after it), ``max_stall_s`` (the longest sync of any
 group in the storm), ``lost_groups``, ``params_identical``, ``accuracy_delta``
 (storm - calm) and the two wall times.
+
+    python benchmarks/storm.py --by-kind --failures 20   # one storm per kind beside the calm run
+
+With ``--by-kind`` the storm runs once for each kind of ``faults.random_kinds``,
+that kind alone, so the wall time a failure costs is measured per kind
+(``wall_per_failure_s``: (that storm's wall time - calm wall time) / its
+failures) beside the survivors' stalls (``stall_per_failure_s``). A config
+with other timeouts (``--config``) shows what its settings cost, and
+``--shipped-timeouts`` what the schema's defaults cost:
+
+    python benchmarks/storm.py --by-kind --shipped-timeouts --failures 8 --steps 1500   # about 8 minutes
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -32,6 +43,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
+
+# What --shipped-timeouts takes out of the config, so that the schema's defaults apply.
+SHIPPED = {"localsgd": ("recovery", "timeout_s", "quorum_timeout_s", "quorum_retries"),
+           "lighthouse": ("join_timeout_ms", "heartbeat_timeout_ms", "quorum_tick_ms", "role_timeout_s")}
 
 
 def _stall_cost(summary: dict) -> Dict[str, float]:
@@ -46,29 +61,69 @@ def _stall_cost(summary: dict) -> Dict[str, float]:
     return {k: round(statistics.mean(v), 2) for k, v in sorted(by_kind.items())}
 
 
+def _run(tmp: Path, base: dict, name: str, kinds: Optional[List[str]]) -> dict:
+    cfg = json.loads(json.dumps(base))
+    cfg.update(name=f"storm-{name}", output_dir=str(tmp / name))
+    cfg["data"]["root"] = str(tmp / "data")
+    cfg["lighthouse"]["port"] = free_port_pair()
+    cfg["faults"]["enabled"] = kinds is not None
+    if kinds:
+        cfg["faults"]["random_kinds"] = kinds
+    print(f"storm benchmark: {name} run ...", file=sys.stderr, flush=True)
+    return torchx_run(tmp, name, cfg, timeout_s=3600)
+
+
+def _by_kind(tmp: Path, base: dict, calm: dict) -> int:
+    """One storm per kind: the wall time each kind of failure costs, beside its survivors' stalls."""
+    rows, out = [], {"wall_per_failure_s": {}, "stall_per_failure_s": {}, "failures": {}, "lost_groups": {},
+                     "params_identical": {}, "succeeded": {}, "calm_wall_s": calm["wall_time_s"]}
+    for kind in base["faults"]["random_kinds"]:
+        storm = _run(tmp, base, f"storm-{kind}", [kind])
+        n = storm["faults"]["injected"]
+        wall = round((storm["wall_time_s"] - calm["wall_time_s"]) / max(n, 1), 2)
+        stall = _stall_cost(storm).get(kind, 0.0)
+        for key, value in (("wall_per_failure_s", wall), ("stall_per_failure_s", stall), ("failures", n),
+                           ("lost_groups", storm["lost_groups"]), ("params_identical", storm["params_identical"]),
+                           ("succeeded", storm["succeeded"])):
+            out[key][kind] = value
+        rows.append((kind, n, storm["wall_time_s"], wall, stall, storm["succeeded"] and storm["params_identical"]))
+    print(f"{'kind':<18}{'failures':>9}{'wall s':>9}{'wall/failure s':>16}{'stall/failure s':>17}  ok")
+    print(f"{'calm':<18}{0:>9}{calm['wall_time_s']:>9.1f}")
+    for kind, n, wall_s, wall, stall, ok in rows:
+        print(f"{kind:<18}{n:>9}{wall_s:>9.1f}{wall:>16.2f}{stall:>17.2f}  {'yes' if ok else 'NO'}")
+    print(json.dumps(out))
+    return 0 if all(out["succeeded"].values()) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs/storm.yaml"))
     parser.add_argument("--failures", type=int, default=0, help="at most this many failures (0: the config's)")
-    parser.add_argument("--keep", metavar="DIR", help="leave both runs' output directories here")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="one storm per kind of faults.random_kinds: the wall time per failure by kind")
+    parser.add_argument("--shipped-timeouts", action="store_true",
+                        help="drop the config's timeouts and recovery mode: what a user who tunes nothing pays")
+    parser.add_argument("--steps", type=int, default=0, help="train.max_steps (0: the config's)")
+    parser.add_argument("--keep", metavar="DIR", help="leave every run's output directory here")
     args = parser.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     if args.failures:
         base["faults"]["max_random"] = args.failures
+    if args.steps:
+        base["train"]["max_steps"] = args.steps
+    if args.shipped_timeouts:
+        for section, keys in SHIPPED.items():
+            for key in keys:
+                base.get(section, {}).pop(key, None)
     with tempfile.TemporaryDirectory(prefix="storm-") as tmp_dir:
         tmp = Path(args.keep) if args.keep else Path(tmp_dir)
         tmp.mkdir(parents=True, exist_ok=True)
         write_fixture(tmp / "data")
-        results = {}
-        for name in ("calm", "storm"):
-            cfg = json.loads(json.dumps(base))
-            cfg.update(name=f"storm-{name}", output_dir=str(tmp / name))
-            cfg["data"]["root"] = str(tmp / "data")
-            cfg["lighthouse"]["port"] = free_port_pair()
-            cfg["faults"]["enabled"] = name == "storm"
-            print(f"storm benchmark: {name} run ...", file=sys.stderr, flush=True)
-            results[name] = torchx_run(tmp, name, cfg, timeout_s=3600)
-    calm, storm = results["calm"], results["storm"]
+        calm = _run(tmp, base, "calm", None)
+        if args.by_kind:
+            return _by_kind(tmp, base, calm)
+        storm = _run(tmp, base, "storm", [])
+        results = {"calm": calm, "storm": storm}
     failures = storm["faults"]["injected"]
     out = {
         "failures": failures,

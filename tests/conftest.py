@@ -64,6 +64,7 @@ SLOW = (
     "test_lifecycle.py::test_2_3_a_lost_replica_role_is_noticed_and_the_rest_finish[wrapper]",
     "test_ownership.py::test_two_runs_on_one_directory_a_stale_verdict_and_a_killed_run",
     "test_hosts.py::test_a_replica_host_gone_dark_costs_the_survivors_a_heartbeat_and_its_group_is_named_lost[step]",
+    "test_slurm.py::test_a_node_that_dies_ends_the_het_job_and_slurm_requeues_it_to_resume_without_the_failure",
 )
 
 

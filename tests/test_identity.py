@@ -57,38 +57,59 @@ HANG = textwrap.dedent("""
 """)
 
 
-def _helpers_of(pid: int):
-    """The hang helpers that would send SIGCONT to ``pid``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if f"kill -CONT {pid}".encode() in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return out
+def _state(pid: int) -> str:
+    """A process's state letter ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list:
+    children: dict = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
 
 
 def test_the_hang_helper_dies_with_the_trainer_it_froze():
-    """Before: the helper slept on and later sent SIGCONT to a bare pid that may have been reused."""
+    """The helper that continues a hung trainer, and anything it started, ends with the trainer. Before: the
+    helper slept on and later sent SIGCONT to a bare pid that may have been reused; and then, a shell, its
+    `sleep` child outlived a trainer its role ended, for the hang's whole length (Slurm kept the node
+    COMPLETING for it)."""
     trainer = subprocess.Popen([sys.executable, "-c", HANG], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    helpers: list = []
     try:
         assert trainer.stdout.readline().strip() == "hanging"
         end = time.monotonic() + 30
-        while not _helpers_of(trainer.pid) and time.monotonic() < end:
+        while _state(trainer.pid) != "T" or not helpers:
+            assert time.monotonic() < end, "the trainer never stopped itself with its helper waiting"
+            helpers = _descendants(trainer.pid)
             time.sleep(0.05)
-        assert _helpers_of(trainer.pid), "the hang helper never started"
+        time.sleep(0.5)  # so that a helper's own children, had it any, are there to be seen
+        helpers = _descendants(trainer.pid)
         trainer.kill()  # SIGKILL of the frozen trainer
         trainer.wait(10)
         end = time.monotonic() + 10
-        while _helpers_of(trainer.pid) and time.monotonic() < end:
+        while left := [p for p in helpers if _state(p) not in ("", "Z")]:
+            assert time.monotonic() < end, f"the hang's helpers {left} outlived the frozen trainer"
             time.sleep(0.05)
-        assert _helpers_of(trainer.pid) == []
     finally:
         trainer.kill()
-        for pid in _helpers_of(trainer.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.integration

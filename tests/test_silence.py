@@ -148,6 +148,27 @@ def test_a_group_out_of_restarts_after_a_frozen_trainer_is_lost_with_that_reason
     assert c3 == 0 and r3.error is None
 
 
+def test_a_role_cut_off_from_the_lighthouse_exits_0_on_slurm_only(tmp_path, cifar_root, monkeypatch):
+    """On Slurm one non-zero exit ends every role (torchx's `srun --kill-on-bad-exit=1`): a partitioned group's
+    role that gave up on the lighthouse role must not take the groups still training with it (a 20-s partition
+    on the CI cluster did). Elsewhere its exit code still tells that the lighthouse role was unreachable."""
+    from localsgd_ft.config import parse_config
+    from localsgd_ft.contract.names import StopReason
+    from localsgd_ft.launch.addresses import free_port_pair
+    from localsgd_ft.launch.completion.client import CompletionClient
+    from localsgd_ft.launch.replica_role import Stop, _report_end
+
+    cfg = parse_config(small_config(tmp_path, cifar_root))
+    nobody = CompletionClient(f"http://127.0.0.1:{free_port_pair()}", "token")  # a real client, no service
+    cut_off = Stop(StopReason.UNREACHABLE, "the lighthouse role has been unreachable for 11 s")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert _report_end(cfg, nobody, 1, 0, -9, None, cut_off) != 0
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert _report_end(cfg, nobody, 1, 0, -9, None, cut_off) == 0
+    # Any other stop that could not be reported still fails the role, on Slurm too.
+    assert _report_end(cfg, nobody, 1, 0, -15, None, Stop(StopReason.SIGNAL, "received SIGTERM")) != 0
+
+
 def test_a_silent_node_of_the_group_ends_this_nodes_trainers_and_is_the_reason(tmp_path, cifar_root):
     """The role of a node whose sibling fell silent ends its own trainers (a real beating process) and tells
     the service; a silent node of another group, or a status naming this node itself, ends nothing; when

@@ -186,8 +186,9 @@ class LighthouseConfig(Section):
         100, ge=1, le=MAX_QUORUM_TICK_MS,
         description="How often the lighthouse re-evaluates a pending quorum, in ms.")
     heartbeat_timeout_ms: int = Field(
-        5000, ge=1, le=DAY_MS,
-        description="Silence after which a group counts as dead; survivors stall about this long after a failure.")
+        2000, ge=1, le=DAY_MS,
+        description="Silence after which a group counts as dead; survivors stall about this long after a failure "
+                    "(torchft's Manager beats every 100 ms, trainers twice a second).")
     role_timeout_s: Annotated[Number, Allowed(
         f"expected at least {3 * HEARTBEAT_S:g} seconds (roles send a heartbeat every {HEARTBEAT_S:g} s) and at "
         f"most a day ({DAY_S})")] = Field(

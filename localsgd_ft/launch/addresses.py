@@ -66,6 +66,12 @@ def never_seen_s(cfg: ExperimentConfig, local: bool) -> float:
     return twice if local else max(300.0, twice)
 
 
+def one_exit_ends_every_role(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether a role's non-zero exit ends every other role of the run: on Slurm, where torchx starts them all
+    with one ``srun --kill-on-bad-exit=1``."""
+    return bool(env.get("SLURM_JOB_ID"))
+
+
 def group_first_host(group: int, nodes: int, lighthouse_host: str, env: Mapping[str, str] = os.environ) -> str:
     """The host of node 0 of replica group ``group``, where its torchrun agents rendezvous.
 

@@ -321,7 +321,16 @@ def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, nod
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:
     # either way try once, briefly, rather than keep a finished run waiting on this role.
     brief = stop is not None and stop.reason in (StopReason.SIGNAL, StopReason.UNREACHABLE)
-    return _report(client, group, code, result, deadline_s=1.0 if brief else 60.0, node=node)
+    exit_code = _report(client, group, code, result, deadline_s=1.0 if brief else 60.0, node=node)
+    cut_off = stop is not None and stop.reason == StopReason.UNREACHABLE
+    if exit_code and cut_off and addresses.one_exit_ends_every_role():
+        # Cut off from the lighthouse role (a partition of this node): a non-zero exit here would end the
+        # groups still training. Where the lighthouse role itself is gone, its own end (its process's exit,
+        # its node's failure) already ends the job.
+        print(f"replica {group}: exiting 0 so that Slurm does not end the other groups' roles with this one; the "
+              "lighthouse role's verdict is the run's", file=sys.stderr, flush=True)
+        return 0
+    return exit_code
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -33,6 +33,15 @@ from localsgd_ft.results.metrics import MetricsLog
 from localsgd_ft.training import host_faults
 
 
+def resume_later(seconds: float) -> subprocess.Popen:
+    """A helper that sends this process SIGCONT after ``seconds``, and dies with it (parent-death signal), so
+    that it never signals a pid reused after we died, nor outlives us: one process, not a shell whose
+    ``sleep`` child the signal would not reach (a hang killed by its role left one behind for an hour)."""
+    code = f"import os, signal, time; time.sleep({float(seconds)}); os.kill({os.getpid()}, signal.SIGCONT)"
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", code],
+                            preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
+
+
 class FaultInjector:
     def __init__(self, cfg: ExperimentConfig, group: int, manager: Any, completion: CompletionClient,
                  already_fired: List[int], metrics: Optional[MetricsLog] = None, worker: int = 0) -> None:
@@ -121,12 +130,9 @@ class FaultInjector:
             _die()
         elif fault.kind == "hang":
             # We stop ourselves, here and now, and a helper process resumes us: the whole process
-            # freezes, heartbeats and liveness included, as when a machine stops responding. The helper
-            # dies with us (parent-death signal), so it never signals a pid reused after we died.
-            pid = os.getpid()
-            subprocess.Popen(["sh", "-c", f"sleep {fault.duration_s}; kill -CONT {pid}"],
-                             preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGKILL))
-            os.kill(pid, signal.SIGSTOP)
+            # freezes, heartbeats and liveness included, as when a machine stops responding.
+            resume_later(fault.duration_s)
+            os.kill(os.getpid(), signal.SIGSTOP)
             self.hung = True
         elif fault.kind == "kill_during_sync":
             self._arm_kill_in_allreduce()
