@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the test bed and the CI cluster's helpers
 
 import slurm_cluster as cluster  # noqa: E402
+from bed_run import trainers_on  # noqa: E402
 
 from benchmarks.common import free_port_pair  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
@@ -120,21 +120,6 @@ def _role_log(out: Path, job: str, role: str, stream: str = "err") -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _trainers_on(node: str) -> List[int]:
-    """The pids of the trainers (torchrun's workers) running on a node's host."""
-    host = cluster.host_of(node)
-    pids = subprocess.run(["ip", "netns", "pids", cluster.BED.ns(host)], capture_output=True, text=True,
-                          timeout=30).stdout.split()
-    found = []
-    for pid in pids:
-        try:
-            if b"train_localsgd" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:  # it ended meanwhile
-            pass
-    return found
-
-
 def _lighthouse_host(job: str, out: Path, case: Case) -> Dict[str, Any]:
     """Take the lighthouse role's node dark once every group trains; when did each group's trainers stop?
 
@@ -151,7 +136,7 @@ def _lighthouse_host(job: str, out: Path, case: Case) -> Dict[str, Any]:
 
     def all_stopped() -> bool:
         for g, node in replicas.items():
-            if g not in stopped and not _trainers_on(node):
+            if g not in stopped and not trainers_on(cluster.BED, cluster.host_of(node)):
                 stopped[g] = round(time.monotonic() - dark, 2)
         return len(stopped) == len(replicas)
 

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from hosts import TestBed
 
@@ -19,6 +19,22 @@ from localsgd_ft.config import embed_config, load_config
 from localsgd_ft.launch import appdef, lifecycle
 
 HOST_VAR = "LSFT_LIGHTHOUSE_HOST"  # what torchx's rank0_env macro names on a cluster
+
+
+def trainers_on(bed: TestBed, host: int) -> List[int]:
+    """The pids of the trainers on a bed host: torchrun's workers (they carry LOCAL_RANK), not torchrun nor
+    the replica role, whose command lines name the training script too."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", bed.ns(host)], capture_output=True, text=True,
+                              timeout=30).stdout.split():
+        try:
+            worker = b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+            script = b"train_localsgd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        if worker and script:
+            found.append(int(pid))
+    return found
 
 
 class BedRun:
@@ -31,18 +47,29 @@ class BedRun:
                                fresh=False, local=False, rendezvous_ports=[], scheduler="", run_id=self.run_id,
                                token=lifecycle.new_run_token(), dry_run=False, slurm_logs="")
         app = appdef.build_app(cfg, launch)
+        self.cwd = cwd
         self.procs: Dict[str, subprocess.Popen] = {}
         self.logs: Dict[str, Path] = {}
+        self.hosts: Dict[str, int] = {}
+        self._commands: Dict[str, Tuple[List[str], Dict[str, str]]] = {}
         for i, role in enumerate(app.roles):
             args = [a.replace("${rank0_env}", HOST_VAR).replace("${replica_id}", "0") for a in role.args]
             env = {**os.environ, **role.env, HOST_VAR: bed.name(0)}
             env.pop("LOCALSGD_FT_CLIENT_PID", None)
             log = Path(cfg.output_dir).parent / f"{role.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            self.logs[role.name] = log
-            with open(log, "w") as out:
-                self.procs[role.name] = bed.run(i, [role.entrypoint, *args], env=env, cwd=cwd, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+            log.write_text("")
+            self.logs[role.name], self.hosts[role.name] = log, i
+            self._commands[role.name] = ([role.entrypoint, *args], env)
+            self.start(role.name)
+
+    def start(self, role: str) -> None:
+        """Start ``role`` on its host: at the beginning, or again once its host is back, as a cluster would
+        reschedule it (its output appended to the same file)."""
+        argv, env = self._commands[role]
+        with open(self.logs[role], "a") as out:
+            self.procs[role] = self.bed.run(self.hosts[role], argv, env=env, cwd=self.cwd, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self, role: str) -> str:
         return self.logs[role].read_text(errors="replace")

@@ -65,6 +65,7 @@ SLOW = (
     "test_ownership.py::test_two_runs_on_one_directory_a_stale_verdict_and_a_killed_run",
     "test_hosts.py::test_a_replica_host_gone_dark_costs_the_survivors_a_heartbeat_and_its_group_is_named_lost[step]",
     "test_slurm.py::test_a_node_that_dies_ends_the_het_job_and_slurm_requeues_it_to_resume_without_the_failure",
+    "test_slurm.py::test_a_partition_of_one_group_from_the_yaml_heals_on_slurm",
 )
 
 
