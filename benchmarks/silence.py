@@ -56,7 +56,6 @@ class Case:
     """One silent failure: how to plan it, the survivors' bound, and what to check of the hit group."""
 
     name: str
-    what: str
     bound_s: float
     faults: List[Dict[str, Any]] = field(default_factory=list)
     groups: int = 3
@@ -70,18 +69,18 @@ class Case:
 
 
 CASES = [
-    Case("host_down_mid_sync", "a replica host dark inside a sync", HB_S + 2,
+    Case("host_down_mid_sync", HB_S + 2,  # a replica host dark inside a sync
          [{"kind": "host_down", "group": 2, "at_step": 200, "moment": "allreduce"}], limit_mbit=MID_SYNC_MBIT,
          steps=300),
-    Case("host_down_between_syncs", "a replica host dark between syncs", HB_S + 2,
+    Case("host_down_between_syncs", HB_S + 2,
          [{"kind": "host_down", "group": 2, "at_step": 200}], steps=400),
-    Case("partition", "a 20-s partition of one group", HB_S + 2,
+    Case("partition", HB_S + 2,
          [{"kind": "partition", "group": 1, "at_step": 100, "duration_s": 20}], steps=1600,
          role_timeout_s=30),  # longer than the partition: else its group is declared lost, as it should be
-    Case("lighthouse_host", "the lighthouse role's host dark", ROLE_TIMEOUT_S + 5, outside="lighthouse_host"),
-    Case("node_of_two", "one node of a 2-node group dark", HB_S + 2,
+    Case("lighthouse_host", ROLE_TIMEOUT_S + 5, outside="lighthouse_host"),
+    Case("node_of_two", HB_S + 2,  # one node of a 2-node group dark
          [{"kind": "host_down", "group": 1, "worker": 1, "at_step": 100}], groups=2, nodes=2, steps=300),
-    Case("frozen_trainer", "a trainer frozen for good", HB_S + 2,
+    Case("frozen_trainer", HB_S + 2,
          [{"kind": "hang", "group": 1, "at_step": 100, "duration_s": 3600}]),
 ]
 

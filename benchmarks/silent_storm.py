@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import statistics
@@ -46,6 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the test bed and the roles started on
 
 import hosts  # noqa: E402
 from bed_run import BedRun, trainers_on  # noqa: E402
+from processes import signal_all  # noqa: E402
 
 from benchmarks.common import free_port_pair  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
@@ -69,14 +69,6 @@ def config(out: Path, data: Path, name: str, steps: int) -> Dict[str, Any]:
     return cfg
 
 
-def _signal(pids: List[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 class Storm:
     """Delivers failures to a running BedRun from outside; ``delivered``: (time, kind, group) of each."""
 
@@ -97,11 +89,11 @@ class Storm:
             return False
         at = time.time()
         if kind == "kill":
-            _signal(pids[:1], signal.SIGKILL)
+            signal_all(pids[:1], signal.SIGKILL)
         elif kind == "hang":
-            _signal(pids, signal.SIGSTOP)
+            signal_all(pids, signal.SIGSTOP)
             time.sleep(HANG_S)  # the hang's length, by design
-            _signal(pids, signal.SIGCONT)
+            signal_all(pids, signal.SIGCONT)
         elif kind == "partition":
             self.bed.cut(host)
             time.sleep(PARTITION_S)

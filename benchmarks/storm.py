@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import yaml
 
@@ -61,36 +61,37 @@ def _stall_cost(summary: dict) -> Dict[str, float]:
     return {k: round(statistics.mean(v), 2) for k, v in sorted(by_kind.items())}
 
 
-def _run(tmp: Path, base: dict, name: str, kinds: Optional[List[str]]) -> dict:
+def _run(tmp: Path, base: dict, name: str, faults: bool, kind: Optional[str] = None) -> dict:
+    """One run of the config: calm or with its failures (``kind``: of that kind alone)."""
     cfg = json.loads(json.dumps(base))
     cfg.update(name=f"storm-{name}", output_dir=str(tmp / name))
     cfg["data"]["root"] = str(tmp / "data")
     cfg["lighthouse"]["port"] = free_port_pair()
-    cfg["faults"]["enabled"] = kinds is not None
-    if kinds:
-        cfg["faults"]["random_kinds"] = kinds
+    cfg["faults"]["enabled"] = faults
+    if kind:
+        cfg["faults"]["random_kinds"] = [kind]
     print(f"storm benchmark: {name} run ...", file=sys.stderr, flush=True)
     return torchx_run(tmp, name, cfg, timeout_s=3600)
 
 
 def _by_kind(tmp: Path, base: dict, calm: dict) -> int:
     """One storm per kind: the wall time each kind of failure costs, beside its survivors' stalls."""
-    rows, out = [], {"wall_per_failure_s": {}, "stall_per_failure_s": {}, "failures": {}, "lost_groups": {},
-                     "params_identical": {}, "succeeded": {}, "calm_wall_s": calm["wall_time_s"]}
-    for kind in base["faults"]["random_kinds"]:
-        storm = _run(tmp, base, f"storm-{kind}", [kind])
-        n = storm["faults"]["injected"]
-        wall = round((storm["wall_time_s"] - calm["wall_time_s"]) / max(n, 1), 2)
-        stall = _stall_cost(storm).get(kind, 0.0)
-        for key, value in (("wall_per_failure_s", wall), ("stall_per_failure_s", stall), ("failures", n),
-                           ("lost_groups", storm["lost_groups"]), ("params_identical", storm["params_identical"]),
-                           ("succeeded", storm["succeeded"])):
-            out[key][kind] = value
-        rows.append((kind, n, storm["wall_time_s"], wall, stall, storm["succeeded"] and storm["params_identical"]))
+    storms = {kind: _run(tmp, base, f"storm-{kind}", True, kind) for kind in base["faults"]["random_kinds"]}
+    n = {kind: s["faults"]["injected"] for kind, s in storms.items()}
+    out = {
+        "wall_per_failure_s": {k: round((s["wall_time_s"] - calm["wall_time_s"]) / max(n[k], 1), 2)
+                               for k, s in storms.items()},
+        "stall_per_failure_s": {k: _stall_cost(s).get(k, 0.0) for k, s in storms.items()},
+        "failures": n,
+        **{key: {k: s[key] for k, s in storms.items()} for key in ("lost_groups", "params_identical", "succeeded")},
+        "calm_wall_s": calm["wall_time_s"],
+    }
     print(f"{'kind':<18}{'failures':>9}{'wall s':>9}{'wall/failure s':>16}{'stall/failure s':>17}  ok")
     print(f"{'calm':<18}{0:>9}{calm['wall_time_s']:>9.1f}")
-    for kind, n, wall_s, wall, stall, ok in rows:
-        print(f"{kind:<18}{n:>9}{wall_s:>9.1f}{wall:>16.2f}{stall:>17.2f}  {'yes' if ok else 'NO'}")
+    for k, s in storms.items():
+        ok = s["succeeded"] and s["params_identical"]
+        print(f"{k:<18}{n[k]:>9}{s['wall_time_s']:>9.1f}{out['wall_per_failure_s'][k]:>16.2f}"
+              f"{out['stall_per_failure_s'][k]:>17.2f}  {'yes' if ok else 'NO'}")
     print(json.dumps(out))
     return 0 if all(out["succeeded"].values()) else 1
 
@@ -119,10 +120,10 @@ def main() -> int:
         tmp = Path(args.keep) if args.keep else Path(tmp_dir)
         tmp.mkdir(parents=True, exist_ok=True)
         write_fixture(tmp / "data")
-        calm = _run(tmp, base, "calm", None)
+        calm = _run(tmp, base, "calm", False)
         if args.by_kind:
             return _by_kind(tmp, base, calm)
-        storm = _run(tmp, base, "storm", [])
+        storm = _run(tmp, base, "storm", True)
         results = {"calm": calm, "storm": storm}
     failures = storm["faults"]["injected"]
     out = {

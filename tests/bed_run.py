@@ -8,12 +8,12 @@ host's name, so every byte between groups crosses the bridge, and a test can cut
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 from hosts import TestBed
+from processes import is_trainer, signal_all
 
 from localsgd_ft.config import embed_config, load_config
 from localsgd_ft.launch import appdef, lifecycle
@@ -22,19 +22,9 @@ HOST_VAR = "LSFT_LIGHTHOUSE_HOST"  # what torchx's rank0_env macro names on a cl
 
 
 def trainers_on(bed: TestBed, host: int) -> List[int]:
-    """The pids of the trainers on a bed host: torchrun's workers (they carry LOCAL_RANK), not torchrun nor
-    the replica role, whose command lines name the training script too."""
-    found = []
-    for pid in subprocess.run(["ip", "netns", "pids", bed.ns(host)], capture_output=True, text=True,
-                              timeout=30).stdout.split():
-        try:
-            worker = b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
-            script = b"train_localsgd" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # ended meanwhile
-        if worker and script:
-            found.append(int(pid))
-    return found
+    """The pids of the trainers (torchrun's workers) on a bed host."""
+    pids = subprocess.run(["ip", "netns", "pids", bed.ns(host)], capture_output=True, text=True, timeout=30)
+    return [int(pid) for pid in pids.stdout.split() if is_trainer(int(pid))]
 
 
 class BedRun:
@@ -84,11 +74,7 @@ class BedRun:
     def kill(self) -> List[int]:
         """SIGKILL every process of the run, wherever it runs; the pids that were still there."""
         left = lifecycle.processes_of_run(self.run_id)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(left)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()

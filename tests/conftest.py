@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import pytest
 import yaml
+from processes import is_trainer, signal_all
 
 from localsgd_ft.launch.addresses import free_port_pair
 from localsgd_ft.launch.lifecycle import processes_of_run
@@ -180,11 +181,7 @@ class TorchxRun:
     def kill(self) -> None:
         kill_tree(self.proc.pid, self.config)
         if self.run_id:
-            for pid in processes_of_run(self.run_id):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            signal_all(processes_of_run(self.run_id))
 
 
 def processes_using(config: Path) -> List[int]:
@@ -206,11 +203,7 @@ def kill_tree(pgid: int, config: Path) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for pid in processes_using(config):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_all(processes_using(config))
 
 
 def wait_no_processes(config: Path, timeout: float = 20.0) -> List[int]:
@@ -290,17 +283,7 @@ def finish(run: "TorchxRun", config: Path, timeout: float = 240) -> int:
 
 def trainer_pids(config: Path, group: int, rank: int = 0) -> List[int]:
     """PIDs of worker ``rank`` of group ``group`` (torchrun workers: not torchrun, not the replica wrapper)."""
-    pids = []
-    for pid in processes_using(config):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"train_localsgd.py" in cmd and b"torch.distributed.run" not in cmd \
-                and f"REPLICA_GROUP_ID={group}".encode() in env and f"RANK={rank}".encode() in env:
-            pids.append(pid)
-    return pids
+    return [pid for pid in processes_using(config) if is_trainer(pid, group, rank)]
 
 
 def trainer_pid(config: Path, group: int, rank: int = 0) -> int:

@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from conftest import REPO, read_summary, small_config, trainer_pids, write_config
+from processes import descendants, signal_all, state
 
 from localsgd_ft.contract import RUN_ID_ENV
 
@@ -57,30 +57,6 @@ HANG = textwrap.dedent("""
 """)
 
 
-def _state(pid: int) -> str:
-    """A process's state letter ('' once it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
-    except OSError:
-        return ""
-
-
-def _descendants(pid: int) -> list:
-    children: dict = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
 def test_the_hang_helper_dies_with_the_trainer_it_froze():
     """The helper that continues a hung trainer, and anything it started, ends with the trainer. Before: the
     helper slept on and later sent SIGCONT to a bare pid that may have been reused; and then, a shell, its
@@ -91,25 +67,21 @@ def test_the_hang_helper_dies_with_the_trainer_it_froze():
     try:
         assert trainer.stdout.readline().strip() == "hanging"
         end = time.monotonic() + 30
-        while _state(trainer.pid) != "T" or not helpers:
+        # Stopped, and every helper asleep: a shell sleeps only once it waits for the child it started, so
+        # what the helper started is among its descendants by then.
+        while state(trainer.pid) != "T" or not helpers or any(state(p) != "S" for p in helpers):
             assert time.monotonic() < end, "the trainer never stopped itself with its helper waiting"
-            helpers = _descendants(trainer.pid)
             time.sleep(0.05)
-        time.sleep(0.5)  # so that a helper's own children, had it any, are there to be seen
-        helpers = _descendants(trainer.pid)
+            helpers = descendants(trainer.pid)
         trainer.kill()  # SIGKILL of the frozen trainer
         trainer.wait(10)
         end = time.monotonic() + 10
-        while left := [p for p in helpers if _state(p) not in ("", "Z")]:
+        while left := [p for p in helpers if state(p) not in ("", "Z")]:
             assert time.monotonic() < end, f"the hang's helpers {left} outlived the frozen trainer"
             time.sleep(0.05)
     finally:
         trainer.kill()
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(helpers)
 
 
 @pytest.mark.integration

@@ -320,9 +320,9 @@ def _report_end(cfg: ExperimentConfig, client: CompletionClient, group: int, nod
         print(f"replica {group}: torchrun exited with {code} ({why})", file=sys.stderr, flush=True)
     # Stopping on a signal, the lighthouse role is most likely stopping too; unreachable, it is gone:
     # either way try once, briefly, rather than keep a finished run waiting on this role.
-    brief = stop is not None and stop.reason in (StopReason.SIGNAL, StopReason.UNREACHABLE)
-    exit_code = _report(client, group, code, result, deadline_s=1.0 if brief else 60.0, node=node)
     cut_off = stop is not None and stop.reason == StopReason.UNREACHABLE
+    brief = cut_off or (stop is not None and stop.reason == StopReason.SIGNAL)
+    exit_code = _report(client, group, code, result, deadline_s=1.0 if brief else 60.0, node=node)
     if exit_code and cut_off and addresses.one_exit_ends_every_role():
         # Cut off from the lighthouse role (a partition of this node): a non-zero exit here would end the
         # groups still training. Where the lighthouse role itself is gone, its own end (its process's exit,
