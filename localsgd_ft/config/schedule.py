@@ -32,8 +32,11 @@ class OuterOptimizerConfig(Section):
     lr: Number = Field(
         0.7, gt=0, le=MAX_LR,
         description="DiLoCo's outer learning rate (SGD on the averaged pseudo-gradient).")
-    momentum: Annotated[Number, Allowed("expected 0 <= momentum < 1")] = Field(0.9, ge=0, lt=1,
-                                                                             description="Outer momentum.")
+    momentum: Annotated[Number, Allowed("expected 0 <= momentum < 1")] = Field(
+        0.5, ge=0, lt=1,
+        description="Outer momentum. 0.5 trains at every sync_every measured; the paper's 0.9 assumes an AdamW "
+                    "inner optimizer and hundreds of outer steps, and with SGD momentum inside it trains badly "
+                    "or diverges (docs/algorithms.md).")
     nesterov: bool = Field(True, description="Nesterov momentum for the outer step.")
 
 

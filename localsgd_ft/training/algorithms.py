@@ -27,6 +27,8 @@ class Sync:
 
     duration_s: float  # time spent in the optimizer steps that synced (quorum, allreduce, commit)
     committed: bool
+    quorum_s: float = 0.0  # of it, waiting for the quorum (torchft's wait_quorum)
+    commit_s: float = 0.0  # of it, agreeing to commit (torchft's should_commit)
 
 
 class _Algorithm:
@@ -38,30 +40,45 @@ class _Algorithm:
         self.manager, self.optimizer, self.position = manager, optimizer, position
         self.sync_bytes = 0  # bytes of tensors handed to allreduce by this process
         self._committed: Optional[bool] = None  # the last commit decision (None: none since asked)
+        self._quorum_s = self._commit_s = 0.0  # waits since the current sync began
         self._watch_manager()
 
     def _watch_manager(self) -> None:
-        """Count what is handed to allreduce, and record every commit decision.
+        """Count what is handed to allreduce, record every commit decision, and time the waits of a sync.
 
         A commit cannot be read from the step count: healing raises it too, and a group that heals
-        and then fails to commit in the same sync would look committed.
+        and then fails to commit in the same sync would look committed. What is neither quorum nor
+        commit in a sync is the allreduce itself (and a heal's state transfer).
         """
-        allreduce, should_commit = self.manager.allreduce, self.manager.should_commit
+        m = self.manager
+        allreduce, should_commit, wait_quorum = m.allreduce, m.should_commit, m.wait_quorum
 
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.sync_bytes += tensor.numel() * tensor.element_size()
             return allreduce(tensor, *args, **kwargs)
 
         def recorded(*args: Any, **kwargs: Any) -> bool:
-            self._committed = bool(should_commit(*args, **kwargs))
+            t = time.monotonic()
+            try:
+                self._committed = bool(should_commit(*args, **kwargs))
+            finally:
+                self._commit_s += time.monotonic() - t
             return self._committed
 
-        self.manager.allreduce, self.manager.should_commit = counted, recorded
+        def waited() -> None:
+            t = time.monotonic()
+            try:
+                wait_quorum()
+            finally:
+                self._quorum_s += time.monotonic() - t
+
+        m.allreduce, m.should_commit, m.wait_quorum = counted, recorded, waited
 
     def _timed(self, fn: Callable[[], None]) -> Sync:
         self._committed, t = None, time.monotonic()
+        self._quorum_s = self._commit_s = 0.0
         fn()
-        return Sync(time.monotonic() - t, self._committed is True)
+        return Sync(time.monotonic() - t, self._committed is True, self._quorum_s, self._commit_s)
 
     def _optimizer_step(self) -> None:
         self.optimizer.step()  # the algorithm's hook syncs when an interval ends
@@ -140,7 +157,7 @@ class DiLoCoSync(_Algorithm):
                                "localsgd_ft.training.algorithms needs updating")
         # The quorum and the allreduce start this many steps before the sync completes.
         self._prepare_at = cfg.steps_per_sync - ls.fragment_sync_delay
-        self._prepare_s = 0.0
+        self._prepared = Sync(0.0, False)
 
     def initial_sync(self) -> Sync:
         raise RuntimeError("DiLoCo has no alignment sync: a joining group heals at its first quorum")
@@ -154,11 +171,13 @@ class DiLoCoSync(_Algorithm):
         in_interval = self.position.local_steps % self.position.steps_per_sync + 1
         sync = self._timed(self._optimizer_step)
         if in_interval == self._prepare_at:
-            self._prepare_s = sync.duration_s
+            self._prepared = sync
         if not self.position.at_sync():
             return None
         if self._prepare_at != self.position.steps_per_sync:
-            sync.duration_s += self._prepare_s
+            sync.duration_s += self._prepared.duration_s
+            sync.quorum_s += self._prepared.quorum_s
+            sync.commit_s += self._prepared.commit_s
         if sync.committed and self.position.done():
             # The run's result is the synced model: every fragment as of its own last sync. With fragments
             # the others trained locally since theirs, and with fragment_update_alpha > 0 the local

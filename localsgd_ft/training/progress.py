@@ -46,6 +46,7 @@ class Progress:
         self.started = time.monotonic()
         # The measuring window since the last progress line (evaluations excluded).
         self._t, self._steps, self._paused_s = self.started, 0, 0.0
+        self._syncs = (0.0, 0.0, 0.0)  # the monitor's sync, quorum and commit seconds at the last line
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
@@ -93,12 +94,15 @@ class Progress:
               f"({100 * step // max_steps}%) loss {loss:.4f} acc {acc} samples/s {samples_per_s:.0f} "
               f"quorum {monitor.quorum[1]}/{cfg.replica_groups.count} committed_syncs {global_sync} eta {eta}",
               flush=True)
+        syncs = (monitor.total_s, monitor.quorum_s, monitor.commit_s)
+        sync_s, quorum_s, commit_s = (round(now_s - then_s, 3) for now_s, then_s in zip(syncs, self._syncs))
         if self.metrics is not None:
             self.metrics.add("train", step, flush=True, local_step=steps, loss=round(loss, 5),
                              lr=self.optimizer.param_groups[0]["lr"], samples_per_s=round(samples_per_s, 1),
                              quorum_id=monitor.quorum[0], quorum_size=monitor.quorum[1], global_sync=global_sync,
-                             syncs_committed=monitor.committed, syncs_attempted=monitor.attempted)
-        self._t, self._steps, self._paused_s = now, steps, 0.0
+                             syncs_committed=monitor.committed, syncs_attempted=monitor.attempted,
+                             sync_s=sync_s, quorum_s=quorum_s, commit_s=commit_s)
+        self._t, self._steps, self._paused_s, self._syncs = now, steps, 0.0, syncs
 
 
 def _duration(seconds: float) -> str:

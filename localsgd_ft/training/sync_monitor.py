@@ -81,6 +81,7 @@ class SyncMonitor:
         self.disrupted_at: Optional[float] = time.monotonic() if disrupted else None
         self.attempted = self.committed = 0
         self.total_s = self.max_s = 0.0
+        self.quorum_s = self.commit_s = 0.0  # of total_s: waiting for quorums, agreeing to commit
         self.quorum: Tuple[int, int] = (-1, 0)  # (id, size) of the last sync's quorum
 
     def disrupt(self, since: Optional[float] = None) -> None:
@@ -93,11 +94,15 @@ class SyncMonitor:
         """Whether the last sync's quorum held every group of the run."""
         return self.quorum[1] >= self.num_groups
 
-    def after_sync(self, manager: Any, step: int, local_step: int, duration: float, committed: bool) -> None:
-        """Account for the sync that just ended; ``step`` is the training step after it."""
+    def after_sync(self, manager: Any, step: int, local_step: int, duration: float, committed: bool,
+                   waits: Tuple[float, float] = (0.0, 0.0)) -> None:
+        """Account for the sync that just ended; ``step`` is the training step after it; ``waits``: the
+        seconds of it spent waiting for the quorum and agreeing to commit."""
         self.attempted += 1
         self.committed += committed
         self.total_s += duration
+        self.quorum_s += waits[0]
+        self.commit_s += waits[1]
         self.max_s = max(self.max_s, duration)
         participants = manager.num_participants()
         if participants > self.num_groups:

@@ -252,7 +252,8 @@ class GroupTraining:
     def _after_sync(self, sync: Sync, trained: bool = True) -> Optional[TrainerResult]:
         """The monitor, then a checkpoint; a result if the run ended without us."""
         position = self.position
-        self.monitor.after_sync(self.manager, position.step(), position.local_steps, sync.duration_s, sync.committed)
+        self.monitor.after_sync(self.manager, position.step(), position.local_steps, sync.duration_s, sync.committed,
+                                waits=(sync.quorum_s, sync.commit_s))
         if sync.committed and trained:  # an alignment sync has nothing new to save
             self.checkpointer.after_commit()
         if not self.monitor.full and not position.done():
