@@ -36,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
+from benchmarks.common import run_config, torchx_run  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
 
 ALGORITHMS: Dict[str, dict] = {
@@ -86,11 +86,8 @@ def main() -> int:
         write_fixture(tmp / "data")
         for name, settings in ALGORITHMS.items():
             for sync_every in SYNC_EVERY:
-                cfg = json.loads(json.dumps(base))
                 run = f"{name}-{sync_every}"
-                cfg.update(name=run.replace(".", ""), output_dir=str(tmp / run))
-                cfg["data"]["root"] = str(tmp / "data")
-                cfg["lighthouse"]["port"] = free_port_pair()
+                cfg = run_config(base, run.replace(".", ""), tmp / run, tmp / "data")
                 cfg["localsgd"].update(settings, sync_every=sync_every)
                 cfg["train"].update(max_steps=args.steps, eval_every=0, log_every=args.steps)
                 cfg["checkpoint"]["enabled"] = False

@@ -1,4 +1,4 @@
-"""What the benchmarks share: a real ``torchx run`` of a config dict (and free ports, from roles)."""
+"""What the benchmarks share: one run's copy of a config dict, and a real ``torchx run`` of it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ import yaml
 from localsgd_ft.launch.addresses import free_port_pair  # noqa: F401  (re-exported for the benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_config(base: dict, name: str, out: Path, data: Path) -> dict:
+    """A copy of the config dict ``base`` for one run: its name, output directory, data and a free port."""
+    cfg = json.loads(json.dumps(base))
+    cfg.update(name=name, output_dir=str(out))
+    cfg["data"]["root"] = str(data)
+    cfg["lighthouse"]["port"] = free_port_pair()
+    return cfg
 
 
 def torchx_run(tmp: Path, name: str, cfg: dict, timeout_s: float = 900) -> dict:

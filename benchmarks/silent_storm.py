@@ -47,7 +47,7 @@ import hosts  # noqa: E402
 from bed_run import BedRun, trainers_on  # noqa: E402
 from processes import signal_all  # noqa: E402
 
-from benchmarks.common import free_port_pair  # noqa: E402
+from benchmarks.common import run_config  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
 
 KINDS = ("host_down", "partition", "hang", "kill")
@@ -58,10 +58,7 @@ RUN_DEADLINE_S = 1800
 
 
 def config(out: Path, data: Path, name: str, steps: int) -> Dict[str, Any]:
-    cfg = yaml.safe_load((REPO / "configs/storm.yaml").read_text())
-    cfg.update(name=name, output_dir=str(out))
-    cfg["data"]["root"] = str(data)
-    cfg["lighthouse"]["port"] = free_port_pair()
+    cfg = run_config(yaml.safe_load((REPO / "configs/storm.yaml").read_text()), name, out, data)
     # Longer than a host's reboot and its role's start: the group is rescheduled, not declared lost.
     cfg["lighthouse"]["role_timeout_s"] = 30
     cfg["train"]["max_steps"] = steps

@@ -41,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import free_port_pair, torchx_run  # noqa: E402
+from benchmarks.common import run_config, torchx_run  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
 
 # What --shipped-timeouts takes out of the config, so that the schema's defaults apply.
@@ -63,10 +63,7 @@ def _stall_cost(summary: dict) -> Dict[str, float]:
 
 def _run(tmp: Path, base: dict, name: str, faults: bool, kind: Optional[str] = None) -> dict:
     """One run of the config: calm or with its failures (``kind``: of that kind alone)."""
-    cfg = json.loads(json.dumps(base))
-    cfg.update(name=f"storm-{name}", output_dir=str(tmp / name))
-    cfg["data"]["root"] = str(tmp / "data")
-    cfg["lighthouse"]["port"] = free_port_pair()
+    cfg = run_config(base, f"storm-{name}", tmp / name, tmp / "data")
     cfg["faults"]["enabled"] = faults
     if kind:
         cfg["faults"]["random_kinds"] = [kind]

@@ -198,6 +198,17 @@ def test_reference_lists_every_key_with_its_doc():
         assert f"| `{key}` |" in table
 
 
+def test_diloco_with_the_papers_outer_momentum_over_sgd_momentum_is_advised_against_and_the_default_is_quiet():
+    """Outer momentum 0.9 over SGD momentum diverged or trained badly on the fixture: valid, but warned of."""
+    [note] = parse_config({"localsgd": {"algorithm": "diloco", "outer_optimizer": {"momentum": 0.9}}}).advice()
+    assert "localsgd.outer_optimizer.momentum 0.9" in note and "set localsgd.outer_optimizer.momentum: 0.5" in note
+    assert parse_config({"localsgd": {"algorithm": "diloco"}}).localsgd.outer_optimizer.momentum == 0.5
+    assert parse_config({"localsgd": {"algorithm": "diloco"}}).advice() == []
+    for quiet in ({"optimizer": {"name": "adamw"}}, {"optimizer": {"momentum": 0}}):
+        assert parse_config({"localsgd": {"algorithm": "diloco", "outer_optimizer": {"momentum": 0.9}},
+                             **quiet}).advice() == [], quiet
+
+
 def test_a_long_pause_after_a_failed_quorum_is_advised_against_with_the_fix_and_shipped_configs_are_quiet():
     """The independent storm run that set quorum_retries 5 by hand beside quorum_timeout_s 120 paid 20 s per
     lighthouse outage: such a setting is valid but gets a warning naming the pause and the fix."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,15 @@ def test_two_groups_train_to_the_end_with_identical_parameters(tmp_path, cifar_r
         # Every parameter's pseudo-gradient once per sync_every steps, whatever the fragments.
         assert g["sync_bytes"] == 300 // 10 * model_bytes(cfg)
     assert any("Syncing fragment=1" in line for line in run.lines) == ("fragments" in localsgd)
+    # Every progress line splits its syncs' time: waiting for the quorum, agreeing to commit, the rest.
+    for group, g in summary["replica_groups"].items():
+        lines = [json.loads(x) for x in (Path(cfg["output_dir"]) / "metrics" / f"group_{group}.jsonl").open()]
+        train = [x for x in lines if x["kind"] == "train"]
+        assert len(train) == 300 // 10
+        assert all(x["sync_s"] + 0.002 >= x["quorum_s"] + x["commit_s"] and min(x["quorum_s"], x["commit_s"]) >= 0
+                   for x in train), train
+        assert sum(x["quorum_s"] for x in train) > 0 and sum(x["commit_s"] for x in train) > 0
+        assert abs(sum(x["sync_s"] for x in train) - g["sync_time_s"]) < 0.05, (train, g["sync_time_s"])
 
 
 @MODES

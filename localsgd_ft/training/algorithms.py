@@ -30,6 +30,11 @@ class Sync:
     quorum_s: float = 0.0  # of it, waiting for the quorum (torchft's wait_quorum)
     commit_s: float = 0.0  # of it, agreeing to commit (torchft's should_commit)
 
+    def after(self, start: "Sync") -> "Sync":
+        """This sync's completing step together with the step that started it (its commit decision is ours)."""
+        return Sync(start.duration_s + self.duration_s, self.committed, start.quorum_s + self.quorum_s,
+                    start.commit_s + self.commit_s)
+
 
 class _Algorithm:
     """What every algorithm shares: the step, its timing, and counting what is sent."""
@@ -175,9 +180,7 @@ class DiLoCoSync(_Algorithm):
         if not self.position.at_sync():
             return None
         if self._prepare_at != self.position.steps_per_sync:
-            sync.duration_s += self._prepared.duration_s
-            sync.quorum_s += self._prepared.quorum_s
-            sync.commit_s += self._prepared.commit_s
+            sync = sync.after(self._prepared)
         if sync.committed and self.position.done():
             # The run's result is the synced model: every fragment as of its own last sync. With fragments
             # the others trained locally since theirs, and with fragment_update_alpha > 0 the local

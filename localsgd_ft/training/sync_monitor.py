@@ -95,14 +95,14 @@ class SyncMonitor:
         return self.quorum[1] >= self.num_groups
 
     def after_sync(self, manager: Any, step: int, local_step: int, duration: float, committed: bool,
-                   waits: Tuple[float, float] = (0.0, 0.0)) -> None:
-        """Account for the sync that just ended; ``step`` is the training step after it; ``waits``: the
-        seconds of it spent waiting for the quorum and agreeing to commit."""
+                   quorum_s: float = 0.0, commit_s: float = 0.0) -> None:
+        """Account for the sync that just ended; ``step`` is the training step after it; ``quorum_s`` and
+        ``commit_s``: the seconds of it spent waiting for the quorum and agreeing to commit."""
         self.attempted += 1
         self.committed += committed
         self.total_s += duration
-        self.quorum_s += waits[0]
-        self.commit_s += waits[1]
+        self.quorum_s += quorum_s
+        self.commit_s += commit_s
         self.max_s = max(self.max_s, duration)
         participants = manager.num_participants()
         if participants > self.num_groups:

@@ -253,7 +253,7 @@ class GroupTraining:
         """The monitor, then a checkpoint; a result if the run ended without us."""
         position = self.position
         self.monitor.after_sync(self.manager, position.step(), position.local_steps, sync.duration_s, sync.committed,
-                                waits=(sync.quorum_s, sync.commit_s))
+                                quorum_s=sync.quorum_s, commit_s=sync.commit_s)
         if sync.committed and trained:  # an alignment sync has nothing new to save
             self.checkpointer.after_commit()
         if not self.monitor.full and not position.done():
