@@ -16,7 +16,9 @@ takes k compute steps (``B * 8 / (k * T)``), and every algorithm runs again on i
 - ``diloco-100``: DiLoCo with the shipped outer optimizer;
 - ``streaming``: Streaming DiLoCo, ``sync_every`` 100 in 2 fragments (a fragment every 50 steps), each
   fragment's allreduce overlapping ``fragment_sync_delay`` 20 steps of training: room for a transfer of
-  up to 20 compute steps.
+  up to 20 compute steps;
+- ``diloco-100-bf16``, ``diloco-100-int8``: DiLoCo sending its pseudo-gradients as bfloat16 or int8
+  (``localsgd.sync_precision``); after the table, their bytes and final accuracy beside ``diloco-100``'s.
 
 A run whose every step would wait for a slow link trains fewer steps (``--budget-s``), enough to measure
 its rate; since no algorithm's arithmetic depends on the link (the groups' hashes say so), its time to
@@ -56,7 +58,11 @@ ALGORITHMS: Dict[str, Dict[str, Any]] = {
     "localsgd-100": {"algorithm": "localsgd", "sync_every": 100},
     "diloco-100": {"algorithm": "diloco", "sync_every": 100},
     "streaming": {"algorithm": "diloco", "sync_every": 100, "fragments": 2, "fragment_sync_delay": 20},
+    "diloco-100-bf16": {"algorithm": "diloco", "sync_every": 100, "sync_precision": "bfloat16"},
+    "diloco-100-int8": {"algorithm": "diloco", "sync_every": 100, "sync_precision": "int8"},
 }
+# Reduced-precision variants, each judged against the float32 algorithm it rounds.
+FULL_PRECISION = {"diloco-100-bf16": "diloco-100", "diloco-100-int8": "diloco-100"}
 COSTS = (1, 10, 100)
 GROUPS = 2
 EVAL_EVERY = 25
@@ -160,6 +166,24 @@ def steps_to(evals: List[Dict[str, float]], accuracy: float) -> Optional[int]:
     return next((int(e["step"]) for e in evals if e["test_accuracy"] >= accuracy), None)
 
 
+def _precision_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each reduced-precision run beside its float32 algorithm's run on the same link for as many steps:
+    the bytes each handed to allreduce and sent on the wire, and the final test accuracy."""
+    out = []
+    for r in rows:
+        against = FULL_PRECISION.get(r["algorithm"])
+        full = next((f for f in rows if f["algorithm"] == against and (f["mbit"], f["steps"], f["label"]) ==
+                     (r["mbit"], r["steps"], r["label"])), None)
+        if full is None or r["accuracy"] is None or full["accuracy"] is None:
+            continue
+        out.append({"algorithm": r["algorithm"], "against": against, "mbit": r["mbit"], "steps": r["steps"],
+                    "bytes_ratio": round(r["sync_mb_per_100"] / full["sync_mb_per_100"], 3),
+                    "wire_ratio": round(r["wire_mb_per_100"] / full["wire_mb_per_100"], 3),
+                    "accuracy": r["accuracy"], "reference_accuracy": full["accuracy"],
+                    "accuracy_delta": round(r["accuracy"] - full["accuracy"], 3)})
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="local steps per run (a multiple of 100)")
@@ -192,7 +216,7 @@ def main() -> int:
                 link = "unlimited" if mbit is None else f"{mbit} Mbit/s (a sync = {cost:g} steps)"
                 print(f"links benchmark: {name}, {link}, {steps} steps ...", file=sys.stderr, flush=True)
                 r = one_run(bed, tmp, base, f"{name}-{label}", ALGORITHMS[name], steps, mbit, evaluate=mbit is None)
-                return {"algorithm": name, "cost": cost, "mbit": mbit, **r}
+                return {"algorithm": name, "cost": cost, "mbit": mbit, "label": label, **r}
 
             # The compute step, from the run that syncs least; the rates follow from it.
             calibration = run("localsgd-100", 0, None, args.steps, "calibration")
@@ -242,12 +266,19 @@ def main() -> int:
           + "); busy: the share of the run's own time outside syncs; MB per group per 100 steps: handed to "
           "allreduce, and sent by its host on the wire; ms per sync: the whole sync, and of it waiting for the "
           "quorum and agreeing to commit")
+    precision = _precision_rows(rows)
+    for p in precision:
+        link = "unlimited" if p["mbit"] is None else f"{p['mbit']:g} Mbit/s"
+        print(f"{p['algorithm']} against {p['against']} ({link}, {p['steps']} steps): {p['bytes_ratio']:.3f} of the "
+              f"bytes handed to "
+              f"allreduce, {p['wire_ratio']:.3f} of those on the wire; final test accuracy {p['accuracy']:.3f} "
+              f"against {p['reference_accuracy']:.3f} ({p['accuracy_delta']:+.3f})")
     keep = ("algorithm", "cost", "mbit", "steps", "samples_per_s", "utilisation", "compute_share", "drift",
             "sync_mb_per_100",
             "wire_mb_per_100", "sync_ms", "quorum_ms", "commit_ms", "max_sync_s", "time_to_accuracy_s", "accuracy", "succeeded", "identical",
             "same_as_unlimited", "left_behind")
     print(json.dumps({"step_ms": round(step_s * 1000, 2), "sync_kb": round(model_bytes / 1e3, 1),
-                      "rows": [{k: r[k] for k in keep} for r in rows]}))
+                      "rows": [{k: r[k] for k in keep} for r in rows], "precision": precision}))
     ok = all(r["succeeded"] and r["identical"] and r["same_as_unlimited"] and not r["left_behind"] for r in rows)
     return 0 if ok else 1
 

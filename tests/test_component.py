@@ -13,8 +13,10 @@ import torchx.specs as specs
 from conftest import REPO, TORCHX, small_config, write_config
 from torchx.specs.finder import ComponentValidationException, get_component
 
+from localsgd_ft.config import ConfigError, load_config
 from localsgd_ft.contract import RUN_ID_ENV, RUN_TOKEN_ENV
 from localsgd_ft.launch import lifecycle
+from localsgd_ft.training.manager import cross_group_process_group
 
 COMPONENT = "components/localsgd.py:localsgd"
 
@@ -60,6 +62,23 @@ def test_gpu_assignment_per_group(tmp_path, cifar_root, fake_gpus):
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["2", "5"]
     assert [r.resource.gpu for r in app.roles[1:]] == [1, 1]
     assert app.roles[0].resource.gpu == 0 and "CUDA_VISIBLE_DEVICES" not in app.roles[0].env
+
+
+def test_groups_sharing_one_gpu_each_see_it_and_sync_through_gloo(tmp_path, fake_gpus, monkeypatch):
+    """The one-GPU path up to the trainer: every group's role sees GPU 0, and the groups' Manager is built on
+    gloo (NCCL would fail every sync with 'Duplicate GPU detected')."""
+    fake_gpus(1)
+    monkeypatch.setattr(sys, "argv", ["torchx", "run", "--dryrun"])  # plan only: no download
+    app = appdef(REPO / "configs/one_gpu.yaml")
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in app.roles[1:]] == ["0", "0"]
+    assert [r.resource.gpu for r in app.roles[1:]] == [1, 1]
+    cfg = load_config(REPO / "configs/one_gpu.yaml")
+    assert cfg.cross_group_backend == "gloo" and cfg.localsgd.sync_precision == "bfloat16"
+    assert type(cross_group_process_group(cfg)).__name__ == "ProcessGroupGloo"
+    two = load_config(REPO / "configs/one_gpu.yaml", overrides=["replica_groups.gpus=[0,1]"])
+    assert type(cross_group_process_group(two)).__name__ == "ProcessGroupNCCL"
+    with pytest.raises(ConfigError, match="localsgd.transport: 'nccl', but replica_groups.gpus gives GPU 0"):
+        load_config(REPO / "configs/one_gpu.yaml", overrides=["localsgd.transport=nccl"])
 
 
 def test_image_uses_the_image_python(tmp_path, cifar_root):

@@ -33,6 +33,19 @@ def test_gpu_shorthand_and_lists():
     assert cfg.group_gpus == [[3], [5]]
 
 
+@pytest.mark.parametrize("replica_groups, transport, backend", [
+    ({}, "auto", "gloo"),  # CPU
+    ({"count": 2, "gpus": [0, 1]}, "auto", "nccl"),  # a GPU each
+    ({"count": 3, "gpus": [0, 0, 0]}, "auto", "gloo"),  # one GPU for every group: NCCL would refuse the sync
+    ({"count": 4, "workers": 2, "cpus": 4, "gpus": [[0, 1], [0, 1], [2, 3], [2, 3]]}, "auto", "gloo"),
+    ({"count": 2, "gpus": [0, 1]}, "gloo", "gloo"),
+    ({"count": 2, "gpus_per_group": 1}, "auto", "nccl"),  # the scheduler gives each group its own
+])
+def test_the_transport_between_groups_is_gloo_wherever_groups_share_a_gpu(replica_groups, transport, backend):
+    cfg = parse_config({"replica_groups": replica_groups, "localsgd": {"transport": transport}})
+    assert cfg.cross_group_backend == backend
+
+
 def test_sync_mode_begins_with_an_alignment_sync():
     base = {"train": {"max_steps": 100}, "localsgd": {"sync_every": 10}, "checkpoint": {"every_syncs": 5}}
     assert (parse_config(base).training_syncs, parse_config(base).initial_syncs) == (10, 1)
@@ -69,7 +82,14 @@ BAD_VALUES = [
     ({"replica_groups": {"gpus": "0,1"}}, "replica_groups.gpus", "expected a list"),
     ({"replica_groups": {"gpus": 1}}, "replica_groups.gpus", "use replica_groups.gpus_per_group instead"),
     ({"faults": {"random_kinds": "kill"}}, "faults.random_kinds", "expected a list of strings, got 'kill'"),
-    ({"replica_groups": {"gpus": [0, 0]}}, "replica_groups.gpus", "GPU 0 is given to groups 0 and 1"),
+    ({"replica_groups": {"gpus": [0, 0]}, "localsgd": {"transport": "nccl"}}, "localsgd.transport",
+     "GPU 0 to groups 0 and 1"),
+    ({"replica_groups": {"count": 1, "workers": 2, "cpus": 2, "gpus": [[0, 0]]}}, "replica_groups.gpus[0]",
+     "a GPU listed twice"),
+    ({"localsgd": {"transport": "nccl"}}, "localsgd.transport", "the groups train on CPU"),
+    ({"localsgd": {"transport": "mpi"}}, "localsgd.transport", "auto, nccl, gloo"),
+    ({"replica_groups": {"gpus": [0, 0]}, "localsgd": {"algorithm": "diloco", "quantize": True}}, "localsgd.quantize",
+     "sync_precision: int8"),
     ({"train": {"max_steps": 105}}, "train.max_steps", "use 100 or 110"),
     ({"localsgd": {"recovery": "lazy"}}, "localsgd.recovery", "'sync' or 'async'"),
     ({"lighthouse": {"min_replicas": 3}}, "lighthouse.min_replicas", "1..replica_groups.count"),
@@ -358,6 +378,9 @@ BAD_DILOCO = [
     ({**DILOCO, "outer_optimizer": {"lrr": 1}}, "localsgd.outer_optimizer.lrr", "unknown key"),
     ({**DILOCO, "quantize": True}, "localsgd.quantize", "GPUs only"),
     ({**DILOCO, "bucket_cap_mb": -1}, "localsgd.bucket_cap_mb", "expected 0..65536"),
+    ({**DILOCO, "sync_precision": "fp8"}, "localsgd.sync_precision", "float32, bfloat16, int8"),
+    ({**DILOCO, "sync_precision": "int8", "quantize": True}, "localsgd.quantize", "keep one"),
+    ({"sync_precision": "bfloat16"}, "localsgd.sync_precision", "with localsgd.outer_optimizer lr: 1.0"),
     ({"fragments": 2}, "localsgd.fragments", "localsgd.algorithm is 'localsgd'"),
     ({"outer_optimizer": {"lr": 0.5}}, "localsgd.outer_optimizer", "set localsgd.algorithm: diloco"),
     ({"fragment_update_alpha": 0.5}, "localsgd.fragment_update_alpha", "a DiLoCo setting"),

@@ -102,6 +102,16 @@ class ExperimentConfig(Section):
         return self.gpus_per_group > 0
 
     @property
+    def cross_group_backend(self) -> str:
+        """The process group the groups sync through: localsgd.transport, with 'auto' resolved."""
+        if self.localsgd.transport != "auto":
+            return self.localsgd.transport
+        if not self.uses_gpus:
+            return "gloo"
+        listed = [x for g in self.group_gpus for x in g]
+        return "gloo" if len(set(listed)) < len(listed) else "nccl"
+
+    @property
     def quorum_retries(self) -> int:
         """Retries handed to torchft's Manager (localsgd.quorum_retries, or the automatic count)."""
         if self.localsgd.quorum_retries >= 0:

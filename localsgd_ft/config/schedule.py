@@ -15,7 +15,7 @@ from localsgd_ft.config.limits import (DAY_S, MAX_BUCKET_MB, MAX_CHECKPOINTS_KEP
                                        MAX_LR, MAX_NODES, MAX_QUORUM_RETRIES, MAX_RANDOM_FAULTS, MAX_RANDOM_KINDS,
                                        MAX_SCHEDULED_FAULTS, MAX_SEED, MAX_STEPS, MAX_WORKERS)
 from localsgd_ft.config.sections import (HOST_FAULT_KINDS, Algorithm, FaultKind, FaultMoment, Number, PathText,
-                                         Recovery, Section, section)
+                                         Recovery, Section, SyncPrecision, Transport, section)
 
 if TYPE_CHECKING:
     from localsgd_ft.config.experiment import ExperimentConfig
@@ -25,7 +25,10 @@ QUORUM_RETRY_INTERVAL_S = 0.5
 
 # DiLoCo's keys: set with algorithm 'localsgd' they would be ignored, so they are refused.
 DILOCO_KEYS = ("outer_optimizer", "fragments", "fragment_sync_delay", "fragment_update_alpha", "quantize",
-               "bucket_cap_mb")
+               "sync_precision", "bucket_cap_mb")
+
+# int8 syncs leave 127 // groups levels per side for each group's share of the sum: below 4 they say too little.
+INT8_MAX_GROUPS = 127 // 4
 
 
 class OuterOptimizerConfig(Section):
@@ -54,6 +57,11 @@ class LocalSGDConfig(Section):
         "sync",
         description="How a joining group recovers: 'sync' restores the live weights before its first step; "
                     "'async' recovers in the background and its first sync_every steps are discarded.")
+    transport: Annotated[Transport, Allowed("expected one of auto, nccl, gloo")] = Field(
+        "auto",
+        description="The process group the groups sync through. 'auto': gloo on CPU and where groups share a GPU "
+                    "(replica_groups.gpus such as [0, 0]: NCCL refuses two members on one device), NCCL where every "
+                    "group has its own GPUs; 'gloo' on GPUs stages each sync through host memory.")
     timeout_s: Number = Field(
         30.0, gt=0, le=DAY_S,
         description="Timeout of collectives, commits and checkpoint transfers, in seconds.")
@@ -85,6 +93,11 @@ class LocalSGDConfig(Section):
                     "only).")
     quantize: bool = Field(False, description="DiLoCo only: quantize pseudo-gradients for the allreduce (torchft's "
                                               "triton kernels: GPUs only).")
+    sync_precision: Annotated[SyncPrecision, Allowed("expected one of float32, bfloat16, int8")] = Field(
+        "float32",
+        description="DiLoCo only: what a pseudo-gradient is sent as, on any device. 'bfloat16': half the bytes, "
+                    "summed in bfloat16; 'int8': about a quarter, each block of 256 values scaled by the largest "
+                    "magnitude any group has there; both averaged in float32 on arrival (docs/algorithms.md).")
     bucket_cap_mb: Annotated[int, Allowed(f"expected 0..{MAX_BUCKET_MB} (0: one allreduce per parameter)")] = Field(
         0, ge=0, le=MAX_BUCKET_MB,
         description="DiLoCo only: allreduce pseudo-gradients in buckets of this many MiB; 0: one allreduce per "
@@ -95,8 +108,24 @@ class LocalSGDConfig(Section):
         heartbeat_ms = cfg.lighthouse.heartbeat_timeout_ms
         need(self.quorum_timeout_s * 1000 > heartbeat_ms, "localsgd.quorum_timeout_s", self.quorum_timeout_s,
              f"expected more than lighthouse.heartbeat_timeout_ms ({heartbeat_ms} ms) plus one sync interval")
+        if self.transport == "nccl" and not cfg.uses_gpus:
+            raise ConfigError(
+                "localsgd.transport: 'nccl', but the groups train on CPU (no replica_groups.gpus or gpus_per_group): "
+                "NCCL moves GPU memory only; set localsgd.transport: auto or gloo, or give the groups GPUs")
+        if self.quantize and cfg.uses_gpus and cfg.cross_group_backend == "gloo":
+            raise ConfigError(
+                "localsgd.quantize: true, but the groups sync through gloo (localsgd.transport, or groups sharing a "
+                "GPU): torchft's quantized allreduce is written for NCCL; set localsgd.sync_precision: int8 or "
+                "bfloat16 instead (any device, any transport), or give each group its own GPU with transport nccl")
         if self.algorithm == "localsgd":
             plain = LocalSGDConfig()
+            if self.sync_precision != plain.sync_precision:
+                raise ConfigError(
+                    f"localsgd.sync_precision: set to {self.sync_precision!r}, but algorithm 'localsgd' averages "
+                    "the parameters themselves, which rounding would move in every group; reduced precision "
+                    "suits DiLoCo's pseudo-gradients: set localsgd.algorithm: diloco (with "
+                    "localsgd.outer_optimizer lr: 1.0 and momentum: 0 it averages like LocalSGD), or remove "
+                    "localsgd.sync_precision")
             for key in DILOCO_KEYS:
                 if getattr(self, key) != getattr(plain, key):
                     raise ConfigError(
@@ -122,6 +151,16 @@ class LocalSGDConfig(Section):
                 f"localsgd.fragment_sync_delay: got {self.fragment_sync_delay}, expected 0..{per_fragment - 1}: a "
                 f"fragment's allreduce must finish before the next fragment's starts (sync_every {self.sync_every} "
                 f"/ fragments {self.fragments} = {per_fragment} steps apart)")
+        if self.quantize and self.sync_precision != "float32":
+            raise ConfigError(
+                f"localsgd.quantize: true together with localsgd.sync_precision {self.sync_precision!r}: both choose "
+                "what a pseudo-gradient is sent as; keep one (sync_precision works on any device, quantize needs "
+                "CUDA and triton)")
+        if self.sync_precision == "int8" and cfg.replica_groups.count > INT8_MAX_GROUPS:
+            raise ConfigError(
+                f"localsgd.sync_precision: 'int8' with {cfg.replica_groups.count} replica groups: the sum of every "
+                f"group's int8 values must fit in int8, which leaves fewer than 4 levels per group above "
+                f"{INT8_MAX_GROUPS} groups; use sync_precision: bfloat16, or at most {INT8_MAX_GROUPS} groups")
         if self.quantize and not cfg.uses_gpus:
             raise ConfigError(
                 "localsgd.quantize: true, but the groups train on CPU: torchft quantizes with triton kernels on "

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # The choices, each defined once; the code that implements them is keyed by these names.
 Algorithm = Literal["localsgd", "diloco"]
 Recovery = Literal["sync", "async"]
+SyncPrecision = Literal["float32", "bfloat16", "int8"]
+Transport = Literal["auto", "nccl", "gloo"]
 ModelArch = Literal["cnn", "resnet"]
 OptimizerName = Literal["sgd", "adamw"]
 FaultKind = Literal["kill", "hang", "kill_during_sync", "lighthouse", "partition", "host_down"]
@@ -147,7 +149,7 @@ class ReplicaGroupsConfig(Section):
              f"expected at least {256 * self.workers} (256 MiB per worker; a CPU worker of the default model "
              "takes about 900)")
         if self.gpus:
-            self._check_gpu_lists()
+            self._check_gpu_lists(cfg.localsgd.transport)
         need(self.gpus_per_group in (0, self.workers), "replica_groups.gpus_per_group", self.gpus_per_group,
              f"expected 0 (CPU) or replica_groups.workers ({self.workers}): one GPU per worker")
         if self.gpus and self.gpus_per_group:
@@ -156,7 +158,7 @@ class ReplicaGroupsConfig(Section):
                 f"{shown(self.gpus)}; use one: explicit device lists (gpus, for this machine) or a count the "
                 "scheduler satisfies (gpus_per_group, for Slurm/Kubernetes)")
 
-    def _check_gpu_lists(self) -> None:
+    def _check_gpu_lists(self, transport: str) -> None:
         need(len(self.gpus) == self.count, "replica_groups.gpus", self.gpus,
              f"expected one entry per replica group ({self.count}), or [] for CPU")
         owner: dict = {}
@@ -164,13 +166,19 @@ class ReplicaGroupsConfig(Section):
             need(len(g) == self.workers and all(0 <= x <= MAX_GPU_INDEX for x in g), f"replica_groups.gpus[{i}]",
                  self.gpus[i], f"expected {self.workers} GPU index(es) in 0..{MAX_GPU_INDEX} per group (one per "
                                "worker)")
+            if len(set(g)) < len(g):
+                raise ConfigError(
+                    f"replica_groups.gpus[{i}]: got {shown(self.gpus[i])}, a GPU listed twice; the group's workers "
+                    "average gradients with NCCL, which cannot put two members of one collective on the same device "
+                    "(it fails with 'Duplicate GPU detected'): give each worker of a group its own GPU")
             for x in g:
-                if x in owner:
+                if x in owner and transport == "nccl":
                     raise ConfigError(
-                        f"replica_groups.gpus: GPU {x} is given to groups {owner[x]} and {i}; NCCL cannot put two "
-                        "members of one collective on the same device (it fails every sync with 'Duplicate GPU "
-                        "detected'): give each group its own GPU(s), or use fewer groups")
-                owner[x] = i
+                        f"localsgd.transport: 'nccl', but replica_groups.gpus gives GPU {x} to groups {owner[x]} and "
+                        f"{i}; NCCL cannot put two members of one collective on the same device (it fails every sync "
+                        "with 'Duplicate GPU detected'): set localsgd.transport: auto or gloo (the groups sync over "
+                        "host memory), or give each group its own GPU(s)")
+                owner.setdefault(x, i)
 
 
 class LighthouseConfig(Section):

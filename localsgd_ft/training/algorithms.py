@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from localsgd_ft.config import ConfigError, ExperimentConfig
+from localsgd_ft.training import precision
 from localsgd_ft.training.model import split_into_fragments
 from localsgd_ft.training.optim import apply_settings
 from localsgd_ft.training.position import Position
@@ -139,6 +140,8 @@ class DiLoCoSync(_Algorithm):
         ls, oo = cfg.localsgd, cfg.localsgd.outer_optimizer
         if ls.quantize:
             _require_triton()
+        # Over the byte count (which then counts what travels) and the silence guard (built before us).
+        precision.install(manager, ls.sync_precision)
         fragments = split_into_fragments(model, ls.fragments)
         self._outer_settings = {"lr": oo.lr, "momentum": oo.momentum, "nesterov": oo.nesterov and oo.momentum > 0}
         self.outer = [torch.optim.SGD(f.parameters(), **self._outer_settings) for f in fragments]

@@ -42,13 +42,13 @@ class LiveState:
             self.on_heal()
 
 
-def build_manager(cfg: ExperimentConfig, group: int, device: torch.device, live: LiveState,
+def build_manager(cfg: ExperimentConfig, group: int, live: LiveState,
                   workers: GroupWorkers) -> Any:
     """Group ``group``'s torchft Manager for this worker, from the config's timeouts and the group's stores."""
-    from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
+    from torchft import Manager
 
     timeout = timedelta(seconds=cfg.localsgd.timeout_s)
-    pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+    pg = cross_group_process_group(cfg)
     store_host, store_port = workers.manager_store()
     return Manager(
         pg=pg,
@@ -70,3 +70,14 @@ def build_manager(cfg: ExperimentConfig, group: int, device: torch.device, live:
         rank=workers.rank,
         world_size=workers.world_size,
     )
+
+
+def cross_group_process_group(cfg: ExperimentConfig) -> Any:
+    """The reconfigurable process group the groups sync through (localsgd.transport, 'auto' resolved).
+
+    torchft's gloo group takes CUDA tensors too, through host memory: groups that share a GPU sync that way.
+    """
+    from torchft import ProcessGroupGloo, ProcessGroupNCCL
+
+    timeout = timedelta(seconds=cfg.localsgd.timeout_s)
+    return ProcessGroupNCCL(timeout=timeout) if cfg.cross_group_backend == "nccl" else ProcessGroupGloo(timeout=timeout)

@@ -161,19 +161,20 @@ class GroupTraining:
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
         self.position = Position(cfg.steps_per_sync, cfg.training_syncs, offset=cfg.initial_syncs)
         self.live = LiveState(group, model, self.optimizer, self.position)
-        self.manager = self.position.manager = build_manager(cfg, group, device, self.live, workers)
-        self.algorithm = build_algorithm(cfg, self.manager, model, self.optimizer, self.position)
+        self.manager = self.position.manager = build_manager(cfg, group, self.live, workers)
         self.completion = completion = CompletionClient(os.environ[COMPLETION_ENV], lifecycle.run_token())
         # Quorum ids unique across lighthouse restarts: no rendezvous under a prefix already used.
         self.unique = quorums.install(self.manager,
                                       lambda: completion.run_status(deadline_s=1.0).lighthouse_incarnation)
-        # A sync whose peer falls silent ends within seconds, not after localsgd.timeout_s.
+        # A sync whose peer falls silent ends within seconds, not after localsgd.timeout_s. Built before the
+        # algorithm, whose reduced-precision sends must go through it (localsgd.sync_precision).
         self.metrics: Optional[MetricsLog] = None
         self.silence = SilenceGuard(
             self.manager, group, cfg.group_size, cfg.lighthouse.heartbeat_timeout_ms / 1000,
             silent=lambda: completion.run_status(deadline_s=POLL_S).silent,
             on_abandon=report_abandoned(completion, group, lambda: self.metrics, self.position.step)
             if self.leader else None)
+        self.algorithm = build_algorithm(cfg, self.manager, model, self.optimizer, self.position)
 
     def eval_data(self) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
         return eval_batches(self.test_split, channels_last=self.cfg.train.channels_last)
@@ -227,7 +228,9 @@ class GroupTraining:
             completion.report(group, EventKind.RESUMED, step=self.resumed_from)
         started = completion.wait_all_started(cfg.lighthouse.join_timeout_ms / 1000)
         print(f"LocalSGD: group {group} (restart {restarts}) ready; groups started: {started}; "
-              f"training to step {cfg.train.max_steps}", flush=True)
+              f"training to step {cfg.train.max_steps}; syncing through {cfg.cross_group_backend}"
+              + ("" if cfg.localsgd.sync_precision == "float32" else f" in {cfg.localsgd.sync_precision}"),
+              flush=True)
         assert self.metrics is not None
         self.metrics.add("start", self.resumed_from, flush=True, restart=restarts, resumed_from=self.resumed_from,
                          max_steps=cfg.train.max_steps, batch_size=cfg.data.batch_size, pid=os.getpid())
