@@ -1,7 +1,8 @@
 """Slow links: what each sync algorithm keeps of its training rate where bandwidth is scarce.
 
-    python benchmarks/links.py                       # as root: about 15 minutes on 2 cores
+    python benchmarks/links.py                       # as root: about 28 minutes on 2 cores
     python benchmarks/links.py --costs 10 --algorithms localsgd-100,streaming
+    python benchmarks/links.py --costs 10 --faults   # and one run per algorithm through a partition and a reboot
 
 The lighthouse role and 2 replica groups each run on a host of the test bed (tests/hosts.py: network
 namespaces on one bridge; tests/bed_run.py starts the roles the component plans), so every byte between
@@ -14,6 +15,8 @@ takes k compute steps (``B * 8 / (k * T)``), and every algorithm runs again on i
 - ``localsgd-1``: parameter averaging every step, the communication pattern of data-parallel training;
 - ``localsgd-10``, ``localsgd-100``: LocalSGD;
 - ``diloco-100``: DiLoCo with the shipped outer optimizer;
+- ``diloco-100-overlap``: DiLoCo whose whole-model allreduce overlaps ``fragment_sync_delay`` 20 steps of
+  training (Streaming DiLoCo's overlap with one fragment: the outer step lands 20 steps late);
 - ``streaming``: Streaming DiLoCo, ``sync_every`` 100 in 2 fragments (a fragment every 50 steps), each
   fragment's allreduce overlapping ``fragment_sync_delay`` 20 steps of training: room for a transfer of
   up to 20 compute steps;
@@ -27,12 +30,18 @@ prints samples/s per group (evaluations excluded) and that rate's ratio to the s
 unlimited link (the compute utilisation), MB each group handed to allreduce and MB its host sent on the
 wire (both per 100 steps), the longest sync, the time to ``--accuracy`` on the fixture, and whether the
 groups ended bit-identical; its last line is a JSON object with the same.
+
+With ``--faults``, each algorithm also trains about a minute and a half at the middle rate while group 1's
+link is cut for 5 s (a quarter into the run) and, half into it, its host goes dark and reboots, its role
+started again as a cluster reschedules a lost task (benchmarks/silent_storm.py's failures): the run must
+SUCCEED with no group lost and identical weights, the rate limit still in place after the reboot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -50,6 +59,7 @@ import hosts  # noqa: E402
 from bed_run import BedRun  # noqa: E402
 
 from benchmarks.common import run_config  # noqa: E402
+from benchmarks.silent_storm import Storm  # noqa: E402
 from localsgd_ft.storage.fixture import write_fixture  # noqa: E402
 
 ALGORITHMS: Dict[str, Dict[str, Any]] = {
@@ -57,6 +67,7 @@ ALGORITHMS: Dict[str, Dict[str, Any]] = {
     "localsgd-10": {"algorithm": "localsgd", "sync_every": 10},
     "localsgd-100": {"algorithm": "localsgd", "sync_every": 100},
     "diloco-100": {"algorithm": "diloco", "sync_every": 100},
+    "diloco-100-overlap": {"algorithm": "diloco", "sync_every": 100, "fragment_sync_delay": 20},
     "streaming": {"algorithm": "diloco", "sync_every": 100, "fragments": 2, "fragment_sync_delay": 20},
     "diloco-100-bf16": {"algorithm": "diloco", "sync_every": 100, "sync_precision": "bfloat16"},
     "diloco-100-int8": {"algorithm": "diloco", "sync_every": 100, "sync_precision": "int8"},
@@ -70,6 +81,7 @@ NOISE = 200.0  # the fixture's pixel noise: hard enough that accuracy takes a fe
 # TCP/IP headers on 1448-byte segments, and the quorum's and heartbeats' own bytes.
 WIRE_OVERHEAD = 1.06
 RUN_DEADLINE_S = 1800
+FAULT_RUN_S = 90.0  # a run with failures trains about this long: time for a reboot, a restart and a heal
 
 
 def config(base: Dict[str, Any], out: Path, data: Path, name: str, settings: Dict[str, Any], steps: int,
@@ -114,22 +126,53 @@ def _rate(intervals: List[Dict[str, float]], group_batch: int) -> Optional[float
     return statistics.median(rates) if rates else None
 
 
+def _wait_for_step(run: BedRun, group: int, step: int) -> bool:
+    """Until group ``group``'s newest progress line is at ``step`` or beyond; False if the run ended first."""
+    end = time.monotonic() + RUN_DEADLINE_S
+    pattern = re.compile(rf"group {group} step \d+ train_step (\d+)/")
+    while time.monotonic() < end and run.procs["lighthouse"].poll() is None:
+        if max((int(m) for m in pattern.findall(run.text(f"replica_{group}"))), default=0) >= step:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def strike(run: BedRun, steps: int) -> List[str]:
+    """A quarter into the run group 1's link is cut for 5 s; half into it, its host goes dark and reboots (its
+    role started again, as a cluster reschedules a lost task). What was delivered before the run ended."""
+    storm = Storm(run, GROUPS, seed=0)
+    for kind, at in (("partition", steps // 4), ("host_down", steps // 2)):
+        if _wait_for_step(run, 1, at):
+            storm.deliver(kind, 1)
+    return [d["kind"] for d in storm.delivered]
+
+
 def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, settings: Dict[str, Any],
-            steps: int, mbit: Optional[float], evaluate: bool) -> Dict[str, Any]:
+            steps: int, mbit: Optional[float], evaluate: bool, faults: bool = False) -> Dict[str, Any]:
     out = tmp / name
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config(base, out, tmp / "data", name, settings, steps, evaluate)))
+    cfg = config(base, out, tmp / "data", name, settings, steps, evaluate)
+    if faults:  # as the silent storm's: longer than a reboot and a role's start, so the group is not lost
+        cfg["lighthouse"]["role_timeout_s"] = 30
+        cfg["checkpoint"]["enabled"] = True
+    path.write_text(yaml.safe_dump(cfg))
     for host in range(1, GROUPS + 1):
         # Burst: 2 ms at the rate (4 kB at least), so that even the smallest sync is paced by the rate, not let
         # through at once.
         bed.limit(host, mbit, burst_kb=max(4, int((mbit or 0) / 4)))
     sent = [_tx_bytes(bed, h) for h in range(1, GROUPS + 1)]
     run = BedRun(bed, path, REPO)
+    delivered: List[str] = []
     try:
+        if faults:
+            delivered = strike(run, steps)
+            limited = [h for h in range(1, GROUPS + 1) if mbit is None or "tbf" in bed.qdisc(h)]
+            assert len(limited) == GROUPS, "a host's rate limit did not survive its reboot"
         run.wait(RUN_DEADLINE_S)
     finally:
         left = run.kill()
         for host in range(1, GROUPS + 1):
+            bed.restore(host)  # no link left cut, whatever happened
             bed.limit(host, None)
     wire = [_tx_bytes(bed, h) - s for h, s in zip(range(1, GROUPS + 1), sent)]
     summary = json.loads((out / "summary.json").read_text())
@@ -141,7 +184,8 @@ def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, sett
     per_sync = {k: round(sum(i[k] for i in intervals) / GROUPS / syncs * 1000, 1)
                 for k in ("sync_s", "quorum_s", "commit_s")}
     return {
-        "left_behind": len(left), "succeeded": summary["succeeded"],
+        "left_behind": len(left), "succeeded": summary["succeeded"], "faults": delivered,
+        "lost_groups": summary.get("lost_groups") or [],
         "identical": summary["params_identical"], "hash": groups["0"].get("params_sha256"),
         "steps": steps, "samples_per_s": _rate(intervals, group_batch),
         "compute_share": round(1 - sum(i["sync_s"] for i in intervals) / sum(i["busy_s"] for i in intervals), 3),
@@ -193,12 +237,19 @@ def main() -> int:
     parser.add_argument("--accuracy", type=float, default=0.9, help="the test accuracy timed on the fixture")
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="train fewer steps where the whole run would wait longer than this for the link")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of limited runs, each between two unlimited ones; the summary takes medians")
+    parser.add_argument("--faults", action="store_true",
+                        help="also, per algorithm, a run of about a minute and a half at the middle rate in which "
+                             "group 1's link is cut for 5 s, and later its host goes dark and reboots")
     parser.add_argument("--keep", metavar="DIR", help="leave every run's output directory here")
     args = parser.parse_args()
     names = args.algorithms.split(",")
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown or args.steps % 100 or args.steps <= 0:
         parser.error(f"unknown algorithm(s) {unknown}" if unknown else "--steps: a positive multiple of 100")
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
     costs = [float(c) for c in args.costs.split(",")]
     why_not = hosts.unavailable()
     if why_not:
@@ -225,29 +276,48 @@ def main() -> int:
             rates = {cost: round(model_bytes * 8 * WIRE_OVERHEAD / (cost * step_s) / 1e6, 3) for cost in costs}
             print(f"links benchmark: compute step {step_s * 1000:.1f} ms, one full-model sync "
                   f"{model_bytes / 1e3:.1f} kB: rates {rates} Mbit/s", file=sys.stderr, flush=True)
-            # Each algorithm's runs side by side, between two on the unlimited link: its reference is their
-            # mean, and their difference shows how much this machine drifted meanwhile.
-            for name in names:
+            # Each algorithm's runs side by side, each round of limited runs between two on the unlimited link:
+            # a limited run's reference is the mean of the two around it, and their difference shows how much
+            # this machine drifted meanwhile. --repeat rounds: the summary takes each rate's median.
+            def measure(name: str, first: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 every = ALGORITHMS[name]["sync_every"]
-                before = calibration if name == "localsgd-100" else run(name, 0, None, args.steps, "unlimited")
-                limited = []
-                for cost, mbit in rates.items():
-                    # Shorter where every step would wait so long that the run would exceed the budget.
-                    steps = args.steps
-                    per_step = step_s * (1 + cost / every)
-                    if per_step * steps > args.budget_s:
-                        steps = min(args.steps, max(2 * max(every, 10), int(args.budget_s / per_step) // every * every))
-                    limited.append(run(name, cost, mbit, steps, f"{cost:g}"))
-                after = run(name, 0, None, args.steps, "unlimited-again")
-                reference = statistics.mean([before["samples_per_s"], after["samples_per_s"]])
-                drift = abs(before["samples_per_s"] - after["samples_per_s"]) / reference
+                refs = [dict(first or run(name, 0, None, args.steps, "unlimited"), round=0)]
+                out: List[Dict[str, Any]] = [refs[0]]
+                for rep in range(args.repeat):
+                    for cost, mbit in rates.items():
+                        # Shorter where every step would wait so long that the run would exceed the budget.
+                        steps = args.steps
+                        per_step = step_s * (1 + cost / every)
+                        if per_step * steps > args.budget_s:
+                            steps = min(args.steps, max(2 * max(every, 10), int(args.budget_s / per_step) // every * every))
+                        out.append(dict(run(name, cost, mbit, steps, f"{cost:g}" + (f"-{rep}" if rep else "")),
+                                        round=rep))
+                    refs.append(dict(run(name, 0, None, args.steps, f"unlimited-{rep + 1}"), round=rep))
+                    out.append(refs[-1])
+                if args.faults:
+                    cost = sorted(rates)[len(rates) // 2]
+                    steps = max(args.steps, int(FAULT_RUN_S / (step_s * (1 + cost / every))) // 100 * 100)
+                    print(f"links benchmark: {name}, {rates[cost]} Mbit/s, {steps} steps, group 1's link cut, "
+                          "then its host down and rebooted ...", file=sys.stderr, flush=True)
+                    r = one_run(bed, tmp, base, f"{name}-faults", ALGORITHMS[name], steps, rates[cost], evaluate=False,
+                                faults=True)
+                    out.append({"algorithm": name, "cost": cost, "mbit": rates[cost], "label": "faults", **r})
+                before = refs[0]
+                rates_u = [x["samples_per_s"] for x in refs]
+                drift = max(abs(a - b) / statistics.mean([a, b]) for a, b in zip(rates_u, rates_u[1:]))
                 need = steps_to(before["evals"], args.accuracy)
-                for r in [before, *limited, after]:
+                for r in out:
+                    k = r.get("round", len(refs) - 2)  # the faults run: the last round's reference
+                    reference = statistics.mean([refs[k]["samples_per_s"], refs[k + 1]["samples_per_s"]])
                     r.update(reference=reference, drift=round(drift, 3), steps_to_accuracy=need,
                              utilisation=round(r["samples_per_s"] / reference, 3),
                              time_to_accuracy_s=round(need * r["group_batch"] / r["samples_per_s"], 1) if need else None,
-                             same_as_unlimited=r["steps"] != before["steps"] or r["hash"] == before["hash"])
-                rows.extend([before, *limited, after])
+                             same_as_unlimited=r["steps"] != before["steps"] or r["hash"] == before["hash"]
+                             or bool(r["faults"]))  # a recovery changes the arithmetic
+                return out
+
+            for name in names:
+                rows.extend(measure(name, calibration if name == "localsgd-100" else None))
     print(f"\nstep {step_s * 1000:.1f} ms, full-model sync {model_bytes / 1e3:.1f} kB; time to test accuracy "
           f"{args.accuracy}; {time.monotonic() - started:.0f} s in all")
     print(f"{'algorithm':<14}{'link':>14}{'steps':>6}{'samples/s':>10}{'util':>7}{'busy':>6}{'sync MB':>9}{'wire MB':>9}"
@@ -255,17 +325,25 @@ def main() -> int:
     for r in rows:
         link = "unlimited" if r["mbit"] is None else f"{r['mbit']:g} Mbit/s"
         verdict = ("SUCCEEDED" if r["succeeded"] else "FAILED") + (
+            f" through {' + '.join(r['faults'])}" if r["faults"] else "") + (
+            f", LOST {r['lost_groups']}" if r["lost_groups"] else "") + (
             ", identical" if r["identical"] else ", DIFFERENT") + ("" if r["same_as_unlimited"] else ", NOT AS UNLIMITED")
         fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
         print(f"{r['algorithm']:<14}{link:>14}{r['steps']:>6}{fmt(r['samples_per_s'], '.0f'):>10}"
               f"{fmt(r['utilisation'], '.2f'):>7}{r['compute_share']:>6.2f}{r['sync_mb_per_100']:>9.2f}{r['wire_mb_per_100']:>9.2f}"
               f"{r['sync_ms']:>8.0f}{r['quorum_ms']:>7.0f}{r['commit_ms']:>7.0f}"
               f"{fmt(r['time_to_accuracy_s'], '.1f'):>9}  {verdict}")
-    print("util: samples/s over the mean of the algorithm's two unlimited runs (drift between those two: "
-          + ", ".join(f"{n} {next(r['drift'] for r in rows if r['algorithm'] == n):.0%}" for n in names)
+    print("util: samples/s over the mean of the unlimited runs before and after its round (largest drift between "
+          "two of those: " + ", ".join(f"{n} {next(r['drift'] for r in rows if r['algorithm'] == n):.0%}" for n in names)
           + "); busy: the share of the run's own time outside syncs; MB per group per 100 steps: handed to "
           "allreduce, and sent by its host on the wire; ms per sync: the whole sync, and of it waiting for the "
           "quorum and agreeing to commit")
+    medians = {n: {f"{c:g}": round(statistics.median(r["utilisation"] for r in rows if r["algorithm"] == n
+                                                     and r["mbit"] == m and not r["faults"]), 3)
+                   for c, m in rates.items()} for n in names}
+    if args.repeat > 1:
+        print(f"median utilisation of {args.repeat} rounds, by the compute steps one sync costs: "
+              + "; ".join(f"{n} " + ", ".join(f"{c}: {u:.2f}" for c, u in by.items()) for n, by in medians.items()))
     precision = _precision_rows(rows)
     for p in precision:
         link = "unlimited" if p["mbit"] is None else f"{p['mbit']:g} Mbit/s"
@@ -276,10 +354,12 @@ def main() -> int:
     keep = ("algorithm", "cost", "mbit", "steps", "samples_per_s", "utilisation", "compute_share", "drift",
             "sync_mb_per_100",
             "wire_mb_per_100", "sync_ms", "quorum_ms", "commit_ms", "max_sync_s", "time_to_accuracy_s", "accuracy", "succeeded", "identical",
-            "same_as_unlimited", "left_behind")
+            "same_as_unlimited", "left_behind", "faults", "lost_groups")
     print(json.dumps({"step_ms": round(step_s * 1000, 2), "sync_kb": round(model_bytes / 1e3, 1),
+                      "median_utilisation": medians,
                       "rows": [{k: r[k] for k in keep} for r in rows], "precision": precision}))
-    ok = all(r["succeeded"] and r["identical"] and r["same_as_unlimited"] and not r["left_behind"] for r in rows)
+    ok = all(r["succeeded"] and r["identical"] and r["same_as_unlimited"] and not r["left_behind"]
+             and not r["lost_groups"] for r in rows)
     return 0 if ok else 1
 
 

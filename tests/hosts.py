@@ -253,6 +253,10 @@ class TestBed:
                 pass
         return pids
 
+    def qdisc(self, i: int) -> str:
+        """What shapes host ``i``'s link at its bridge end (``tc qdisc show``)."""
+        return _sh(["tc", "qdisc", "show", "dev", self.port_link(i)]).stdout
+
     def limit(self, i: int, mbit: Optional[float], burst_kb: int = 64, latency_ms: int = 200) -> None:
         """Rate-limit host ``i``'s link to ``mbit`` Mbit/s each way (tc tbf on both ends); None: unlimited."""
         for prefix, dev in ((["ip", "netns", "exec", self.ns(i)], "eth0"), ([], self.port_link(i))):
