@@ -25,7 +25,7 @@ def _transfer_share(tmp_path: Path, cifar_root: Path, delay: int) -> float:
     cfg = small_config(tmp_path / f"delay{delay}", cifar_root,
                        localsgd={"algorithm": "diloco", "sync_every": 40, "fragments": 2,
                                  "fragment_sync_delay": delay, "timeout_s": 60, "quorum_timeout_s": 60},
-                       data={"batch_size": 64}, train={"max_steps": 400, "eval_every": 0, "log_every": 20},
+                       data={"batch_size": 64}, train={"max_steps": 320, "eval_every": 0, "log_every": 20},
                        checkpoint={"enabled": False})
     path = write_config(tmp_path, cfg, f"delay{delay}.yaml")
     with hosts.TestBed(3, tag="slow") as bed:
