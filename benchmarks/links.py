@@ -190,6 +190,7 @@ def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, sett
         "steps": steps, "samples_per_s": _rate(intervals, group_batch),
         "compute_share": round(1 - sum(i["sync_s"] for i in intervals) / sum(i["busy_s"] for i in intervals), 3),
         "sync_ms": per_sync["sync_s"], "quorum_ms": per_sync["quorum_s"], "commit_ms": per_sync["commit_s"],
+        "sync_bytes": max(g.get("sync_bytes", 0) for g in groups.values()), "wire_bytes": max(wire),
         "sync_mb_per_100": round(max(g.get("sync_bytes", 0) for g in groups.values()) / 2**20 * 100 / steps, 3),
         "wire_mb_per_100": round(max(wire) / 2**20 * 100 / steps, 3),
         "max_sync_s": max(g.get("max_sync_s") or 0.0 for g in groups.values()),
@@ -221,8 +222,9 @@ def _precision_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if full is None or r["accuracy"] is None or full["accuracy"] is None:
             continue
         out.append({"algorithm": r["algorithm"], "against": against, "mbit": r["mbit"], "steps": r["steps"],
-                    "bytes_ratio": round(r["sync_mb_per_100"] / full["sync_mb_per_100"], 3),
-                    "wire_ratio": round(r["wire_mb_per_100"] / full["wire_mb_per_100"], 3),
+                    # From the exact byte counts (same steps): the rounded MB columns would skew the ratio.
+                    "bytes_ratio": round(r["sync_bytes"] / full["sync_bytes"], 3),
+                    "wire_ratio": round(r["wire_bytes"] / full["wire_bytes"], 3),
                     "accuracy": r["accuracy"], "reference_accuracy": full["accuracy"],
                     "accuracy_delta": round(r["accuracy"] - full["accuracy"], 3)})
     return out
