@@ -265,6 +265,13 @@ class TestBed:
                 _sh([*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
                      "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
 
+    def reshape(self, i: int, mbit: float, burst_kb: int, latency_ms: int = 200) -> None:
+        """Change host ``i``'s tbf (set by :meth:`limit`) to ``mbit`` in place, mid-run: ``tc qdisc change`` keeps
+        the queued packets, where deleting the qdisc would drop them and stall TCP for a retransmit."""
+        for prefix, dev in ((["ip", "netns", "exec", self.ns(i)], "eth0"), ([], self.port_link(i))):
+            _sh([*prefix, "tc", "qdisc", "change", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+                 "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
+
 
 def cleanup(tag: Optional[str] = None) -> List[str]:
     """Remove the test beds left on this machine (namespaces, links, bridges, /etc/netns entries): every

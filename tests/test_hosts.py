@@ -110,6 +110,8 @@ def test_a_rate_limited_link_is_slower_by_the_ratio_of_the_rates():
             fast = fetch()
             bed.limit(0, mbit=40)
             slow = fetch()
+            bed.reshape(0, mbit=80, burst_kb=20)  # in place, as a benchmark changes a link mid-run
+            faster = fetch()
             bed.limit(0, mbit=None)
             again = fetch()
         finally:
@@ -117,6 +119,7 @@ def test_a_rate_limited_link_is_slower_by_the_ratio_of_the_rates():
         expected = size * 8 / 40e6  # 0.84 s at 40 Mbit/s
         assert slow > 0.8 * expected, (fast, slow)
         assert slow > 4 * max(fast, again), (fast, slow, again)
+        assert 0.35 < faster / slow < 0.7, (slow, faster)  # twice the rate, half the time
 
 
 def test_nothing_is_left_when_a_test_fails_inside_the_bed():
