@@ -217,7 +217,9 @@ def test_a_20s_partition_costs_the_survivor_a_heartbeat_and_the_group_heals_when
     from conftest import small_config, write_config
 
     hb_s, cut_s = 2.0, 20.0
-    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 1600},
+    # The survivor must still be training when the link returns, or group 1 has nothing to heal into (it
+    # finishes late, from the final checkpoint): 4400 steps after the cut last 30 s at 7 ms a step.
+    cfg = small_config(tmp_path, cifar_root, train={"max_steps": 4500},
                        lighthouse={"role_timeout_s": 90, "heartbeat_timeout_ms": int(hb_s * 1000)},
                        localsgd={"timeout_s": 60, "quorum_timeout_s": 60, "quorum_retries": 3},
                        faults={"enabled": True, "schedule": [

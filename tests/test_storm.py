@@ -16,17 +16,19 @@ OUTAGE_S = 2.0
 MOMENTS = [
     {"kind": "kill", "group": 1, "at_step": 100},
     {"kind": "lighthouse", "at_step": 1, "duration_s": OUTAGE_S, "moment": "heal"},
-    {"kind": "lighthouse", "at_step": 425, "duration_s": OUTAGE_S},  # idle: between two syncs
-    {"kind": "lighthouse", "at_step": 570, "duration_s": OUTAGE_S, "moment": "quorum"},
-    {"kind": "lighthouse", "at_step": 710, "duration_s": OUTAGE_S, "moment": "allreduce"},
+    {"kind": "lighthouse", "at_step": 900, "duration_s": OUTAGE_S},  # idle: between two syncs
+    {"kind": "lighthouse", "at_step": 1300, "duration_s": OUTAGE_S, "moment": "quorum"},
+    {"kind": "lighthouse", "at_step": 1700, "duration_s": OUTAGE_S, "moment": "allreduce"},
 ]
-# Outages about 150 steps (3-4 s) apart, so that one's stall never spans another's: the heal comes
-# about 150 steps after the kill in async mode.
+# Outages 400 steps or more apart, so that one's stall never spans another's: the heal comes seconds after
+# the kill, which is 150 steps on a slow machine and 200-300 on one three times as fast (7 ms a step), where
+# 145 steps between two outages were less than a second and one stall spanned both.
+MAX_STEPS = 1900
 
 
 @pytest.mark.parametrize("recovery", ["sync", "async"])
 def test_a_lighthouse_outage_costs_its_length_at_any_moment(tmp_path, cifar_root, torchx_run, recovery):
-    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": 850},
+    cfg = small_config(tmp_path, cifar_root, localsgd={"recovery": recovery}, train={"max_steps": MAX_STEPS},
                        faults={"enabled": True, "schedule": MOMENTS})
     path = write_config(tmp_path, cfg)
     run = torchx_run(path)
