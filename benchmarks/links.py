@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -166,65 +165,77 @@ def _phase_of(interval: Dict[str, Any], switches: List[Dict[str, float]]) -> Opt
     return sum(1 for s in switches if s["ended"] <= interval["t0"])
 
 
-def _newest_step(metrics: Path, seen: Dict[str, Any]) -> int:
-    """Group's newest progress line's local step, reading only what the file gained since the last call."""
-    try:
-        with open(metrics) as f:
-            f.seek(seen.get("offset", 0))
-            chunk = seen.get("rest", "") + f.read()
-            seen["offset"] = f.tell()
-    except FileNotFoundError:
-        return seen.get("step", 0)
-    *lines, seen["rest"] = chunk.split("\n")
-    for line in lines:
+class Progress:
+    """A group's newest training step, from its metrics file (a restarted incarnation appends to it), reading
+    only what the file gained since the last look: polled every 20 ms while the groups train."""
+
+    def __init__(self, metrics: Path) -> None:
+        self.metrics, self.offset, self.rest, self.step = metrics, 0, "", 0
+
+    def newest(self) -> int:
         try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("kind") == "train":
-            seen["step"] = rec["local_step"]
-    return seen.get("step", 0)
+            with open(self.metrics) as f:
+                f.seek(self.offset)
+                chunk = self.rest + f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return self.step
+        *lines, self.rest = chunk.split("\n")
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "train":
+                self.step = rec["step"]
+        return self.step
+
+    def wait_for(self, run: BedRun, step: int, deadline: float) -> bool:
+        """Until the group's newest progress line is at ``step`` or beyond; False if the run ended first."""
+        while self.newest() < step:
+            if run.procs["lighthouse"].poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
 
 def alternate(run: BedRun, bed: hosts.TestBed, metrics: Path, log_every: int, mbit: float) -> List[Dict[str, float]]:
     """Switch both replica hosts' links between unlimited and ``mbit`` as group 0 reaches each phase's first
-    step; the switches made, each with its wall time (``began``, ``ended``) and the phase it opened."""
+    step; the switches made, each with its wall time (``began``, ``ended``)."""
     switches: List[Dict[str, float]] = []
-    seen: Dict[str, Any] = {}
-    end = time.monotonic() + RUN_DEADLINE_S
+    progress, deadline = Progress(metrics), time.monotonic() + RUN_DEADLINE_S
     for phase in range(1, PHASES):
-        first = phase * PHASE_INTERVALS * log_every
-        while _newest_step(metrics, seen) < first:
-            if run.procs["lighthouse"].poll() is not None or time.monotonic() > end:
-                return switches
-            time.sleep(0.02)
+        if not progress.wait_for(run, phase * PHASE_INTERVALS * log_every, deadline):
+            break
         rate = mbit if phase % 2 else UNLIMITED_MBIT
         began = time.time()
         for host in range(1, GROUPS + 1):
             bed.reshape(host, rate, _burst_kb(rate))
-        switches.append({"began": began, "ended": time.time(), "phase": phase})
+        switches.append({"began": began, "ended": time.time()})
     return switches
 
 
-def _wait_for_step(run: BedRun, group: int, step: int) -> bool:
-    """Until group ``group``'s newest progress line is at ``step`` or beyond; False if the run ended first."""
-    end = time.monotonic() + RUN_DEADLINE_S
-    pattern = re.compile(rf"group {group} step \d+ train_step (\d+)/")
-    while time.monotonic() < end and run.procs["lighthouse"].poll() is None:
-        if max((int(m) for m in pattern.findall(run.text(f"replica_{group}"))), default=0) >= step:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def strike(run: BedRun, steps: int) -> List[str]:
+def strike(run: BedRun, metrics: Path, steps: int) -> List[str]:
     """A quarter into the run group 1's link is cut for 5 s; half into it, its host goes dark and reboots (its
     role started again, as a cluster reschedules a lost task). What was delivered before the run ended."""
     storm = Storm(run, GROUPS, seed=0)
+    progress, deadline = Progress(metrics), time.monotonic() + RUN_DEADLINE_S
     for kind, at in (("partition", steps // 4), ("host_down", steps // 2)):
-        if _wait_for_step(run, 1, at):
+        if progress.wait_for(run, at, deadline):
             storm.deliver(kind, 1)
     return [d["kind"] for d in storm.delivered]
+
+
+def _sync_split(intervals: List[Dict[str, Any]]) -> Dict[str, float]:
+    """The share of the intervals' time outside syncs, and per sync its milliseconds and of them the quorum's
+    and the commit's."""
+    syncs = sum(i["syncs"] for i in intervals) or 1
+    return {"compute_share": round(1 - sum(i["sync_s"] for i in intervals) / sum(i["busy_s"] for i in intervals), 3),
+            **{f"{k[:-2]}_ms": round(sum(i[k] for i in intervals) / syncs * 1000, 1)
+               for k in ("sync_s", "quorum_s", "commit_s")}}
+
+
+UNPAIRED = {"utilisation": None, "eq_utilisation": None, "drift": None}  # what only a paired run measures
 
 
 def _phases(intervals: List[Dict[str, Any]], switches: List[Dict[str, float]], group_batch: int) -> Dict[str, Any]:
@@ -237,20 +248,17 @@ def _phases(intervals: List[Dict[str, Any]], switches: List[Dict[str, float]], g
     unlimited = [i for p, xs in by.items() if p % 2 == 0 for i in xs]
     limited = [i for p, xs in by.items() if p % 2 for i in xs]
     if len(switches) < PHASES - 1 or not unlimited or not limited:
-        return {"samples_per_s": _rate(intervals, group_batch), "utilisation": None, "eq_utilisation": None,
-                "drift": None, "compute_share": None, "sync_ms": None, "quorum_ms": None, "commit_ms": None}
+        return {"samples_per_s": _rate(intervals, group_batch), **UNPAIRED,
+                **dict.fromkeys(("compute_share", "sync_ms", "quorum_ms", "commit_ms"))}
     rate_u, rate_l = _rate(unlimited, group_batch), _rate(limited, group_batch)
     phase_rates = [_rate(xs, group_batch) for p, xs in sorted(by.items()) if p % 2 == 0]
     drift = max(phase_rates) / min(phase_rates) - 1
     per_step = lambda xs, f: statistics.median(f(i) / i["steps"] for i in xs)  # noqa: E731
     compute = per_step(unlimited + limited, lambda i: i["busy_s"] - i["sync_s"])
     sync_u, sync_l = per_step(unlimited, lambda i: i["sync_s"]), per_step(limited, lambda i: i["sync_s"])
-    syncs = sum(i["syncs"] for i in limited) or 1
-    return {"samples_per_s": rate_l, "unlimited_samples_per_s": rate_u, "utilisation": round(rate_l / rate_u, 3),
+    return {"samples_per_s": rate_l, "utilisation": round(rate_l / rate_u, 3),
             "eq_utilisation": round((compute + sync_u) / (compute + sync_l), 3), "drift": round(drift, 3),
-            "compute_share": round(1 - sum(i["sync_s"] for i in limited) / sum(i["busy_s"] for i in limited), 3),
-            **{f"{k[:-2]}_ms": round(sum(i[k] for i in limited) / syncs * 1000, 1)
-               for k in ("sync_s", "quorum_s", "commit_s")}}
+            **_sync_split(limited)}
 
 
 def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, settings: Dict[str, Any],
@@ -274,7 +282,7 @@ def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, sett
     switches: List[Dict[str, float]] = []
     try:
         if faults:
-            delivered = strike(run, steps)
+            delivered = strike(run, out / "metrics" / "group_1.jsonl", steps)
             limited = [h for h in range(1, GROUPS + 1) if mbit is None or "tbf" in bed.qdisc(h)]
             assert len(limited) == GROUPS, "a host's rate limit did not survive its reboot"
         if paired:
@@ -291,15 +299,8 @@ def one_run(bed: hosts.TestBed, tmp: Path, base: Dict[str, Any], name: str, sett
     groups = summary["replica_groups"]
     group_batch = summary["config"]["data"]["batch_size"] * summary["config"]["replica_groups"]["workers"]
     intervals = [i for g in range(GROUPS) for i in _intervals(out / "metrics" / f"group_{g}.jsonl", group_batch)]
-    if paired:
-        measured = _phases(intervals, switches, group_batch)
-    else:
-        syncs = max(g.get("syncs_attempted") or 0 for g in groups.values()) or 1
-        measured = {"samples_per_s": _rate(intervals, group_batch), "utilisation": None, "eq_utilisation": None,
-                    "drift": None, "compute_share": round(1 - sum(i["sync_s"] for i in intervals)
-                                                          / sum(i["busy_s"] for i in intervals), 3),
-                    **{f"{k[:-2]}_ms": round(sum(i[k] for i in intervals) / GROUPS / syncs * 1000, 1)
-                       for k in ("sync_s", "quorum_s", "commit_s")}}
+    measured = (_phases(intervals, switches, group_batch) if paired else
+                {"samples_per_s": _rate(intervals, group_batch), **UNPAIRED, **_sync_split(intervals)})
     sync_bytes = max(g.get("sync_bytes", 0) for g in groups.values())
     return {
         "left_behind": len(left), "succeeded": summary["succeeded"], "faults": delivered,
@@ -331,8 +332,6 @@ def steps_to(evals: List[Dict[str, float]], accuracy: float) -> Optional[int]:
 def paired_log_every(every: int, cost: float, step_s: float, budget_s: float) -> int:
     """Steps per progress interval of a paired run: a whole number of syncs (100 steps for the algorithms that
     sync every 100), fewer where the limited phases would wait longer than ``budget_s`` for the link."""
-    if every >= 100:
-        return every
     limited_steps_per_log = (PHASES // 2) * PHASE_INTERVALS
     fits = int(budget_s / (limited_steps_per_log * step_s * (1 + cost / every)))
     return max(every, MIN_LOG_EVERY, min(100, fits // every * every))
@@ -369,20 +368,21 @@ def _precision_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
-def _plot(rows: List[Dict[str, Any]], names: List[str], costs: List[float], path: Path) -> None:
-    """Utilisation at equal compute by algorithm and rate, and the MB each group sends per 100 steps."""
+def _plot(eq_util: Dict[str, Dict[str, Optional[float]]], mb: Dict[str, float], path: Path) -> None:
+    """Utilisation at equal compute by algorithm and rate (``eq_util[algorithm][cost]``), and the MB each group
+    hands to allreduce per 100 steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    names, costs = list(eq_util), list(next(iter(eq_util.values())))
     width = 0.8 / len(costs)
     for k, cost in enumerate(costs):
-        values = [next((r["eq_utilisation"] for r in rows if r["algorithm"] == n and r["label"] == f"{cost:g}"), None)
-                  for n in names]
         left.bar([x + (k - (len(costs) - 1) / 2) * width for x in range(len(names))],
-                 [v if v is not None else 0 for v in values], width, label=f"a sync = {cost:g} compute step{'' if cost == 1 else 's'}")
+                 [eq_util[n][cost] or 0 for n in names], width,
+                 label=f"a sync = {cost} compute step{'' if cost == '1' else 's'}")
     left.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
     left.axhline(0.95, color="grey", linestyle=":", linewidth=0.8)
     left.set_xticks(range(len(names)), names, rotation=25, ha="right")
@@ -390,8 +390,7 @@ def _plot(rows: List[Dict[str, Any]], names: List[str], costs: List[float], path
     left.set_ylim(0, 1.15)
     left.legend(loc="upper left", fontsize=8)
     left.set_title("rate on the slow link / rate on the unlimited link (one run)")
-    mb = [next((r["sync_mb_per_100"] for r in rows if r["algorithm"] == n and r["label"] == "unlimited"), 0) for n in names]
-    right.bar(range(len(names)), mb, color="tab:grey")
+    right.bar(range(len(names)), [mb[n] for n in names], color="tab:grey")
     right.set_yscale("log")
     right.set_xticks(range(len(names)), names, rotation=25, ha="right")
     right.set_ylabel("MB per group per 100 steps")
@@ -506,10 +505,9 @@ def main() -> int:
           "alone costs); busy: the limited phases' share of time outside syncs; MB per group per 100 steps: handed "
           "to allreduce, and sent by its host on the wire; ms per sync (limited phases): the whole sync, and of it "
           "waiting for the quorum and agreeing to commit; to acc s: the steps to accuracy at the run's rate")
-    util = {n: {f"{c:g}": next((r["utilisation"] for r in rows if r["algorithm"] == n and r["label"] == f"{c:g}"), None)
-                for c in costs} for n in names}
-    eq_util = {n: {f"{c:g}": next((r["eq_utilisation"] for r in rows if r["algorithm"] == n
-                                   and r["label"] == f"{c:g}"), None) for c in costs} for n in names}
+    row = {(r["algorithm"], r["label"]): r for r in rows}
+    util, eq_util = ({n: {f"{c:g}": row[n, f"{c:g}"][key] for c in costs} for n in names}
+                     for key in ("utilisation", "eq_utilisation"))
     precision = _precision_rows(rows)
     for p in precision:
         link = "unlimited" if p["mbit"] is None else f"{p['mbit']:g} Mbit/s"
@@ -521,7 +519,7 @@ def main() -> int:
                   if p["late_accuracy"] is not None and p["reference_late_accuracy"] is not None else ""))
     plot = Path(args.out) / "links.png"
     try:
-        _plot(rows, names, costs, plot)
+        _plot(eq_util, {n: row[n, "unlimited"]["sync_mb_per_100"] for n in names}, plot)
         print(f"plot: {plot}")
     except Exception as e:  # the numbers above stand without it
         print(f"links benchmark: no plot ({type(e).__name__}: {e})", file=sys.stderr)

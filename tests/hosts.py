@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from localsgd_ft.contract import TESTBED_MARK
 
@@ -259,19 +259,24 @@ class TestBed:
 
     def limit(self, i: int, mbit: Optional[float], burst_kb: int = 64, latency_ms: int = 200) -> None:
         """Rate-limit host ``i``'s link to ``mbit`` Mbit/s each way (tc tbf on both ends); None: unlimited."""
-        for prefix, dev in ((["ip", "netns", "exec", self.ns(i)], "eth0"), ([], self.port_link(i))):
+        for prefix, dev in self._ends(i):
             _sh([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
-            if mbit is not None:
-                _sh([*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
-                     "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
+        if mbit is not None:
+            self._tbf(i, "add", mbit, burst_kb, latency_ms)
 
     def reshape(self, i: int, mbit: float, burst_kb: int, latency_ms: int = 200) -> None:
         """Change host ``i``'s tbf (set by :meth:`limit`) to ``mbit`` in place, mid-run: ``tc qdisc change`` keeps
         the queued packets, where deleting the qdisc would drop them and stall TCP for a retransmit."""
-        for prefix, dev in ((["ip", "netns", "exec", self.ns(i)], "eth0"), ([], self.port_link(i))):
-            _sh([*prefix, "tc", "qdisc", "change", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
-                 "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
+        self._tbf(i, "change", mbit, burst_kb, latency_ms)
 
+    def _ends(self, i: int) -> List[Tuple[List[str], str]]:
+        """Both ends of host ``i``'s link: its own eth0 (inside its namespace) and its bridge port."""
+        return [(["ip", "netns", "exec", self.ns(i)], "eth0"), ([], self.port_link(i))]
+
+    def _tbf(self, i: int, verb: str, mbit: float, burst_kb: int, latency_ms: int) -> None:
+        for prefix, dev in self._ends(i):
+            _sh([*prefix, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+                 "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])
 
 def cleanup(tag: Optional[str] = None) -> List[str]:
     """Remove the test beds left on this machine (namespaces, links, bridges, /etc/netns entries): every
